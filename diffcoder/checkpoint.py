@@ -1,0 +1,209 @@
+"""Hugging Face-layout checkpoints: config.json + (sharded) safetensors + tokenizer files.
+
+Loading builds the module on the meta device and assigns each tensor straight from the
+memory-mapped safetensors file in the target dtype and device, so an 8B checkpoint is never
+held twice. `auto_map` / remote code is never executed: the architecture is ours.
+Saving writes into a temporary directory and renames it into place (atomic).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .model import DiffCoderLM
+from .tokenizer import Tokenizer, atomic_write_text
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Keys some exporters write that are derived state, not weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16 (float64 for tests)")
+    return DTYPES[dtype]
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: shard listed in {INDEX_NAME} is missing")
+        return files
+    single = path / WEIGHTS_NAME
+    if single.exists():
+        from safetensors import safe_open
+
+        with _open_safetensors(single) as fh:
+            return {name: single for name in fh.keys()}
+    if (path / "pytorch_model.bin").exists():
+        raise ValueError(f"{path}: only pytorch_model.bin found; diffcoder reads safetensors "
+                         "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+class _open_safetensors:
+    """safe_open with an error that names the file (truncated or corrupt files)."""
+
+    def __init__(self, file: Path, device: str = "cpu") -> None:
+        self.file, self.device = file, device
+
+    def __enter__(self) -> Any:
+        from safetensors import safe_open
+
+        try:
+            self.ctx = safe_open(str(self.file), framework="pt", device=self.device)
+            return self.ctx.__enter__()
+        except Exception as exc:  # safetensors raises SafetensorError (not exported in all versions)
+            raise ValueError(f"{self.file}: cannot read safetensors file, truncated or corrupt? ({exc})") from None
+
+    def __exit__(self, *exc: object) -> None:
+        self.ctx.__exit__(*exc)
+
+
+def resolve_mask_id(config: ModelConfig, tokenizer: Tokenizer | None, source: Path) -> int:
+    if config.mask_token_id is not None:
+        return int(config.mask_token_id)
+    if tokenizer is not None and tokenizer.mask_id is not None:
+        return int(tokenizer.mask_id)
+    raise ValueError(f"{source}: no mask token: set `mask_token_id` in config.json or give the tokenizer a "
+                     "<[MASK_TOKEN]> / mask_token (block-diffusion decoding needs one)")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         mask_id: int | None = None) -> DiffCoderLM:
+    """Load a Hugging Face-layout checkpoint directory into a `DiffCoderLM` (eval mode)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
+    config = ModelConfig.from_json(path / "config.json")
+    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or torch.float32
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
+                         f"{config.vocab_size}: the tokenizer does not belong to this model")
+    with torch.device("meta"):
+        model = DiffCoderLM(config)
+    _assign_weights(model, path, torch.device(device), dtype)
+    model.tokenizer = tokenizer
+    model.mask_id = mask_id if mask_id is not None else resolve_mask_id(config, tokenizer, path)
+    gen_file = path / "generation_config.json"
+    if gen_file.exists():
+        model.generation_defaults = json.loads(gen_file.read_text())
+    return model.eval()
+
+
+def _assign_weights(model: DiffCoderLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    files = weight_files(path)
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.config.tie_word_embeddings
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected:
+            raise ValueError(f"{f}: unexpected tensor {name!r} (not part of a {model.config.architectures[0]})")
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with _open_safetensors(f, "cpu") as fh:
+            for name in names:
+                t = fh.get_tensor(name)
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies "
+                                     f"{tuple(expected[name].shape)}")
+                state[name] = t.to(device=device, dtype=dtype)
+    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def save(model: DiffCoderLM, path: str | Path, tokenizer: Tokenizer | None = None,
+         max_shard_bytes: int | None = None, dtype: str | torch.dtype | None = None,
+         generation_config: dict[str, Any] | None = None) -> Path:
+    """Write `model` as a Hugging Face-layout checkpoint (atomically replaces `path`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = parse_dtype(dtype) or model.dtype
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+                 if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+        shards = _shard(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            atomic_write_text(tmp / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+                                                            "weight_map": weight_map}, indent=2) + "\n")
+        config = model.config
+        config.torch_dtype = str(dtype).removeprefix("torch.")
+        if model.mask_id is not None:
+            config.mask_token_id = int(model.mask_id)
+        atomic_write_text(tmp / "config.json", config.to_json())
+        gen = generation_config if generation_config is not None else model.generation_defaults
+        if gen:
+            atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.hf.save_pretrained(str(tmp))
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Swap a finished temporary directory into place; the old one is removed only afterwards."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

@@ -1,0 +1,74 @@
+"""`diffcoder convert gguf FILE.gguf --out DIR`: import a llama.cpp GGUF checkpoint."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    convert = subparsers.add_parser(
+        "convert", help="import checkpoints from other formats into the Hugging Face layout"
+    )
+    kinds = convert.add_subparsers(dest="convert_kind", metavar="FORMAT")
+    convert.set_defaults(func=lambda args: _missing_format(convert))
+    p = kinds.add_parser(
+        "gguf",
+        help="GGUF (llama.cpp) Llama-family model -> Hugging Face checkpoint + tokenizer",
+        description=(
+            "Dequantise a Llama-family GGUF file (F32/F16/BF16, Q4_0..Q8_0, K-quants, IQ-quants) into a "
+            "Hugging Face-layout folder that diffcoder.load and transformers both read. An autoregressive "
+            "model has no mask token: one is added (see --mask-token); run such a model with "
+            "`diffcoder chat --block-length 1 --shift`."
+        ),
+    )
+    p.add_argument("file", metavar="FILE.gguf", help="the GGUF file to convert")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty unless --force)")
+    p.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+        help="dtype of the written weights (default bfloat16; float32 keeps the dequantised values exactly)",
+    )
+    p.add_argument(
+        "--mask-token", default=None, metavar="TOKEN",
+        help="token used as the diffusion mask: reused if the vocabulary has it, else appended as a new "
+             "special token with one new embedding row (default <[MASK_TOKEN]>)",
+    )
+    p.add_argument("--force", action="store_true", help="replace --out if it already exists and is not empty")
+    p.add_argument(
+        "--max-shard-mib", type=int, default=4096, metavar="MIB",
+        help="largest safetensors shard in MiB (default 4096); bigger checkpoints are split with an index",
+    )
+    p.add_argument("--quiet", action="store_true", help="print only the final summary line")
+    p.set_defaults(func=run_gguf)
+
+
+def _missing_format(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    from diffcoder.convert.gguf_import import convert_gguf
+
+    if args.max_shard_mib <= 0:
+        raise ValueError(f"--max-shard-mib must be positive, got {args.max_shard_mib}")
+    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = convert_gguf(
+        args.file,
+        args.out,
+        dtype=args.dtype,
+        mask_token=args.mask_token,
+        overwrite=args.force,
+        max_shard_bytes=args.max_shard_mib << 20,
+        progress=progress,
+    )
+    hp = report.hparams
+    how = "appended as" if report.mask_added else "= existing"
+    mask = f"mask {report.mask_token!r} {how} id {report.mask_id}"
+    print(
+        f"wrote {report.out_dir}: llama, {hp.n_layers} layers, hidden {hp.hidden}, heads {hp.n_heads}/{hp.n_kv_heads}, "
+        f"vocab {report.vocab_size}, {'tied' if hp.tied else 'untied'} embeddings, {report.dtype}, {mask}, "
+        f"{report.n_bytes / 2**20:.0f} MiB in {report.n_files} file(s)"
+    )
+    return 0
+

@@ -1,0 +1,360 @@
+"""The block-diffusion decoding engine: exact release semantics, batched, streaming.
+
+It knows only token ids and the model interface (`forward(ids, positions, attn_mask=,
+cache=, keep=, logits_index=)`). The published decoder's rules (see
+docs/decoding.md) are kept exactly, its defects are not:
+
+* Blocks are aligned to each row's position 0; rows of different prompt lengths are left-padded
+  by multiples of B so that every row's block boundaries fall on the same columns, and one
+  window [ws, ws + B) serves all rows at each step.
+* Per block, step j of s commits m//s tokens (the first m%s steps one more), zero-token steps
+  are skipped; with a threshold, the top-1 plus every position with confidence >= threshold,
+  until the block has no mask left (the release could run out of steps and crash).
+* The mask token is never chosen (the release could choose it and never finish the block);
+  confidences still come from the full distribution.
+* The commit pass of a finished block is fused into the next block's first step: the clean
+  block and the next masked block go through one forward with the block-causal mask; only
+  the clean block's keys are kept (identical to two passes, one fewer forward per block).
+* shift=True: the logits for column i come from column i - 1, including the block's first
+  column (from the preceding committed token, whose logits do not change within the block).
+* When a block is complete and contains EOS in its generated part, that row stops.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .masks import decode_mask
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class StepEvent:
+    """One denoising step of one row: which generated positions were committed, and how sure."""
+    row: int
+    step: int
+    block_index: int
+    positions: list[int]
+    tokens: list[int]
+    confidences: list[float]
+
+
+@dataclass
+class BlockEvent:
+    """Newly final generated tokens of one row (offset `start` into its generated region)."""
+    row: int
+    block_index: int
+    start: int
+    tokens: list[int]
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[list[int]]
+    nfe: int
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DecodeArgs:
+    steps: int
+    gen_length: int
+    block_length: int = 4
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    shift: bool = False
+    eos_id: int | None = None
+    mask_id: int | None = None
+    seed: int | None = None
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // (self.gen_length // self.block_length)
+
+
+def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | None = None,
+                  max_positions: int | None = None) -> None:
+    """Raise ValueError with a message that says what to fix; called before any compute."""
+    def bad(msg: str) -> None:
+        raise ValueError(msg)
+
+    if not isinstance(args.gen_length, int) or args.gen_length <= 0:
+        bad(f"gen_length must be a positive integer, got {args.gen_length!r}")
+    if not isinstance(args.block_length, int) or args.block_length <= 0:
+        bad(f"block_length must be a positive integer, got {args.block_length!r}")
+    if args.gen_length % args.block_length:
+        bad(f"gen_length ({args.gen_length}) must be a multiple of block_length ({args.block_length})")
+    n_blocks = args.gen_length // args.block_length
+    if not isinstance(args.steps, int) or args.steps <= 0 or args.steps % n_blocks:
+        bad(f"steps ({args.steps}) must be a positive multiple of gen_length/block_length = {n_blocks} "
+            f"(e.g. steps={n_blocks} for {args.block_length} tokens per step, or {args.gen_length} for one)")
+    if args.remasking not in REMASKING:
+        bad(f"unknown remasking {args.remasking!r}: use one of {', '.join(REMASKING)}")
+    if args.threshold is not None and not (0.0 < float(args.threshold) <= 1.0):
+        bad(f"threshold must be in (0, 1] or None, got {args.threshold!r}")
+    if not isinstance(args.temperature, (int, float)) or args.temperature < 0 or math.isnan(args.temperature):
+        bad(f"temperature must be >= 0, got {args.temperature!r}")
+    if args.mask_id is None:
+        bad("no mask token id: pass mask_id= or load a checkpoint whose config/tokenizer names one")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        bad("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (list, tuple)) or len(p) == 0:
+            bad(f"prompt {i} is empty: give at least one token (e.g. the BOS token)")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            bad(f"prompt {i} must be a list of integer token ids")
+        if vocab_size is not None and (min(p) < 0 or max(p) >= vocab_size):
+            bad(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size})")
+        if max_positions is not None and len(p) + args.gen_length > max_positions:
+            bad(f"prompt {i}: {len(p)} prompt tokens + gen_length {args.gen_length} exceed the model's context "
+                f"of {max_positions} positions; shorten the prompt or lower gen_length")
+    for name in ("eos_id", "mask_id"):
+        v = getattr(args, name)
+        if v is not None and vocab_size is not None and not 0 <= v < vocab_size:
+            bad(f"{name} {v} is outside the vocabulary [0, {vocab_size})")
+
+
+def block_schedule(masked: int, steps_per_block: int) -> list[int]:
+    """Tokens committed at each (non-skipped) step of a block: the release's allotment."""
+    base, extra = divmod(masked, steps_per_block)
+    return [k for k in (base + (1 if j < extra else 0) for j in range(steps_per_block)) if k > 0]
+
+
+class Decoding:
+    """Streaming decode of a batch of prompts. Iterate for events; `.result` afterwards."""
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], *, steps: int, gen_length: int,
+                 block_length: int = 4, temperature: float = 0.0, remasking: str = "low_confidence",
+                 threshold: float | None = None, shift: bool = False, eos_id: int | None = None,
+                 mask_id: int | None = None, seed: int | None = None, step_events: bool = False,
+                 confidence_dtype: torch.dtype = torch.float64) -> None:
+        mask_id = mask_id if mask_id is not None else getattr(model, "mask_id", None)
+        self.args = DecodeArgs(steps, gen_length, block_length, float(temperature), remasking, threshold, shift,
+                               eos_id, mask_id, seed)
+        cfg = model.config
+        validate_args(self.args, prompts, cfg.vocab_size, cfg.max_position_embeddings)
+        self.model = model
+        self.prompts = [list(p) for p in prompts]
+        self.step_events = step_events
+        self.confidence_dtype = confidence_dtype
+        self.nfe = 0
+        self._cancelled: set[int] = set()
+        self._tokens: list[list[int]] = [[] for _ in prompts]
+        self._reasons: list[str] = ["length"] * len(prompts)
+        self.result: GenerateResult | None = None
+        self._gen = torch.Generator(device=model.device)
+        self._gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+
+    def cancel(self, row: int) -> None:
+        """Stop decoding `row` at the next block boundary (its slot stops costing compute)."""
+        self._cancelled.add(row)
+
+    # ------------------------------------------------------------------ setup
+    def _layout(self) -> None:
+        a, dev = self.args, self.model.device
+        B, G = a.block_length, a.gen_length
+        lens = torch.tensor([len(p) for p in self.prompts])
+        rem = lens % B
+        full = lens - rem
+        self.c = int(full.max())  # first window column, shared by all rows
+        pad = self.c - full
+        self.n_windows = -(-(int(rem.max()) + G) // B)
+        T = self.c + B * self.n_windows
+        n = len(self.prompts)
+        cols = torch.arange(T)
+        x = torch.full((n, T), a.mask_id, dtype=torch.long)
+        for i, p in enumerate(self.prompts):
+            x[i, pad[i]:pad[i] + len(p)] = torch.tensor(p)
+        gen_start = self.c + rem
+        gen_end = gen_start + G
+        self.x = x.to(dev)
+        self.pos = (cols[None] - pad[:, None]).clamp_min(0).to(dev)
+        self.key_valid = ((cols[None] >= pad[:, None]) & (cols[None] < gen_end[:, None])).to(dev)
+        self.masked = ((cols[None] >= gen_start[:, None]) & (cols[None] < gen_end[:, None])).to(dev)
+        self.gen_start, self.gen_end = gen_start.tolist(), gen_end.tolist()
+        self.rows = list(range(n))  # original index of each active batch row
+        self.cache = self.model.new_cache(n, T)
+        self.cols = torch.arange(T, device=dev)
+        self.lead_logits: torch.Tensor | None = None  # shift mode: logits for the window's first column
+
+    # ------------------------------------------------------------------- loop
+    def __iter__(self) -> Iterator[StepEvent | BlockEvent]:
+        self._layout()
+        B = self.args.block_length
+        commit_from = 0  # columns [commit_from, ws) are clean and not yet in the cache
+        with torch.inference_mode():
+            for w in range(self.n_windows):
+                if not self.rows:
+                    break
+                ws = self.c + w * B
+                yield from self._decode_window(w, ws, commit_from)
+                yield from self._finish_window(w, ws)
+                commit_from = ws
+        self.result = GenerateResult(self._tokens, self.nfe, self._reasons)
+
+    def _decode_window(self, w: int, ws: int, commit_from: int) -> Iterator[StepEvent]:
+        a = self.args
+        we = ws + a.block_length
+        masked_counts = self.masked[:, ws:we].sum(1).tolist()
+        schedules = [block_schedule(m, a.steps_per_block) for m in masked_counts]
+        step = 0
+        while True:
+            if a.threshold is None:
+                k = [s[step] if step < len(s) else 0 for s in schedules]
+                if not any(k):
+                    return
+            else:
+                remaining = self.masked[:, ws:we].any(1)
+                if not bool(remaining.any()):
+                    return
+                k = None
+            logits = self._forward(ws, we, commit_from if step == 0 else ws)
+            committed, conf, x0 = self._commit(logits, ws, we, k)
+            if self.step_events:
+                yield from self._step_events(w, step, ws, committed, conf, x0)
+            step += 1
+
+    def _forward(self, ws: int, we: int, qs: int) -> torch.Tensor:
+        """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy."""
+        a, m = self.args, self.model
+        assert m is not None and self.cache.length == qs
+        q_cols = self.cols[qs:we]
+        mask = decode_mask(q_cols, self.cols[:we], self.key_valid[:, :we], a.block_length)
+        if a.shift and ws > qs:
+            idx = slice(ws - qs - 1, we - qs - 1)  # column i's logits come from column i - 1
+        elif a.shift:
+            idx = slice(0, we - qs - 1)
+        else:
+            idx = slice(ws - qs, we - qs)
+        logits = m(self.x[:, qs:we], self.pos[:, qs:we], attn_mask=mask, cache=self.cache, keep=ws - qs,
+                   logits_index=idx)
+        self.nfe += 1
+        if a.shift:
+            if ws > qs:
+                self.lead_logits = logits[:, :1]
+            else:
+                lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, :1])
+                logits = torch.cat([lead, logits], dim=1)
+        return logits
+
+    def _commit(self, logits: torch.Tensor, ws: int, we: int, k: list[int] | None):
+        """Choose a token at every masked position, commit some by confidence (release rules)."""
+        a = self.args
+        masked = self.masked[:, ws:we]
+        choice = logits.clone()
+        choice[..., a.mask_id] = float("-inf")  # never predict the mask token itself
+        if a.temperature > 0:
+            # Gumbel-max in float64, as the release: argmax(exp(l) / (-log U)^T)
+            g = choice.to(torch.float64)
+            u = torch.rand(g.shape, generator=self._gen, device=g.device, dtype=torch.float64)
+            x0 = (g.exp() / (-torch.log(u)) ** a.temperature).argmax(-1)
+        else:
+            x0 = choice.argmax(-1)
+        if a.remasking == "low_confidence":
+            probs = torch.softmax(logits.to(self.confidence_dtype), dim=-1)
+            conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        else:
+            conf = torch.rand(masked.shape, generator=self._gen, device=masked.device, dtype=torch.float64)
+        conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+        order = torch.argsort(conf, dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                 .expand_as(order))
+        if k is not None:
+            select = ranks < torch.tensor(k, device=ranks.device)[:, None]
+        else:
+            select = (ranks == 0) | (conf >= a.threshold)
+        select &= masked
+        self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
+        self.masked[:, ws:we] = masked & ~select
+        return select, conf, x0
+
+    def _step_events(self, w: int, step: int, ws: int, select, conf, x0) -> Iterator[StepEvent]:
+        sel, cf, tok = select.tolist(), conf.tolist(), x0.tolist()
+        for b, row in enumerate(self.rows):
+            pos = [j for j, s in enumerate(sel[b]) if s]
+            if pos:
+                yield StepEvent(row, step, w, [ws + j - self.gen_start[row] for j in pos],
+                                [tok[b][j] for j in pos], [float(cf[b][j]) for j in pos])
+
+    def _finish_window(self, w: int, ws: int) -> Iterator[BlockEvent]:
+        a = self.args
+        we = ws + a.block_length
+        window = self.x[:, ws:we].tolist()
+        keep: list[int] = []
+        for b, row in enumerate(self.rows):
+            lo, hi = max(ws, self.gen_start[row]), min(we, self.gen_end[row])
+            new = window[b][lo - ws:hi - ws] if hi > lo else []
+            reason = None
+            if a.eos_id is not None and a.eos_id in new:
+                new = new[:new.index(a.eos_id) + 1]
+                reason = "stop"
+            elif hi >= self.gen_end[row]:
+                reason = "length"
+            elif row in self._cancelled:
+                reason = "cancelled"
+            self._tokens[row].extend(new)
+            if reason:
+                self._reasons[row] = reason
+            else:
+                keep.append(b)
+            if new or reason:
+                yield BlockEvent(row, w, lo - self.gen_start[row], new, reason is not None, reason)
+        if len(keep) < len(self.rows):
+            self._select_rows(keep)
+
+    def _select_rows(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, dtype=torch.long, device=self.x.device)
+        self.rows = [self.rows[b] for b in keep]
+        if not keep:
+            return
+        for name in ("x", "pos", "key_valid", "masked"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        if self.lead_logits is not None:
+            self.lead_logits = self.lead_logits.index_select(0, idx)
+        self.cache.select_rows(idx)
+
+
+def generate(model: torch.nn.Module, prompts: list[list[int]], *, steps: int, gen_length: int,
+             block_length: int = 4, temperature: float = 0.0, remasking: str = "low_confidence",
+             threshold: float | None = None, shift: bool = False, eos_id: int | None = None,
+             mask_id: int | None = None, seed: int | None = None,
+             on_event: Callable[[StepEvent | BlockEvent], None] | None = None,
+             step_events: bool = False, confidence_dtype: torch.dtype = torch.float64) -> GenerateResult:
+    """Decode every prompt (token-id lists) with block diffusion; see `Decoding` for the rules."""
+    dec = Decoding(model, prompts, steps=steps, gen_length=gen_length, block_length=block_length,
+                   temperature=temperature, remasking=remasking, threshold=threshold, shift=shift,
+                   eos_id=eos_id, mask_id=mask_id, seed=seed, step_events=step_events,
+                   confidence_dtype=confidence_dtype)
+    for event in dec:
+        if on_event is not None:
+            on_event(event)
+    assert dec.result is not None
+    return dec.result
+
+
+def release_style_output(model: torch.nn.Module, input_ids: torch.Tensor, *, eos_id: int | None,
+                         block_length: int, gen_length: int, **kwargs: object) -> torch.Tensor:
+    """Prompt + generated ids as the release returns them: cut at the end of the block holding the
+    first EOS, EOS from there on; rows padded to a common length with EOS (or the mask id)."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    prompts = input_ids.tolist()
+    res = generate(model, prompts, eos_id=eos_id, block_length=block_length, gen_length=gen_length, **kwargs)
+    rows = []
+    for p, gen in zip(prompts, res.tokens):
+        seq = p + gen
+        if eos_id is not None and gen and gen[-1] == eos_id:
+            block_end = min((len(seq) - 1) // block_length * block_length + block_length, len(p) + gen_length)
+            seq = seq + [eos_id] * (block_end - len(seq))
+        rows.append(seq)
+    fill = eos_id if eos_id is not None else (kwargs.get("mask_id") or model.mask_id)
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long, device=input_ids.device)

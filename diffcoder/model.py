@@ -1,0 +1,273 @@
+"""A lean Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) with a preallocated KV cache.
+
+Parameter names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj.weight`, ...)
+so checkpoints load with a plain state-dict copy. The numerics follow
+`transformers.LlamaForCausalLM` (float32 RMSNorm and rotary tables, `rotate_half` RoPE) so
+logits agree with it; tests/test_model.py proves it.
+
+Attention takes an explicit boolean mask, so one module serves causal (AR), block-causal
+(block diffusion) and the training mask that concatenates noisy and clean copies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .masks import block_causal_allowed, causal_allowed
+
+MaskSpec = torch.Tensor | str | tuple[str, int] | None
+
+
+class KVCache:
+    """Keys and values of committed tokens, preallocated to `max_len` columns.
+
+    New keys are always written at [length, length + q); only `keep` of them are made part
+    of the cache by advancing `length`. Everything past `length` is scratch: the noisy
+    block's keys land there and are overwritten by the next call (static shapes, no cat).
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (rows that finished stop costing compute)."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies in float32, with the `llama3` / `linear` scaling rules when present."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        b, q, _ = x.shape
+        qs = self.q_proj(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
+        ks = self.k_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
+        vs = self.v_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
+        qs = qs * cos + rotate_half(qs) * sin
+        ks = ks * cos + rotate_half(ks) * sin
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + q] = ks
+            cache.v[layer, :, :, start:start + q] = vs
+            ks = cache.k[layer, :, :, :start + q]
+            vs = cache.v[layer, :, :, :start + q]
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer):  # noqa: ANN001, ANN201 (hot path)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DiffCoderLM(nn.Module):
+    """Llama-family LM. `forward` returns logits; see docs/architecture.md for the contract."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.tokenizer = None  # set by diffcoder.load when the checkpoint has one
+        self.mask_id: int | None = config.mask_token_id
+        self.generation_defaults: dict = {}
+        self.gradient_checkpointing = False
+
+    # --------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "DiffCoderLM":
+        """Deterministic random initialisation (normal(0, std), norms at 1)."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.device, self.dtype)
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = positions.device
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = rope_inv_freq(self.config, dev)
+        with torch.autocast(device_type=dev.type, enabled=False):
+            freqs = positions.float().unsqueeze(-1) * self._inv_freq[dev]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def build_mask(self, spec: MaskSpec, positions: torch.Tensor, key_len: int) -> torch.Tensor:
+        """Turn a mask spec into a [b|1, 1, q, k] boolean tensor."""
+        if isinstance(spec, torch.Tensor):
+            if spec.dtype != torch.bool:
+                raise ValueError("attn_mask must be a boolean tensor (True = may attend)")
+            return spec.unsqueeze(1) if spec.dim() == 3 else spec
+        q_len = positions.shape[-1]
+        k_pos = torch.arange(key_len, device=positions.device)
+        if key_len != q_len or not torch.equal(positions[0], k_pos):
+            k_pos = torch.cat([torch.arange(key_len - q_len, device=positions.device), positions[0]])
+        q_pos = positions[0]
+        if spec is None or spec == "causal":
+            m = causal_allowed(q_pos, k_pos)
+        elif spec == "full":
+            m = torch.ones(q_len, key_len, dtype=torch.bool, device=positions.device)
+        elif isinstance(spec, tuple) and spec[0] == "block_causal":
+            m = block_causal_allowed(q_pos, k_pos, int(spec[1]))
+        else:
+            raise ValueError(f"unknown attention mask spec {spec!r}: use 'causal', 'full', "
+                             "('block_causal', B) or a boolean tensor")
+        return m[None, None]
+
+    # --------------------------------------------------------------- forward
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
+                      attn_mask: MaskSpec = None, cache: KVCache | None = None,
+                      keep: int | None = None) -> torch.Tensor:
+        b, q = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
+        if cache is not None and start + q > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start} cached + {q} new > {cache.max_len} columns")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = self.build_mask(attn_mask, positions, start + q)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = start + (q if keep is None else keep)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
+                attn_mask: MaskSpec = None, cache: KVCache | None = None, keep: int | None = None,
+                logits_index: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, q', vocab]. `keep`: how many of the new tokens (leading ones) stay in the
+        cache (default all). `logits_index`: compute the vocabulary projection only there."""
+        h = self.hidden_states(input_ids, positions, attn_mask=attn_mask, cache=cache, keep=keep)
+        if logits_index is not None:
+            h = h[:, logits_index]
+        return self.lm_head(h)
+
+    # ------------------------------------------------ release-style drop-in
+    def generate(self, input_ids: torch.Tensor, steps: int = 128, gen_length: int = 128, block_length: int = 4,
+                 temperature: float = 0.0, remasking: str = "low_confidence", tokenizer=None,  # noqa: ANN001
+                 mask_id: int | None = None, threshold: float | None = None, shift: bool = False,
+                 eos_id: int | None = None, seed: int | None = None, **_: object) -> torch.Tensor:
+        """The release's `model.generate(input_ids, ...)`: returns prompt + generated ids, shaped
+        like its output (cut at the end of the block holding the first EOS, EOS-filled after it)."""
+        from .decode import release_style_output
+
+        return release_style_output(self, input_ids, steps=steps, gen_length=gen_length,
+                                    block_length=block_length, temperature=temperature, remasking=remasking,
+                                    mask_id=mask_id, threshold=threshold, shift=shift, eos_id=eos_id, seed=seed)

@@ -1,0 +1,69 @@
+"""`diffcoder serve`: the OpenAI-compatible HTTP server and the denoising playground."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with a live denoising playground",
+        description="Serve a model: /v1/completions, /v1/chat/completions, /v1/models, /health, "
+        "/metrics, and the playground page at /. See docs/serving.md.",
+    )
+    p.add_argument("--model", default=None,
+                   help="model directory (Hugging Face layout); default: diffcoder.default_model_dir()")
+    p.add_argument("--model-name", default=None,
+                   help="the name clients send as 'model' (default: the model directory's name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, loopback only; use 0.0.0.0 to expose it)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most rows (prompts x n) decoded together in one batch (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a batch; more get 429 with Retry-After (default 64)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take, waiting included, before it fails with 408 (default 300)")
+    p.add_argument("--api-key", default=os.environ.get("DIFFCODER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DIFFCODER_API_KEY, else no key)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body in bytes; larger bodies get 413 (default 1 MiB)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn log level (default info)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import diffcoder
+    from diffcoder.cli import UserError
+    from diffcoder.serve.app import ServeConfig, create_app
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535 (got {args.port})")
+    config = ServeConfig(  # raises ValueError with the flag to fix
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes,
+    )
+    model_dir = args.model or str(diffcoder.default_model_dir())
+    if not os.path.isdir(model_dir):
+        raise UserError(f"model directory {model_dir!r} does not exist; pass --model DIR")
+    dtype = None
+    if args.dtype:
+        import torch
+
+        dtype = getattr(torch, args.dtype)
+    model = diffcoder.load(model_dir, device=args.device, dtype=dtype)
+    name = args.model_name or os.path.basename(os.path.normpath(model_dir))
+    app = create_app(model, model_name=name, config=config)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/ (playground at /, API at /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
