@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -249,16 +250,17 @@ class Sandbox:
         os.write(nonce_w, nonce)
         os.close(nonce_w)
         start = time.monotonic()
+        # Tier "none" has no private /tmp: give it a scratch directory as its cwd.
+        scratch = tempfile.mkdtemp(prefix="diffcoder-eval-") if self.tier == "none" else None
         try:
             proc = subprocess.Popen(
                 self._command([str(nonce_r), str(result_w)]), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(nonce_r, result_w),
-                start_new_session=True, close_fds=True)
+                start_new_session=True, close_fds=True, cwd=scratch)
         except OSError as exc:
-            os.close(nonce_r), os.close(result_w), os.close(result_r)
+            for fd in (nonce_r, result_w, result_r):
+                os.close(fd)
             raise SandboxUnavailable(f"cannot start the sandbox: {exc}") from exc
-        finally:
-            pass
         os.close(nonce_r)
         os.close(result_w)
         payload = _json_bytes(job)
@@ -267,6 +269,8 @@ class Sandbox:
         outcome = self._collect(proc, result_r, start)
         feeder.join(timeout=1)
         duration = time.monotonic() - start
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
         return self._verdict(outcome, nonce, proc.returncode, duration)
 
     def _kill(self, proc: subprocess.Popen) -> None:
@@ -343,6 +347,8 @@ class Sandbox:
             if reason.encode() == nonce and rc == 0:
                 return res("passed", "")
             return res("failed", "pass marker without the harness nonce (forged or truncated)")
+        if status == "ERROR" and reason.startswith("sandbox-setup:"):
+            raise SandboxUnavailable(f"the {self.tier} sandbox failed to start: {reason}")
         if status in ("FAILED", "ERROR", "OOM"):
             return res({"FAILED": "failed", "ERROR": "error", "OOM": "oom"}[status], reason)
         self._raise_if_sandbox_broken(out["stderr"])
