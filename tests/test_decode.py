@@ -1,0 +1,246 @@
+"""The engine against the release-rule oracle, batching, shift/AR, streaming and errors."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import diffcoder
+from diffcoder.config import ModelConfig
+from diffcoder.decode import BlockEvent, Decoding, StepEvent, block_schedule
+from diffcoder.model import DiffCoderLM
+from oracle import hf_twin, oracle_generate
+
+V, MASK, EOS = 61, 5, 2
+
+
+class Biased(DiffCoderLM):
+    """A model whose logits favour one token everywhere (drives EOS and mask-token cases)."""
+    favour: int = EOS
+
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs)
+        logits[..., self.favour] += 100.0
+        return logits
+
+
+def biased(token: int, seed: int = 1) -> DiffCoderLM:
+    model = make(seed)
+    model.__class__ = Biased
+    model.favour = token
+    return model
+
+
+def make(seed=0, std=0.6, **kw) -> DiffCoderLM:
+    cfg = ModelConfig(**{**dict(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                mask_token_id=MASK), **kw})
+    return DiffCoderLM(cfg).init_weights(seed, std=std).double().eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = make()
+    return model, hf_twin(model)
+
+
+def rand_prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.choice([t for t in range(V) if t not in (MASK, EOS)]) for _ in range(n)]
+
+
+def cases(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        B = [1, 2, 4, 8][i % 4]
+        G = B * rng.randint(1, max(1, 16 // B))
+        n_blocks = G // B
+        s = rng.choice([1, 2, B, 2 * B])
+        out.append(dict(prompt=rand_prompt(rng, rng.randint(1, 13)), block_length=B, gen_length=G,
+                        steps=n_blocks * s, threshold=rng.choice([None, None, 0.3, 0.7, 0.95]),
+                        shift=rng.random() < 0.3, eos_id=rng.choice([None, EOS])))
+    return out
+
+
+@pytest.mark.parametrize("case", cases(48), ids=lambda c: f"B{c['block_length']}-G{c['gen_length']}-S{c['steps']}"
+                         f"-P{len(c['prompt'])}-t{c['threshold']}-sh{int(c['shift'])}-e{c['eos_id']}")
+def test_matches_release_oracle(pair, case):
+    model, hf = pair
+    prompt = case.pop("prompt")
+    want, release_nfe = oracle_generate(hf, prompt, mask_id=MASK, **case)
+    got = diffcoder.generate(model, [prompt], **case)
+    assert got.tokens[0] == want
+    assert MASK not in got.tokens[0]
+    assert got.nfe < release_nfe  # the fused commit pass saves one forward per block (and the prefill)
+
+
+def test_eos_cases_are_exercised(pair):
+    """The random cases above must really contain early stops, or the EOS rule is untested."""
+    model, _ = pair
+    stops = 0
+    for case in cases(48):
+        if case["eos_id"] is None:
+            continue
+        prompt = case.pop("prompt")
+        res = diffcoder.generate(model, [prompt], **case)
+        stops += res.finish_reasons[0] == "stop"
+    assert stops >= 3
+
+
+def test_batched_equals_single(pair):
+    model, _ = pair
+    rng = random.Random(7)
+    prompts = [rand_prompt(rng, n) for n in (1, 3, 4, 9, 14, 6, 2)]
+    for kw in (dict(steps=16, gen_length=16, block_length=4), dict(steps=8, gen_length=16, block_length=4,
+                                                                  threshold=0.5),
+               dict(steps=12, gen_length=12, block_length=2, shift=True)):
+        batched = diffcoder.generate(model, prompts, eos_id=EOS, **kw)
+        for p, toks, reason in zip(prompts, batched.tokens, batched.finish_reasons):
+            alone = diffcoder.generate(model, [p], eos_id=EOS, **kw)
+            assert toks == alone.tokens[0]
+            assert reason == alone.finish_reasons[0]
+
+
+def test_finished_rows_leave_the_batch():
+    """A row that hits EOS stops costing compute: the batch shrinks at the block boundary."""
+    model = biased(EOS)
+    dec = Decoding(model, [[7, 8, 9], [10, 11]], steps=32, gen_length=32, block_length=4, eos_id=EOS)
+    list(dec)
+    assert dec.result.finish_reasons == ["stop", "stop"]
+    assert dec.result.nfe <= 4  # one block each, not eight
+
+
+def test_ar_equivalence_with_transformers_greedy(pair):
+    """An AR checkpoint decoded with block_length=1, shift=True, steps=gen_length = greedy AR."""
+    model, hf = pair
+    rng = random.Random(3)
+    for n in (1, 5, 11):
+        prompt = rand_prompt(rng, n)
+        G = 20
+        ours = diffcoder.generate(model, [prompt], steps=G, gen_length=G, block_length=1, shift=True)
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=G, do_sample=False, suppress_tokens=[MASK],
+                          eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, n, dtype=torch.long))
+        assert ours.tokens[0] == ref[0, n:].tolist()
+        assert ours.nfe == G
+
+
+def test_mask_token_is_never_chosen():
+    """With the mask id as the argmax everywhere, the release never finishes a block; we must."""
+    model = biased(MASK)
+    res = diffcoder.generate(model, [[7, 8, 9]], steps=8, gen_length=8, block_length=4)
+    assert len(res.tokens[0]) == 8 and MASK not in res.tokens[0]
+
+
+def test_threshold_with_few_steps_still_finishes(pair):
+    """threshold with s < B: the release could leave masks and crash; we decode every block fully."""
+    model, _ = pair
+    res = diffcoder.generate(model, [[3, 4, 6]], steps=2, gen_length=16, block_length=8, threshold=0.99)
+    assert len(res.tokens[0]) == 16 and MASK not in res.tokens[0]
+
+
+def test_fused_commit_nfe():
+    """Forward passes per block with the fused commit = steps per block (the release spends +1)."""
+    model = make(seed=5)
+    res = diffcoder.generate(model, [[3] * 8], steps=32, gen_length=32, block_length=4)
+    assert res.nfe == 32
+
+
+def test_block_schedule():
+    assert block_schedule(4, 4) == [1, 1, 1, 1]
+    assert block_schedule(3, 2) == [2, 1]
+    assert block_schedule(2, 4) == [1, 1]
+    assert block_schedule(4, 1) == [4]
+
+
+def test_streaming_events(pair):
+    model, _ = pair
+    dec = Decoding(model, [[9, 10, 11, 12, 13], [14]], steps=8, gen_length=8, block_length=4, step_events=True)
+    events = list(dec)
+    blocks = [e for e in events if isinstance(e, BlockEvent)]
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    for row in (0, 1):
+        toks = [t for e in blocks if e.row == row for t in e.tokens]
+        assert toks == dec.result.tokens[row]
+        starts = [e.start for e in blocks if e.row == row]
+        assert starts == sorted(starts)
+        committed = sorted(p for e in steps if e.row == row for p in e.positions)
+        assert committed == list(range(8))  # every generated position committed exactly once
+        assert all(0.0 <= c <= 1.0 for e in steps if e.row == row for c in e.confidences)
+    assert blocks[-1].finished
+
+
+def test_cancel_stops_a_row(pair):
+    model, _ = pair
+    dec = Decoding(model, [[9, 10], [11, 12]], steps=16, gen_length=16, block_length=4)
+    for ev in dec:
+        if isinstance(ev, BlockEvent) and ev.row == 1:
+            dec.cancel(1)
+    assert dec.result.finish_reasons[1] == "cancelled"
+    assert len(dec.result.tokens[1]) < 16 and len(dec.result.tokens[0]) == 16
+
+
+def test_temperature_is_reproducible_with_seed(pair):
+    model, _ = pair
+    kw = dict(steps=8, gen_length=8, block_length=4, temperature=1.0)
+    a = diffcoder.generate(model, [[4, 6, 7]], seed=11, **kw)
+    b = diffcoder.generate(model, [[4, 6, 7]], seed=11, **kw)
+    runs = {tuple(diffcoder.generate(model, [[4, 6, 7]], seed=s, **kw).tokens[0]) for s in range(6)}
+    assert a.tokens == b.tokens and len(runs) > 1
+    r = diffcoder.generate(model, [[4, 6, 7]], seed=3, remasking="random", **{**kw, "temperature": 0.0})
+    assert r.tokens == diffcoder.generate(model, [[4, 6, 7]], seed=3, remasking="random",
+                                          **{**kw, "temperature": 0.0}).tokens
+
+
+def test_release_style_generate_output(pair):
+    model, _ = pair
+    ids = torch.tensor([[9, 10, 11, 12, 13]])
+    out = model.generate(ids, steps=8, gen_length=8, block_length=4, temperature=0.0, remasking="low_confidence",
+                         tokenizer=None, shift=False, threshold=None, eos_id=None)
+    assert out.shape == (1, 13) and torch.equal(out[0, :5], ids[0])
+    res = diffcoder.generate(model, [ids[0].tolist()], steps=8, gen_length=8, block_length=4)
+    assert out[0, 5:].tolist() == res.tokens[0]
+
+
+def test_release_style_output_eos_fill():
+    model = biased(EOS)
+    out = model.generate(torch.tensor([[7, 8, 9, 10, 11]]), steps=16, gen_length=16, block_length=4, eos_id=EOS)
+    # prompt 5 tokens -> first block is columns 4..8; EOS inside it: cut at the block end (8), EOS-filled
+    assert out.shape == (1, 8) and out[0, 5:].tolist() == [EOS] * 3
+
+
+BAD = [
+    (dict(gen_length=10, block_length=4, steps=10), "multiple of block_length"),
+    (dict(gen_length=8, block_length=4, steps=3), "steps"),
+    (dict(gen_length=8, block_length=4, steps=0), "steps"),
+    (dict(gen_length=0, block_length=4, steps=4), "gen_length"),
+    (dict(gen_length=8, block_length=0, steps=4), "block_length"),
+    (dict(gen_length=8, steps=8, remasking="top"), "remasking"),
+    (dict(gen_length=8, steps=8, threshold=0.0), "threshold"),
+    (dict(gen_length=8, steps=8, threshold=1.5), "threshold"),
+    (dict(gen_length=8, steps=8, temperature=-1.0), "temperature"),
+    (dict(gen_length=128, steps=128), "context"),
+    (dict(gen_length=8, steps=8, eos_id=V + 3), "eos_id"),
+]
+
+
+@pytest.mark.parametrize("kw,match", BAD, ids=[m for _, m in BAD])
+def test_bad_arguments(pair, kw, match):
+    model, _ = pair
+    with pytest.raises(ValueError, match=match):
+        diffcoder.generate(model, [[3, 4, 6]], **kw)
+
+
+@pytest.mark.parametrize("prompts,match", [([[]], "empty"), ([], "non-empty"), ([[3, V]], "vocabulary"),
+                                           ([["a"]], "integer")])
+def test_bad_prompts(pair, prompts, match):
+    model, _ = pair
+    with pytest.raises(ValueError, match=match):
+        diffcoder.generate(model, prompts, steps=8, gen_length=8)
+
+
+def test_no_mask_id_is_an_error():
+    model = make()
+    model.mask_id = None
+    with pytest.raises(ValueError, match="mask"):
+        diffcoder.generate(model, [[3]], steps=4, gen_length=4)

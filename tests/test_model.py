@@ -1,0 +1,117 @@
+"""Our Llama-family module against transformers, and cached against uncached logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffcoder.config import ModelConfig
+from diffcoder.masks import block_causal_mask, decode_mask
+from diffcoder.model import DiffCoderLM
+from oracle import hf_twin
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
+def make(seed=0, **kw) -> DiffCoderLM:
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+    return DiffCoderLM(ModelConfig(**{**base, **kw})).init_weights(seed, std=0.1).eval()
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"num_key_value_heads": 4},
+    {"num_key_value_heads": 1, "tie_word_embeddings": True},
+    {"rope_scaling": LLAMA3, "rope_theta": 500000.0},
+    {"attention_bias": True},
+    {"head_dim": 32},
+])
+@pytest.mark.parametrize("mask", ["causal", 1, 4, 8])
+def test_logits_match_transformers(kw, mask):
+    model = make(**kw)
+    if kw.get("attention_bias"):
+        with torch.no_grad():  # biases start at zero: make them matter
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):
+                    p.normal_(0, 0.1)
+    hf = hf_twin(model, torch.float32)
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if mask == "causal":
+            ours, theirs = model(ids), hf(ids).logits
+        else:
+            ours = model(ids, attn_mask=("block_causal", mask))
+            theirs = hf(ids, attention_mask=block_causal_mask(23, mask)[None, None]).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_block_causal_mask_rule():
+    m = block_causal_mask(8, 4)
+    for q in range(8):
+        for k in range(8):
+            assert bool(m[q, k]) == (k // 4 <= q // 4)
+    assert torch.equal(block_causal_mask(6, 1), torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_cached_equals_uncached_blockwise():
+    """Prefill + block-by-block with the KV cache gives the same logits as one full pass."""
+    model = make(seed=3).double()
+    B, T = 4, 22
+    ids = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids, attn_mask=("block_causal", B))
+        cache = model.new_cache(1, 32)
+        pieces, start = [], 0
+        cols = torch.arange(32)
+        valid = torch.ones(1, 32, dtype=torch.bool)
+        while start < T:
+            end = min(start + B, T)
+            mask = decode_mask(cols[start:end], cols[:end], valid[:, :end], B)
+            pieces.append(model(ids[:, start:end], torch.arange(start, end)[None], attn_mask=mask, cache=cache))
+            start = end
+    assert cache.length == T
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-10
+
+
+def test_uncommitted_keys_are_not_kept():
+    """keep=0 leaves the cache length unchanged: the noisy block's keys are scratch."""
+    model = make(seed=4).double()
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = model.new_cache(1, 16)
+        model(ids[:, :8], attn_mask=("block_causal", 4), cache=cache)
+        a = model(ids[:, 8:12], attn_mask=("block_causal", 4), cache=cache, keep=0)
+        assert cache.length == 8
+        noisy = ids[:, 8:12].clone()
+        noisy[0, 0] = (noisy[0, 0] + 1) % 97
+        model(noisy, attn_mask=("block_causal", 4), cache=cache, keep=0)
+        b = model(ids[:, 8:12], attn_mask=("block_causal", 4), cache=cache, keep=0)
+    assert torch.equal(a, b)
+
+
+def test_left_padding_is_invisible():
+    """A row left-padded by a multiple of B gives the same logits as the row alone."""
+    model = make(seed=6).double()
+    B = 4
+    row = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(7))
+    pad = 8
+    ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), row], 1)
+    cols = torch.arange(pad + 10)
+    pos = (cols - pad).clamp_min(0)[None]
+    valid = (cols >= pad)[None]
+    with torch.no_grad():
+        alone = model(row, attn_mask=("block_causal", B))
+        padded = model(ids, pos, attn_mask=decode_mask(cols, cols, valid, B))[:, pad:]
+    assert (alone - padded).abs().max().item() < 1e-10
+
+
+def test_bad_mask_spec():
+    model = make()
+    with pytest.raises(ValueError, match="unknown attention mask"):
+        model(torch.zeros(1, 3, dtype=torch.long), attn_mask="diagonal")
+
+
+def test_unsupported_rope_scaling():
+    with pytest.raises(ValueError, match="yarn"):
+        make(rope_scaling={"rope_type": "yarn", "factor": 2.0})(torch.zeros(1, 2, dtype=torch.long))
