@@ -1,0 +1,32 @@
+# diffcoder: two commands on a fresh machine with python3 and make.
+#   make run    generate with the default model
+#   make test   the whole test suite (what CI runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU machines take the CPU build (on this project's machines a local wheel; an unpinned
+# `torch` would pull a multi-GB CUDA build). With an NVIDIA driver present, your normal torch.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PROMPT ?= def fibonacci(n):
+
+.PHONY: setup run test clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/diffcoder generate "$(PROMPT)"
+
+test: setup
+	bash scripts/install-system-deps.sh
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
