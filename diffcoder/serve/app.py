@@ -24,7 +24,7 @@ from diffcoder.serve.errors import APIError, error_body
 from diffcoder.serve.generation import ModelInfo, Plan, RowText, plan_chat, plan_completion
 from diffcoder.serve.metrics import CONTENT_TYPE, Metrics
 from diffcoder.serve.protocol import ChatRequest, CompletionRequest
-from diffcoder.serve.scheduler import BatchStats, Job, QueueFull, Scheduler
+from diffcoder.serve.scheduler import BatchStats, Job, QueueFull, Scheduler, ServerStopping
 
 
 @dataclass
@@ -196,6 +196,8 @@ class _Run:
                 exc = item[1]
                 if isinstance(exc, ValueError):
                     raise APIError(400, f"the decoder rejected the settings: {exc}")
+                if isinstance(exc, ServerStopping):
+                    raise APIError(503, str(exc), code="shutting_down")
                 raise APIError(500, "internal error while decoding; see the server log")
             if kind == "done":
                 self.stats = item[1]

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the name clients send as 'model' (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, loopback only; use 0.0.0.0 to expose it)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free port)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="most rows (prompts x n) decoded together in one batch (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -41,11 +41,11 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     import diffcoder
-    from diffcoder.cli import UserError
     from diffcoder.serve.app import ServeConfig, create_app
 
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be in 1..65535 (got {args.port})")
+    # ValueError / FileNotFoundError: the CLI prints them as one line and exits 2.
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535 (0 picks a free port; got {args.port})")
     config = ServeConfig(  # raises ValueError with the flag to fix
         max_batch=args.max_batch,
         max_queue=args.max_queue,
@@ -55,7 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     model_dir = args.model or str(diffcoder.default_model_dir())
     if not os.path.isdir(model_dir):
-        raise UserError(f"model directory {model_dir!r} does not exist; pass --model DIR")
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist; pass --model DIR")
     dtype = None
     if args.dtype:
         import torch

@@ -157,8 +157,14 @@ def _check_with_engine(key: BatchKey, prompts: list[list[int]], info: ModelInfo)
         raise bad_request(str(exc)) from exc
 
 
-def _max_tokens(req: DecoderOptions, default: int) -> int:
-    return req.max_completion_tokens or req.max_tokens or default
+def _max_tokens(req: DecoderOptions, default: int, info: ModelInfo, prompts: list[list[int]]) -> int:
+    """The client's max_tokens; when unset, the default shrunk to what fits in the context."""
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked:
+        return asked
+    block = req.block_length or int(info.defaults.get("block_length", 4))
+    room = (info.context_length - max(len(p) for p in prompts)) // block * block
+    return min(default, room) if room >= block else default  # no room: the context check explains
 
 
 def plan_completion(req: CompletionRequest, info: ModelInfo, job_tag: int) -> Plan:
@@ -210,7 +216,7 @@ def plan_chat(req: ChatRequest, info: ModelInfo, job_tag: int) -> Plan:
 def _plan(
     req: DecoderOptions, info: ModelInfo, prompts: list[list[int]], echoes: list[str], default_max: int, job_tag: int
 ) -> Plan:
-    max_tokens = _max_tokens(req, default_max)
+    max_tokens = _max_tokens(req, default_max, info, prompts)
     key = _batch_key(req, info, [len(p) for p in prompts], max_tokens, job_tag)
     _check_with_engine(key, prompts, info)
     rows = [p for p in prompts for _ in range(req.n)]

@@ -55,6 +55,10 @@ class BatchKey:
         }
 
 
+class ServerStopping(Exception):
+    """Posted to jobs still waiting or running when the server shuts down."""
+
+
 class QueueFull(Exception):
     """The waiting queue is at `max_queue`; the client should retry after `retry_after` s."""
 
@@ -140,6 +144,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.running_rows = 0
+        self._running: list[Job] = []
         self._avg_batch_s = 1.0  # for Retry-After; updated after every batch
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -148,10 +153,12 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every job (their handlers get a ServerStopping error) and end the thread."""
         with self._cond:
             self._stopping = True
-            for job in self._pending:
+            for job in [*self._pending, *self._running]:
                 job.cancel()
+                job.post(("error", ServerStopping("the server is shutting down; retry on another replica or later")))
             self._pending.clear()
             self._cond.notify_all()
         if self._thread is not None:
@@ -225,20 +232,25 @@ class Scheduler:
         jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
             return
+        self._running = jobs
+        self._posted = False
         try:
             stats = self._decode(jobs)
         except Exception as exc:  # noqa: BLE001 - reported to the jobs, never kills the thread
-            if len(jobs) > 1 and isinstance(exc, ValueError):
-                # One job's settings upset the engine: run each alone so the others still finish.
+            if len(jobs) > 1 and isinstance(exc, ValueError) and not self._posted:
+                # One job's settings upset the engine before any output: run each job alone
+                # so the others still finish.
                 for job in jobs:
                     self._run_batch([job])
                 return
-            log.exception("decode failed")
+            if not isinstance(exc, ValueError):
+                log.exception("decode failed")
             for job in jobs:
                 job.post(("error", exc))
             return
         finally:
             self.running_rows = 0
+            self._running = []
         self._avg_batch_s = 0.8 * self._avg_batch_s + 0.2 * stats.seconds
         if self.on_batch is not None:
             self.on_batch(stats)
@@ -265,6 +277,7 @@ class Scheduler:
         live = set(range(len(prompts)))
         tokens = 0
         for ev in dec:
+            self._posted = True
             job, r = owners[ev.row]
             if isinstance(ev, StepEvent):
                 if job.want_steps and ev.row in live:
