@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .masks import decode_mask
+from .runners import make_runner
 
 REMASKING = ("low_confidence", "random")
 
@@ -135,7 +135,7 @@ class Decoding:
                  block_length: int = 4, temperature: float = 0.0, remasking: str = "low_confidence",
                  threshold: float | None = None, shift: bool = False, eos_id: int | None = None,
                  mask_id: int | None = None, seed: int | None = None, step_events: bool = False,
-                 confidence_dtype: torch.dtype = torch.float64) -> None:
+                 confidence_dtype: torch.dtype = torch.float64, runner: str = "auto") -> None:
         mask_id = mask_id if mask_id is not None else getattr(model, "mask_id", None)
         self.args = DecodeArgs(steps, gen_length, block_length, float(temperature), remasking, threshold, shift,
                                eos_id, mask_id, seed)
@@ -144,6 +144,7 @@ class Decoding:
         self.model = model
         self.prompts = [list(p) for p in prompts]
         self.step_events = step_events
+        self.runner = make_runner(model, block_length, runner)
         self.confidence_dtype = confidence_dtype
         self.nfe = 0
         self._cancelled: set[int] = set()
@@ -182,7 +183,6 @@ class Decoding:
         self.gen_start, self.gen_end = gen_start.tolist(), gen_end.tolist()
         self.rows = list(range(n))  # original index of each active batch row
         self.cache = self.model.new_cache(n, T)
-        self.cols = torch.arange(T, device=dev)
         self.lead_logits: torch.Tensor | None = None  # shift mode: logits for the window's first column
 
     # ------------------------------------------------------------------- loop
@@ -203,14 +203,18 @@ class Decoding:
     def _decode_window(self, w: int, ws: int, commit_from: int) -> Iterator[StepEvent]:
         a = self.args
         we = ws + a.block_length
-        masked_counts = self.masked[:, ws:we].sum(1).tolist()
-        schedules = [block_schedule(m, a.steps_per_block) for m in masked_counts]
+        # Masked counts per row follow from the layout alone (no device sync needed).
+        counts = [max(0, min(we, self.gen_end[r]) - max(ws, self.gen_start[r])) for r in self.rows]
+        schedules = [block_schedule(m, a.steps_per_block) for m in counts]
+        n_steps = max(len(s) for s in schedules)
+        if a.threshold is None:
+            table = torch.tensor([s + [0] * (n_steps - len(s)) for s in schedules], device=self.x.device)
         step = 0
         while True:
             if a.threshold is None:
-                k = [s[step] if step < len(s) else 0 for s in schedules]
-                if not any(k):
+                if step == n_steps:
                     return
+                k = table[:, step:step + 1]
             else:
                 remaining = self.masked[:, ws:we].any(1)
                 if not bool(remaining.any()):
@@ -224,28 +228,25 @@ class Decoding:
 
     def _forward(self, ws: int, we: int, qs: int) -> torch.Tensor:
         """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy."""
-        a, m = self.args, self.model
-        assert m is not None and self.cache.length == qs
-        q_cols = self.cols[qs:we]
-        mask = decode_mask(q_cols, self.cols[:we], self.key_valid[:, :we], a.block_length)
+        a = self.args
+        assert self.cache.length == qs
         if a.shift and ws > qs:
             idx = slice(ws - qs - 1, we - qs - 1)  # column i's logits come from column i - 1
         elif a.shift:
             idx = slice(0, we - qs - 1)
         else:
             idx = slice(ws - qs, we - qs)
-        logits = m(self.x[:, qs:we], self.pos[:, qs:we], attn_mask=mask, cache=self.cache, keep=ws - qs,
-                   logits_index=idx)
+        logits = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, we, a.block_length, idx)
         self.nfe += 1
         if a.shift:
             if ws > qs:
-                self.lead_logits = logits[:, :1]
+                self.lead_logits = logits[:, :1].clone()  # constant while this block is decoded
             else:
                 lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, :1])
                 logits = torch.cat([lead, logits], dim=1)
         return logits
 
-    def _commit(self, logits: torch.Tensor, ws: int, we: int, k: list[int] | None):
+    def _commit(self, logits: torch.Tensor, ws: int, we: int, k: torch.Tensor | None):
         """Choose a token at every masked position, commit some by confidence (release rules)."""
         a = self.args
         masked = self.masked[:, ws:we]
@@ -268,7 +269,7 @@ class Decoding:
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                  .expand_as(order))
         if k is not None:
-            select = ranks < torch.tensor(k, device=ranks.device)[:, None]
+            select = ranks < k
         else:
             select = (ranks == 0) | (conf >= a.threshold)
         select &= masked
@@ -327,12 +328,13 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, steps: int, ge
              threshold: float | None = None, shift: bool = False, eos_id: int | None = None,
              mask_id: int | None = None, seed: int | None = None,
              on_event: Callable[[StepEvent | BlockEvent], None] | None = None,
-             step_events: bool = False, confidence_dtype: torch.dtype = torch.float64) -> GenerateResult:
+             step_events: bool = False, confidence_dtype: torch.dtype = torch.float64,
+             runner: str = "auto") -> GenerateResult:
     """Decode every prompt (token-id lists) with block diffusion; see `Decoding` for the rules."""
     dec = Decoding(model, prompts, steps=steps, gen_length=gen_length, block_length=block_length,
                    temperature=temperature, remasking=remasking, threshold=threshold, shift=shift,
                    eos_id=eos_id, mask_id=mask_id, seed=seed, step_events=step_events,
-                   confidence_dtype=confidence_dtype)
+                   confidence_dtype=confidence_dtype, runner=runner)
     for event in dec:
         if on_event is not None:
             on_event(event)

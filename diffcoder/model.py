@@ -36,6 +36,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        # Static mode: when set, new keys go to these columns and attention spans all columns.
+        self.write_idx: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -111,7 +113,13 @@ class Attention(nn.Module):
         vs = self.v_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
         qs = qs * cos + rotate_half(qs) * sin
         ks = ks * cos + rotate_half(ks) * sin
-        if cache is not None:
+        if cache is not None and cache.write_idx is not None:
+            # Static shapes (CUDA graphs): write at the given columns, attend over every column
+            # of the cache; the mask hides what is not (yet) part of the sequence.
+            cache.k[layer].index_copy_(2, cache.write_idx, ks)
+            cache.v[layer].index_copy_(2, cache.write_idx, vs)
+            ks, vs = cache.k[layer], cache.v[layer]
+        elif cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + q] = ks
             cache.v[layer, :, :, start:start + q] = vs
@@ -232,20 +240,21 @@ class DiffCoderLM(nn.Module):
                       attn_mask: MaskSpec = None, cache: KVCache | None = None,
                       keep: int | None = None) -> torch.Tensor:
         b, q = input_ids.shape
+        static = cache is not None and cache.write_idx is not None
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
-        if cache is not None and start + q > cache.max_len:
+        if cache is not None and not static and start + q > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} cached + {q} new > {cache.max_len} columns")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        mask = self.build_mask(attn_mask, positions, start + q)
+        mask = attn_mask.unsqueeze(1) if static else self.build_mask(attn_mask, positions, start + q)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
+        if cache is not None and not static:
             cache.length = start + (q if keep is None else keep)
         return self.model.norm(x)
 

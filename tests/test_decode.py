@@ -244,3 +244,23 @@ def test_no_mask_id_is_an_error():
     model.mask_id = None
     with pytest.raises(ValueError, match="mask"):
         diffcoder.generate(model, [[3]], steps=4, gen_length=4)
+
+
+@pytest.mark.parametrize("case", cases(12, seed=5), ids=lambda c: f"B{c['block_length']}-G{c['gen_length']}"
+                         f"-S{c['steps']}-t{c['threshold']}-sh{int(c['shift'])}")
+def test_static_shape_runner_matches_eager(pair, case):
+    """The static-shape pass (what CUDA graphs replay) decodes exactly what the eager pass does."""
+    model, _ = pair
+    rng = random.Random(len(case["prompt"]))
+    prompts = [case.pop("prompt")] + [rand_prompt(rng, n) for n in (2, 9)]
+    eager = diffcoder.generate(model, prompts, runner="eager", **case)
+    static = diffcoder.generate(model, prompts, runner="static", **case)
+    assert static.tokens == eager.tokens and static.nfe == eager.nfe
+
+
+def test_unknown_runner(pair):
+    model, _ = pair
+    with pytest.raises(ValueError, match="runner"):
+        diffcoder.generate(model, [[3]], steps=4, gen_length=4, runner="turbo")
+    with pytest.raises(ValueError, match="CUDA"):
+        diffcoder.generate(model, [[3]], steps=4, gen_length=4, runner="cuda_graph")

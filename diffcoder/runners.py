@@ -1,0 +1,119 @@
+"""How the engine runs one model pass: eagerly, or replayed from a captured CUDA graph.
+
+Both compute the same thing: the pass over columns [qs, we) of the batch (clean columns
+[qs, ws) are kept in the KV cache, the noisy block [ws, we) is not), returning the logits at
+`idx`. The graph runner uses static shapes: the block is written at fixed cache columns given
+by an index tensor, attention spans every cache column, and the mask hides the rest. The
+per-pass Python and kernel-launch overhead then disappears (gpt-fast style). Graphs are keyed
+by (batch, query length, logits slice), so a decode needs two: the plain block step and the
+fused commit+block step; the one-off prefill runs eagerly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masks import decode_mask
+
+
+class EagerRunner:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor, cache, qs: int, ws: int,
+                 we: int, block: int, idx: slice) -> torch.Tensor:
+        cols = torch.arange(we, device=x.device)
+        mask = decode_mask(cols[qs:we], cols, key_valid[:, :we], block)
+        return self.model(x[:, qs:we], pos[:, qs:we], attn_mask=mask, cache=cache, keep=ws - qs, logits_index=idx)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    write_idx: torch.Tensor
+    logits: torch.Tensor
+
+
+class StaticRunner:
+    """Static-shape passes; with `graphs=True` each shape is captured once as a CUDA graph and
+    replayed. Without graphs (any device) it runs the same static computation eagerly, which is
+    how the tests check the static path on a CPU."""
+
+    def __init__(self, model: torch.nn.Module, max_query: int, graphs: bool) -> None:
+        self.model = model
+        self.use_graphs = graphs
+        self.eager = EagerRunner(model)
+        self.max_query = max_query  # longer passes (the prefill) run eagerly
+        self.graphs: dict[tuple, _Graph] = {}
+        self.cache_id: int | None = None
+
+    def __call__(self, x, pos, key_valid, cache, qs, ws, we, block, idx):  # noqa: ANN001, ANN204 (hot path)
+        q = we - qs
+        if q > self.max_query:
+            return self.eager(x, pos, key_valid, cache, qs, ws, we, block, idx)
+        if id(cache.k) != self.cache_id:  # rows left the batch: the cache was reallocated
+            self.graphs.clear()
+            self.cache_id = id(cache.k)
+        cols = torch.arange(cache.max_len, device=x.device)
+        mask = decode_mask(cols[qs:we], cols, key_valid[:, :cache.max_len] & (cols < we), block)
+        key = (x.shape[0], q, idx.start, idx.stop)
+        g = self.graphs.get(key)
+        fresh = g is None
+        if fresh:
+            g = _Graph(None, x[:, qs:we].clone(), pos[:, qs:we].clone(), mask.clone(),
+                       torch.arange(qs, we, device=x.device), None)
+        else:
+            g.ids.copy_(x[:, qs:we])
+            g.pos.copy_(pos[:, qs:we])
+            g.mask.copy_(mask)
+            g.write_idx.copy_(torch.arange(qs, we, device=x.device))
+        cache.write_idx = g.write_idx
+        try:
+            if not self.use_graphs:
+                g.logits = self.model(g.ids, g.pos, attn_mask=g.mask, cache=cache, logits_index=idx)
+                self.graphs[key] = g
+            elif fresh:
+                self._capture(g, cache, idx)
+                self.graphs[key] = g
+                g.graph.replay()
+            else:
+                g.graph.replay()
+        finally:
+            cache.write_idx = None
+        cache.length = ws
+        return g.logits
+
+    def _capture(self, g: _Graph, cache, idx: slice) -> None:  # noqa: ANN001
+        def step() -> torch.Tensor:
+            return self.model(g.ids, g.pos, attn_mask=g.mask, cache=cache, logits_index=idx)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (allocator, kernels); writes the same keys it will write again
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph):
+            g.logits = step()
+
+
+RUNNERS = ("auto", "eager", "static", "cuda_graph")
+
+
+def make_runner(model: torch.nn.Module, block: int, runner: str = "auto") -> EagerRunner | StaticRunner:
+    """auto: CUDA graphs on a GPU, eager elsewhere."""
+    on_cuda = model.device.type == "cuda"
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}: use one of {', '.join(RUNNERS)}")
+    if runner == "auto":
+        runner = "cuda_graph" if on_cuda else "eager"
+    if runner == "cuda_graph" and not on_cuda:
+        raise ValueError("runner='cuda_graph' needs the model on a CUDA device")
+    if runner == "eager":
+        return EagerRunner(model)
+    return StaticRunner(model, max_query=2 * block, graphs=runner == "cuda_graph")
