@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "diffcoder.run_cli",  # generate, chat
     "diffcoder.serve.cli",  # serve
     "diffcoder.convert.cli",  # convert gguf
+    "diffcoder.train.cli",  # tokenizer train, data build/sft, train, plot
 ]
 
 

@@ -1,0 +1,96 @@
+"""Deterministic batch streams: global row r of the run is a pure function of (seed, r).
+
+Resuming therefore needs only the number of rows consumed, and any world size reads the
+same rows (each rank takes its slice of the global micro-batch).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .data import PretrainSplit, SFTSplit
+
+
+class PretrainStream:
+    """Windows of seq_len tokens, reshuffled every epoch."""
+
+    def __init__(self, split: PretrainSplit, seq_len: int, seed: int, shuffle: bool = True) -> None:
+        self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
+        self.n = split.n_windows(seq_len)
+        if self.n == 0:
+            raise ValueError(f"the data has {split.tokens} tokens, fewer than one --seq-len {seq_len} window; "
+                             "lower --seq-len or add data")
+
+    @lru_cache(maxsize=4)
+    def _perm(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def rows(self, start: int, count: int) -> tuple[np.ndarray, None]:
+        out = np.empty((count, self.seq_len), dtype=np.int64)
+        for j in range(count):
+            epoch, k = divmod(start + j, self.n)
+            out[j] = self.split.window(int(self._perm(epoch)[k]), self.seq_len)
+        return out, None
+
+
+class SFTStream:
+    """Whole chat samples packed greedily into rows, each followed by 1-4 random EOS.
+
+    The appended EOS carry loss (the model learns to end at variable lengths); the rest of a
+    row is padding with no loss. A sample longer than a row is cut to the row length.
+    """
+
+    def __init__(self, split: SFTSplit, seq_len: int, seed: int, eos_id: int, pad_id: int,
+                 min_eos: int = 1, max_eos: int = 4, shuffle: bool = True) -> None:
+        if len(split) == 0:
+            raise ValueError("the SFT split has no samples")
+        if not 0 <= min_eos <= max_eos:
+            raise ValueError(f"--sft-min-eos/--sft-max-eos: need 0 <= min <= max, got {min_eos}, {max_eos}")
+        self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
+        self.eos_id, self.pad_id, self.min_eos, self.max_eos = eos_id, pad_id, min_eos, max_eos
+        self._counts: dict[int, int] = {}  # rows per epoch, kept for good (plans are recomputed on demand)
+
+    @lru_cache(maxsize=4)
+    def _plan(self, epoch: int) -> list[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
+        n_eos = rng.integers(self.min_eos, self.max_eos + 1, size=len(order))
+        rows: list[list[tuple[int, int]]] = [[]]
+        used = 0
+        for i, e in zip(order, n_eos):
+            size = min(self.seq_len, int(self.split.index[i][1]) + int(e))
+            if used + size > self.seq_len and rows[-1]:
+                rows.append([])
+                used = 0
+            rows[-1].append((int(i), int(e)))
+            used += size
+        return rows
+
+    def _locate(self, r: int) -> tuple[int, int]:
+        epoch = 0
+        while True:
+            if epoch not in self._counts:
+                self._counts[epoch] = len(self._plan(epoch))
+            n = self._counts[epoch]
+            if r < n:
+                return epoch, r
+            r -= n
+            epoch += 1
+
+    def rows(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        toks = np.full((count, self.seq_len), self.pad_id, dtype=np.int64)
+        mask = np.zeros((count, self.seq_len), dtype=bool)
+        for j in range(count):
+            epoch, k = self._locate(start + j)
+            col = 0
+            for i, e in self._plan(epoch)[k]:
+                ids, m = self.split.sample(i)
+                ids = np.concatenate([ids, np.full(e, self.eos_id, dtype=np.int64)])[:self.seq_len - col]
+                m = np.concatenate([m, np.ones(e, dtype=bool)])[:len(ids)]
+                toks[j, col:col + len(ids)] = ids
+                mask[j, col:col + len(ids)] = m
+                col += len(ids)
+        return toks, mask

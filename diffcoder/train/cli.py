@@ -1,0 +1,189 @@
+"""`diffcoder tokenizer train`, `data build`, `data sft`, `train`, `plot`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+
+S = argparse.SUPPRESS  # train flags default to "not given", so a --config TOML value is not overridden
+
+TRAIN_HELP = {
+    "objective": "ar (next token), block_diffusion (CPT) or sft (block diffusion on chat data)",
+    "data": "data directory from `diffcoder data build` (ar, block_diffusion) or `data sft` (sft)",
+    "out": "run directory: metrics.jsonl, checkpoints/, final/",
+    "init": "start from this Hugging Face-layout checkpoint (e.g. the previous stage's RUNDIR/final)",
+    "model_config": "new model: a preset (tiny, smol-135m, sdc-8b) or a JSON file of Llama config fields",
+    "tokenizer": "tokenizer directory (required with --model-config; vocab size and special ids come from it)",
+    "steps": "optimizer steps in all",
+    "batch_size": "global batch in sequences (all processes and accumulation micro-steps together)",
+    "seq_len": "tokens per sequence; a multiple of --block-size",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the decay",
+    "lr_schedule": "cosine, wsd (warmup-stable-decay) or constant, after the linear --lr-warmup",
+    "lr_warmup": "linear learning-rate warmup steps (default 5%% of --steps)",
+    "wsd_decay_frac": "wsd: fraction of the steps spent decaying at the end",
+    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
+    "grad_accum": "micro-steps accumulated per optimizer step",
+    "weight_decay": "AdamW weight decay (not applied to norms and biases)",
+    "adam_beta1": "AdamW beta1", "adam_beta2": "AdamW beta2", "adam_eps": "AdamW epsilon",
+    "seed": "seed for initialisation, data order and noise",
+    "save_every": "write a resumable checkpoint every N steps (0 = only the final model)",
+    "keep_last": "keep this many most recent checkpoints",
+    "eval_every": "validation loss every N steps and at the end (0 = never)",
+    "eval_batches": "validation micro-batches per evaluation",
+    "resume": "continue from the latest checkpoint in --out",
+    "block_size": "block size B of block diffusion",
+    "shift": "keep the AR logit shift (logits at i-1 predict token i); default: no shift, as Stable-DiffCoder",
+    "warmup_steps": "corruption warmup steps: u_max rises from --u-init to 1, loss weight 1 meanwhile "
+                    "(default: 10%% of --steps for block_diffusion, 0 for sft)",
+    "u_init": "u_max at step 0 of the corruption warmup",
+    "no_warmup": "ablation: no corruption warmup (full U(0,1) noise and 1/u weights from step 0)",
+    "no_clip": "ablation: do not clip the block mask rate to >= 1/B",
+    "no_force_mask": "ablation: do not force-mask one position in blocks that drew no mask",
+    "no_loss_weight": "ablation: loss weight 1 instead of 1/u_blk after warmup",
+    "sft_min_eos": "sft: fewest EOS appended after each sample",
+    "sft_max_eos": "sft: most EOS appended after each sample",
+    "device": "cpu, cuda, cuda:N or auto (cuda when available; under torchrun each process takes its local GPU)",
+    "precision": "auto (bf16 autocast where the hardware runs it natively), bf16 or fp32",
+    "activation_checkpointing": "recompute layer activations in backward (less memory, more compute)",
+    "save_dtype": "dtype of final/ (float32, bfloat16); checkpoints keep float32 for exact resume",
+    "quiet": "no progress bar",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer for code")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    tt = tok_sub.add_parser("train", help="train BPE on source files (specials, FIM tokens, chat template)")
+    tt.add_argument("--src", nargs="*", type=Path, help="files/directories of code (default: the Python stdlib)")
+    tt.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including the specials")
+    tt.add_argument("--out", type=Path, required=True, help="output tokenizer directory")
+    tt.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen at least this often")
+    _walk_flags(tt)
+    tt.set_defaults(func=cmd_tokenizer_train)
+    tok.set_defaults(func=_usage(tok))
+
+    data = subparsers.add_parser("data", help="build tokenized training data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    db = data_sub.add_parser("build", help="source trees -> memory-mapped token shards + manifest.json")
+    db.add_argument("--src", nargs="*", type=Path, help="files/directories of code (default: the Python stdlib)")
+    db.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
+    db.add_argument("--out", required=True, type=Path, help="output data directory")
+    db.add_argument("--val-fraction", type=float, default=0.01, help="share of files held out for validation")
+    db.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
+    _walk_flags(db)
+    db.set_defaults(func=cmd_data_build)
+    ds = data_sub.add_parser("sft", help="chat JSONL ({\"messages\": [...]}) -> samples with assistant loss masks")
+    ds.add_argument("--src", nargs="+", required=True, type=Path, help="chat JSONL file(s)")
+    ds.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (needs a chat template)")
+    ds.add_argument("--out", required=True, type=Path, help="output data directory")
+    ds.add_argument("--val-fraction", type=float, default=0.02, help="share of conversations held out")
+    ds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ds.add_argument("--quiet", action="store_true", help="no progress bar")
+    ds.set_defaults(func=cmd_data_sft)
+    data.set_defaults(func=_usage(data))
+
+    tr = subparsers.add_parser("train", help="train: ar, block_diffusion (CPT) or sft; resumable; torchrun-ready")
+    tr.add_argument("--config", type=Path, default=S, help="TOML file with the same keys as these flags "
+                    "(flags given on the command line win)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            tr.add_argument(flag, action="store_true", default=S, help=TRAIN_HELP[f.name])
+            continue
+        kind = {int: int, float: float}.get(type(default), str)
+        if f.name in ("lr_warmup", "warmup_steps"):
+            kind = int
+        extra = f" (default {default})" if default is not None and not isinstance(default, bool) else ""
+        tr.add_argument(flag, type=kind, default=S, metavar=f.name.upper(), help=TRAIN_HELP[f.name] + extra)
+    tr.set_defaults(func=cmd_train)
+
+    pl = subparsers.add_parser("plot", help="loss, grad norm, u_max and mask rate of runs, overlaid")
+    pl.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
+    pl.add_argument("--out", required=True, type=Path, help="image file (.png, .pdf, .svg)")
+    pl.add_argument("--labels", nargs="*", help="legend label per run (default: directory names)")
+    pl.set_defaults(func=cmd_plot)
+
+
+def _usage(parser: argparse.ArgumentParser):  # noqa: ANN202
+    """A command group called without its action prints its help (exit 2)."""
+    def show(_args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+    return show
+
+
+def _walk_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ext", nargs="*", help="file extensions to keep (default: common code/text extensions)")
+    p.add_argument("--max-file-bytes", type=int, default=1_000_000, help="skip files larger than this")
+    p.add_argument("--max-files", type=int, help="stop after this many kept files (quick experiments)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _exts(args: argparse.Namespace) -> tuple[str, ...]:
+    from .data import CODE_EXTENSIONS
+
+    if not args.ext:
+        return CODE_EXTENSIONS
+    return tuple(e if e.startswith(".") else "." + e for e in (x.lower() for x in args.ext))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from .tokenizer_train import train_tokenizer
+
+    info = train_tokenizer(args.src, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                           max_files=args.max_files, max_file_bytes=args.max_file_bytes, extensions=_exts(args),
+                           overwrite=args.overwrite)
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from .data import build_pretrain
+
+    m = build_pretrain(args.src, args.tokenizer, args.out, val_fraction=args.val_fraction, extensions=_exts(args),
+                       max_file_bytes=args.max_file_bytes, max_files=args.max_files, shard_tokens=args.shard_tokens,
+                       overwrite=args.overwrite, progress=not args.quiet)
+    summary = {s: {k: v for k, v in m["splits"][s].items() if k != "shards"} for s in m["splits"]}
+    print(json.dumps({"out": str(args.out), "splits": summary, "skipped": m["skipped"]}))
+    return 0
+
+
+def cmd_data_sft(args: argparse.Namespace) -> int:
+    from .data import build_sft
+
+    m = build_sft(args.src, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
+                  progress=not args.quiet)
+    print(json.dumps({"out": str(args.out), "splits": {s: {"samples": v["samples"], "tokens": v["tokens"]}
+                                                       for s, v in m["splits"].items()}}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_toml, make_config
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    toml_values = load_toml(args.config) if getattr(args, "config", None) else {}
+    cfg = make_config(toml_values, flags)
+    from .trainer import train
+
+    final = train(cfg)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"final": str(final)}))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_runs
+
+    out = plot_runs(args.runs, args.out, args.labels)
+    print(json.dumps({"out": str(out)}))
+    return 0

@@ -1,0 +1,511 @@
+"""The training loop: AR pretraining, block-diffusion CPT and SFT; resumable; data parallel.
+
+Determinism is by construction: the rows of step s and the noise of each micro-batch are
+pure functions of (seed, s, micro-batch), computed for the whole global batch on every rank
+(each rank then takes its rows). A checkpoint therefore needs the model, optimizer, LR
+schedule and the step; RNG states are saved and restored as well, for anything else that
+might draw from them. Resumed and uninterrupted runs write identical metrics on CPU, and
+one process or N processes see the same global batches.
+
+Run directory:
+    run.json             resolved settings
+    metrics.jsonl        one object per optimizer step
+    checkpoints/step-NNNNNNNN/{model/ (HF layout), trainer.pt, state.json}   (atomic, last N kept)
+    final/               HF-layout checkpoint (diffcoder.load, transformers.LlamaForCausalLM)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .batches import PretrainStream, SFTStream
+from .config import TrainConfig
+from .data import PretrainSplit, SFTSplit, read_manifest, tokenizer_fingerprint
+from .noise import in_warmup, noise_generator, sample_block_noise, u_max_at
+from .objectives import LossModule, eligible_positions
+
+CKPT_DIR = "checkpoints"
+# Fields of a metrics record that depend on wall-clock time (excluded when comparing runs).
+TIMING_FIELDS = ("tokens_per_s", "step_time_s", "elapsed_s")
+# Llama config fields accepted in a --model-config JSON besides ModelConfig's own.
+HF_IGNORED_FIELDS = {"hidden_act", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp",
+                     "transformers_version", "rope_parameters", "torch_dtype", "dtype"}
+
+
+# ------------------------------------------------------------------ setup
+class DistInfo:
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_device(cfg: TrainConfig, d: DistInfo) -> torch.device:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine (use cpu or auto)")
+    device = torch.device(name)
+    if device.type == "cuda" and d.world > 1:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if d.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # processes share the cores: do not oversubscribe them
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls run natively (AMX / AVX512-BF16) on this CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def check_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror}); choose a writable directory") from None
+    has_ckpt = any((out / CKPT_DIR).glob("step-*")) if (out / CKPT_DIR).exists() else False
+    if not cfg.resume and (has_ckpt or (out / "final").exists()):
+        raise ValueError(f"--out {out}: already holds a run (checkpoints or final/); pass --resume to continue it "
+                         "or choose a new --out")
+    return out
+
+
+def build_model(cfg: TrainConfig, data_tok_info: dict[str, Any]) -> tuple[Any, Any]:
+    """(model in float32 on CPU, tokenizer), checked against the data's tokenizer."""
+    import diffcoder
+    from diffcoder.config import PRESETS, ModelConfig
+    from diffcoder.model import DiffCoderLM
+
+    from .data import load_tokenizer
+
+    if cfg.init:
+        model = diffcoder.load(cfg.init, dtype=torch.float32)
+        tok = model.tokenizer
+        if cfg.tokenizer:
+            given = load_tokenizer(cfg.tokenizer)
+            if tok is not None and tokenizer_fingerprint(given) != tokenizer_fingerprint(tok):
+                raise ValueError(f"--tokenizer {cfg.tokenizer} differs from the tokenizer saved in --init {cfg.init}")
+            tok = given
+        if tok is None:
+            raise ValueError(f"--init {cfg.init}: the checkpoint has no tokenizer; pass --tokenizer TOKDIR")
+        src = f"--init {cfg.init}"
+    else:
+        if not cfg.tokenizer:
+            raise ValueError("--model-config needs --tokenizer TOKDIR (the vocabulary size and special ids "
+                             "come from it)")
+        tok = load_tokenizer(cfg.tokenizer)
+        fields = model_config_fields(cfg.model_config)
+        fields.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                      pad_token_id=tok.pad_id, mask_token_id=tok.mask_id)
+        fields["max_position_embeddings"] = max(int(fields.get("max_position_embeddings", 0)), cfg.seq_len)
+        model = DiffCoderLM(ModelConfig(**fields)).init_weights(cfg.seed)
+        model.mask_id = tok.mask_id
+        src = f"--tokenizer {cfg.tokenizer}"
+    model.tokenizer = tok
+    fp = tokenizer_fingerprint(tok)
+    if data_tok_info["fingerprint"] != fp:
+        raise ValueError(f"tokenizer mismatch: --data {cfg.data} was tokenized with tokenizer {data_tok_info['fingerprint']} "
+                         f"({data_tok_info['vocab_size']} tokens) but {src} has {fp} ({tok.vocab_size} tokens); "
+                         "rebuild the data with this tokenizer")
+    if data_tok_info["vocab_size"] > model.config.vocab_size:
+        raise ValueError(f"vocab mismatch: the data uses {data_tok_info['vocab_size']} token ids but the model's "
+                         f"vocab_size is {model.config.vocab_size}")
+    if cfg.diffusion and model.mask_id is None:
+        raise ValueError(f"{src}: no mask token id; block diffusion needs <[MASK_TOKEN]>")
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+    return model, tok
+
+
+def model_config_fields(spec: str) -> dict[str, Any]:
+    """Preset name or JSON file of Llama fields -> ModelConfig keyword arguments."""
+    from diffcoder.config import PRESETS, ModelConfig
+
+    if spec in PRESETS:
+        return dict(PRESETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--model-config {spec!r}: not a preset ({', '.join(PRESETS)}) and not a JSON file")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model-config {path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--model-config {path}: expected a JSON object of Llama config fields")
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    unknown = sorted(set(raw) - known - HF_IGNORED_FIELDS - {"architectures", "model_type"})
+    if unknown:
+        raise ValueError(f"--model-config {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = ModelConfig.from_dict({"vocab_size": 0, **raw}, source=str(path))  # validates heads etc.
+    fields = {k: getattr(cfg, k) for k in raw if k in known and k not in ("vocab_size",)}
+    fields["rope_theta"] = cfg.rope_theta
+    return fields
+
+
+def lr_lambda(cfg: TrainConfig):  # noqa: ANN201 (a closure for LambdaLR)
+    """Factor of --lr at optimizer step s (0-based): linear warmup, then cosine / WSD / constant."""
+    warm, total, floor = cfg.lr_warmup_steps, cfg.steps, cfg.min_lr / cfg.lr
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        if cfg.lr_schedule == "cosine":
+            p = min(1.0, (s - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+        decay = int(round(cfg.wsd_decay_frac * total))  # wsd: stable, then linear decay over the last part
+        start = total - decay
+        if s < start or decay == 0:
+            return 1.0
+        return 1.0 - (1 - floor) * min(1.0, (s - start + 1) / decay)
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+# ------------------------------------------------------------ checkpoints
+def generation_config(cfg: TrainConfig) -> dict[str, Any]:
+    """What decoding should default to for what this run trained."""
+    if cfg.diffusion:
+        return {"block_length": cfg.block_size, "shift": cfg.shift}
+    return {"block_length": 1, "shift": True}  # an AR model decodes as block size 1 with shift
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(p for p in (out / CKPT_DIR).glob("step-*") if (p / "trainer.pt").exists())
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out: Path, model: Any, tok: Any, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any],
+                    cfg: TrainConfig) -> Path:
+    import diffcoder
+
+    root = out / CKPT_DIR
+    root.mkdir(exist_ok=True)
+    name = f"step-{state['step']:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+    try:
+        diffcoder.save(model, tmp / "model", tokenizer=tok, generation_config=generation_config(cfg))
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state},
+                   tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(p for p in root.glob("step-*"))[:-cfg.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    import diffcoder
+
+    saved = diffcoder.load(path / "model", dtype=torch.float32)
+    with torch.no_grad():
+        model.load_state_dict(saved.state_dict())
+    blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    rng = blob["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return {k: blob[k] for k in ("step", "rows", "tokens")}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (a killed run may have logged past its checkpoint)."""
+    from diffcoder.tokenizer import atomic_write_text
+
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+# ------------------------------------------------------------------ loop
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.d = DistInfo()
+        cfg.validate(self.d.world)
+        self.out = check_out_dir(cfg) if self.d.main else Path(cfg.out)
+        self.device = setup_device(cfg, self.d)
+        self.bf16 = use_bf16(cfg, self.device)
+        self._load_data()
+        self.model, self.tok = build_model(cfg, self.manifest["tokenizer"])
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
+        self.model.to(self.device).train()
+        self.loss_mod = LossModule(self.model, cfg.objective, self.model.mask_id, cfg.block_size, cfg.shift)
+        self.opt = make_optimizer(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.state = {"step": 0, "rows": 0, "tokens": 0}
+        self.wrapped: torch.nn.Module = self.loss_mod
+        if self.d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DDP(self.loss_mod, device_ids=ids)
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        self.manifest = read_manifest(cfg.data)
+        kind = self.manifest["kind"]
+        if cfg.objective == "sft" and kind != "sft":
+            raise ValueError(f"--objective sft needs chat data from `diffcoder data sft`; {cfg.data} is {kind} data")
+        if cfg.objective == "block_diffusion" and kind != "pretrain":
+            raise ValueError(f"--objective block_diffusion trains on pretraining data; {cfg.data} is {kind} data "
+                             "(use --objective sft)")
+        tok_info = self.manifest["tokenizer"]
+        self.train_stream = self._stream("train", shuffle=True)
+        self.val_stream = self._stream("validation", shuffle=False) if cfg.eval_every else None
+        self.eos_id, self.pad_id = tok_info["eos_id"], tok_info["pad_id"]
+
+    def _stream(self, split: str, shuffle: bool) -> Any:
+        cfg, tok = self.cfg, self.manifest["tokenizer"]
+        if self.manifest["kind"] == "sft":
+            data = SFTSplit(cfg.data, split, self.manifest)
+            if len(data) == 0:
+                raise ValueError(f"--data {cfg.data}: the {split} split is empty" +
+                                 (" (set --eval-every 0 or rebuild with --val-fraction > 0)" if split != "train" else ""))
+            pad = tok["pad_id"] if tok["pad_id"] is not None else tok["eos_id"]
+            return SFTStream(data, cfg.seq_len, cfg.seed, tok["eos_id"], pad, cfg.sft_min_eos, cfg.sft_max_eos, shuffle)
+        data = PretrainSplit(cfg.data, split, self.manifest)
+        if data.tokens == 0:
+            raise ValueError(f"--data {cfg.data}: the {split} split is empty" +
+                             (" (set --eval-every 0 or rebuild with --val-fraction > 0)" if split != "train" else ""))
+        return PretrainStream(data, cfg.seq_len, cfg.seed, shuffle)
+
+    # -------------------------------------------------------------- batches
+    def _global_micro(self, stream: Any, start: int, count: int, step: int, micro: int, u_max: float,
+                      weighted: bool, stream_id: int = 0) -> dict[str, Any]:
+        """The whole global micro-batch (tokens, eligibility, noise): identical on every rank."""
+        cfg = self.cfg
+        toks, lmask = stream.rows(start, count)
+        tokens = torch.from_numpy(toks)
+        loss_mask = torch.from_numpy(lmask) if lmask is not None else None
+        drop_first = cfg.objective == "ar" or cfg.shift
+        elig = eligible_positions(tuple(tokens.shape), loss_mask, drop_first)
+        batch = {"tokens": tokens, "eligible": elig}
+        if cfg.diffusion:
+            gen = noise_generator(cfg.seed, step, micro, stream_id)
+            nz = sample_block_noise(tuple(tokens.shape), cfg.block_size, u_max, gen, clip=not cfg.no_clip,
+                                    weighted=weighted, force_mask=not cfg.no_force_mask, eligible=elig)
+            batch.update(noise_mask=nz.mask, weight=nz.weight, noise=nz)
+        return batch
+
+    def _local(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        n = batch["tokens"].shape[0] // self.d.world
+        sl = slice(self.d.rank * n, (self.d.rank + 1) * n)
+        keys = ("tokens", "eligible", "noise_mask", "weight")
+        return {k: batch[k][sl].to(self.device) for k in keys if k in batch}
+
+    def _autocast(self) -> Any:
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ----------------------------------------------------------------- step
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        micro_rows = cfg.batch_size // cfg.grad_accum
+        u_max = u_max_at(step, cfg.corruption_warmup_steps, cfg.u_init, not cfg.no_warmup)
+        warm = in_warmup(step, cfg.corruption_warmup_steps, not cfg.no_warmup)
+        weighted = cfg.diffusion and not warm and not cfg.no_loss_weight
+        batches = [self._global_micro(self.train_stream, self.state["rows"] + m * micro_rows, micro_rows, step, m,
+                                      u_max, weighted) for m in range(cfg.grad_accum)]
+        n_tokens = int(sum(b["eligible"].sum() for b in batches))  # the normaliser: eligible tokens, global
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        for m, batch in enumerate(batches):
+            local = self._local(batch)
+            sync = m == len(batches) - 1 or self.d.world == 1
+            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
+            with ctx:
+                with self._autocast():
+                    part = self.wrapped(**local)
+                (part * (self.d.world / max(1, n_tokens))).backward()
+            loss_sum += part.detach().float()
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.d.world > 1:
+            dist.all_reduce(loss_sum)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step_tokens = cfg.batch_size * cfg.seq_len
+        self.state["rows"] += cfg.batch_size
+        self.state["tokens"] += step_tokens
+        self.state["step"] = step + 1
+        rec = {"step": step + 1, "loss": float(loss_sum) / max(1, n_tokens), "grad_norm": float(grad_norm),
+               "lr": lr, "tokens": self.state["tokens"], "tokens_per_s": step_tokens / dt, "step_time_s": dt}
+        if cfg.diffusion:
+            rec.update(self._noise_stats(batches, u_max, weighted))
+        return rec
+
+    @staticmethod
+    def _noise_stats(batches: list[dict[str, Any]], u_max: float, weighted: bool) -> dict[str, Any]:
+        masked = sum(int(b["noise_mask"].sum()) for b in batches)
+        elig = sum(int(b["eligible"].sum()) for b in batches)
+        blocks = sum(int(b["noise"].eligible_blocks.sum()) for b in batches)
+        raw_zero = sum(int(b["noise"].zero_before_fallback.sum()) for b in batches)
+        # Blocks that carry no loss in the corruption actually used (0 whenever the fallback is on).
+        empty = 0
+        for b in batches:
+            nz = b["noise"]
+            per_block = b["noise_mask"].reshape(nz.u_blk.shape[0], nz.u_blk.shape[1], -1).any(-1)
+            empty += int((nz.eligible_blocks & ~per_block).sum())
+        return {"u_max": u_max, "weighted": weighted, "mask_rate": masked / max(1, elig),
+                "zero_mask_block_frac": empty / max(1, blocks), "raw_zero_block_frac": raw_zero / max(1, blocks)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over a fixed set of held-out rows and fixed noise (u_max = 1)."""
+        cfg = self.cfg
+        self.loss_mod.eval()
+        micro = cfg.batch_size // cfg.grad_accum
+        total, n = 0.0, 0
+        weighted = cfg.diffusion and not cfg.no_loss_weight
+        for i in range(cfg.eval_batches):
+            batch = self._global_micro(self.val_stream, i * micro, micro, 0, i, 1.0, weighted, stream_id=1)
+            local = {k: v.to(self.device) for k, v in batch.items() if k in ("tokens", "eligible", "noise_mask", "weight")}
+            with self._autocast():
+                total += float(self.loss_mod(**local))
+            n += int(batch["eligible"].sum())
+        self.loss_mod.train()
+        return total / max(1, n)
+
+    def run(self) -> Path:
+        cfg, out = self.cfg, self.out
+        metrics = out / "metrics.jsonl"
+        if cfg.resume and (ck := latest_checkpoint(out)) is not None:
+            self.state = load_checkpoint(ck, self.model, self.opt, self.sched)
+        if self.d.main:
+            truncate_metrics(metrics, self.state["step"]) if cfg.resume else metrics.unlink(missing_ok=True)
+            from diffcoder.tokenizer import atomic_write_text
+
+            atomic_write_text(out / "run.json", json.dumps({**dataclasses.asdict(cfg), "world_size": self.d.world,
+                                                            "device": str(self.device), "bf16": self.bf16}, indent=2) + "\n")
+        self._barrier()
+        kill_at = int(os.environ.get("DIFFCODER_TRAIN_KILL_AFTER_STEP", "0"))  # fault injection for tests
+        with self._progress() as bar, open(metrics, "a") if self.d.main else nullcontext() as fh:
+            task = bar.add_task("train", total=cfg.steps, completed=self.state["step"], info="")
+            for step in range(self.state["step"], cfg.steps):
+                rec = self.train_step(step)
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(f"loss became {rec['loss']} at step {step + 1}; lower --lr or check data")
+                done = step + 1
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    rec["val_loss"] = self.evaluate()
+                if self.d.main:
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                bar.update(task, completed=done, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:.0f} tok/s")
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    self._save()
+                if kill_at and done == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        final = out / "final"
+        if self.d.main:
+            import diffcoder
+
+            diffcoder.save(self.model, final, tokenizer=self.tok, dtype=cfg.save_dtype,
+                           generation_config=generation_config(cfg))
+        self._barrier()
+        return final
+
+    def _save(self) -> None:
+        if self.d.main:
+            save_checkpoint(self.out, self.model, self.tok, self.opt, self.sched, dict(self.state), self.cfg)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.d.world > 1:
+            dist.barrier()
+
+    def _progress(self) -> Any:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), disable=self.cfg.quiet or not self.d.main)
+
+    def close(self) -> None:
+        if self.d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training end to end; returns RUNDIR/final."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
