@@ -314,3 +314,16 @@ def test_cli_serve_starts_and_rejects_bad_flags(tiny_model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_bench_reports_every_request(tiny_model_dir, capsys):
+    from diffcoder.cli import main
+
+    code = main(["serve-bench", "--model", str(tiny_model_dir), "--clients", "4", "--max-tokens", "8",
+                 "--max-batch", "1", "4", "--json"])
+    assert code == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert [r["max_batch"] for r in runs] == [1, 4]
+    for r in runs:
+        assert r["clients"] == 4 and 0 < r["tokens"] <= 4 * 8 and r["tokens_per_s"] > 0
+    assert runs[0]["batches"] == 4 and runs[0]["mean_batch_rows"] == 1.0

@@ -45,6 +45,8 @@ class ServeConfig:
             raise ValueError(f"--request-timeout must be positive seconds (got {self.request_timeout})")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes must be at least 1024 (got {self.max_body_bytes})")
+        if not 0 <= self.batch_window_s <= 10:
+            raise ValueError(f"--batch-window-ms must be within 0..10000 (got {self.batch_window_s * 1000:g})")
 
 
 def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None) -> FastAPI:

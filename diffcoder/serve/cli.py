@@ -29,12 +29,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DIFFCODER_API_KEY, else no key)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body in bytes; larger bodies get 413 (default 1 MiB)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long the engine waits after the first waiting request for others to batch "
+                        "with it, in ms (default 10; 0 = start at once)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run_serve)
+
+    from diffcoder.serve import bench  # stdlib-only at import time: --help stays fast
+
+    bench.register(subparsers)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -52,6 +59,7 @@ def run_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
+        batch_window_s=args.batch_window_ms / 1000,
     )
     model_dir = args.model or str(diffcoder.default_model_dir())
     if not os.path.isdir(model_dir):

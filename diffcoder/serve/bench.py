@@ -1,0 +1,134 @@
+"""`diffcoder serve-bench`: concurrent streaming clients against a real server, measured.
+
+Starts the server in-process on a loopback port (or targets `--url`), fires `--clients`
+streaming completions at once, and prints throughput, latency percentiles, time to first
+chunk and batch sizes (from /metrics). With several `--max-batch` values it runs each, so the
+effect of batching is visible on the same machine. Every figure docs/serving.md quotes comes
+from this command.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Sample:
+    latency: float
+    first_chunk: float
+    tokens: int
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve-bench",
+        help="measure the server under concurrent streaming clients (throughput, latency, batch sizes)",
+        description="Start the server on a loopback port (or use --url) and measure N concurrent streaming clients.",
+    )
+    p.add_argument("--model", default=None, help="model directory (default: diffcoder.default_model_dir())")
+    p.add_argument("--url", default=None, help="measure an already running server at this base URL instead")
+    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request (default 32)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per request (default: max_tokens)")
+    p.add_argument("--max-batch", type=int, nargs="+", default=[1, 8],
+                   help="server --max-batch values to compare (in-process server only; default: 1 8)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="server batch window in ms (in-process server only; default 10)")
+    p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.clients < 1 or args.max_tokens < 1:
+        raise ValueError("--clients and --max-tokens must be at least 1")
+    results = []
+    if args.url:
+        results.append(asyncio.run(_measure(args.url.rstrip("/"), args)) | {"max_batch": None})
+    else:
+        import diffcoder
+        from diffcoder.serve.app import ServeConfig, create_app
+        from diffcoder.serve.background import BackgroundServer
+
+        model = diffcoder.load(args.model or diffcoder.default_model_dir(), device=args.device)
+        for max_batch in args.max_batch:
+            config = ServeConfig(max_batch=max_batch, max_queue=max(64, args.clients),
+                                 batch_window_s=args.batch_window_ms / 1000)
+            with BackgroundServer(create_app(model, model_name="bench", config=config)) as srv:
+                results.append(asyncio.run(_measure(srv.url, args)) | {"max_batch": max_batch})
+    _report(results, args)
+    return 0
+
+
+async def _measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    body = {"prompt": "", "max_tokens": args.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    if args.steps:
+        body["steps"] = args.steps
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        before = await _batches(client)
+        t0 = time.perf_counter()
+        samples = await asyncio.gather(*[
+            _one(client, {**body, "prompt": f"def task_{i}(items):\n    "}) for i in range(args.clients)
+        ])
+        wall = time.perf_counter() - t0
+        after = await _batches(client)
+    tokens = sum(s.tokens for s in samples)
+    lat = sorted(s.latency for s in samples)
+    count, rows = after[0] - before[0], after[1] - before[1]
+    return {
+        "clients": args.clients, "max_tokens": args.max_tokens, "wall_s": wall, "tokens": tokens,
+        "tokens_per_s": tokens / wall, "latency_p50_s": statistics.median(lat),
+        "latency_p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+        "first_chunk_p50_s": statistics.median(s.first_chunk for s in samples),
+        "batches": int(count), "mean_batch_rows": rows / count if count else 0.0,
+    }
+
+
+async def _one(client: Any, body: dict[str, Any]) -> Sample:
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"server answered {resp.status_code}: {(await resp.aread()).decode()[:200]}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            first = first if first is not None else time.perf_counter() - t0
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return Sample(time.perf_counter() - t0, first or 0.0, tokens)
+
+
+async def _batches(client: Any) -> tuple[float, float]:
+    text = (await client.get("/metrics")).text
+    count = re.search(r"^diffcoder_batch_size_count (\S+)$", text, re.M)
+    total = re.search(r"^diffcoder_batch_size_sum (\S+)$", text, re.M)
+    return (float(count.group(1)) if count else 0.0, float(total.group(1)) if total else 0.0)
+
+
+def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    where = args.url or f"in-process server, device {args.device}"
+    table = Table(title=f"{args.clients} concurrent streaming clients, max_tokens {args.max_tokens} ({where})")
+    for col in ("max_batch", "wall s", "tokens/s", "p50 latency s", "p95 latency s", "p50 first chunk s",
+                "batches", "mean rows/batch"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(str(r["max_batch"] or "-"), f"{r['wall_s']:.2f}", f"{r['tokens_per_s']:.1f}",
+                      f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}", f"{r['first_chunk_p50_s']:.2f}",
+                      str(r["batches"]), f"{r['mean_batch_rows']:.1f}")
+    Console(width=140).print(table)
