@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "diffcoder.serve.cli",  # serve
     "diffcoder.convert.cli",  # convert gguf
     "diffcoder.train.cli",  # tokenizer train, data build/sft, train, plot
+    "diffcoder.eval.cli",  # eval
 ]
 
 

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 STATUSES = ("passed", "failed", "timeout", "error", "oom")
@@ -40,7 +40,7 @@ class Limits:
     """Per-program limits. `cpu_s` defaults to the wall timeout rounded up plus one."""
 
     timeout_s: float = 10.0
-    memory_mb: int = 2048
+    memory_mb: int = 4096
     max_procs: int = 32
     max_file_mb: int = 16
     max_output_bytes: int = 1 << 20
@@ -240,10 +240,13 @@ class Sandbox:
         return cmd
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, job: dict) -> ExecResult:
+    def run(self, job: dict, timeout_factor: float = 1.0) -> ExecResult:
         """Run one job (see _runner.py); never raises for anything the program does."""
-        job = dict(job, limits=self.limits.rlimits(), isolation=self.tier,
-                   tmpfs_mb=self.limits.tmpfs_mb)
+        limits = self.limits
+        if timeout_factor != 1.0:  # slow reference solutions (MBPP+) get proportionally longer
+            seconds = limits.timeout_s * timeout_factor
+            limits = replace(limits, timeout_s=seconds, cpu_s=int(seconds) + 1)
+        job = dict(job, limits=limits.rlimits(), isolation=self.tier, tmpfs_mb=limits.tmpfs_mb)
         nonce = secrets.token_hex(16).encode()
         nonce_r, nonce_w = os.pipe()
         result_r, result_w = os.pipe()
@@ -266,12 +269,12 @@ class Sandbox:
         payload = _json_bytes(job)
         feeder = threading.Thread(target=_feed, args=(proc.stdin, payload), daemon=True)
         feeder.start()
-        outcome = self._collect(proc, result_r, start)
+        outcome = self._collect(proc, result_r, start, limits)
         feeder.join(timeout=1)
         duration = time.monotonic() - start
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-        return self._verdict(outcome, nonce, proc.returncode, duration)
+        return self._verdict(outcome, nonce, proc.returncode, duration, limits)
 
     def _kill(self, proc: subprocess.Popen) -> None:
         try:
@@ -281,9 +284,9 @@ class Sandbox:
         if self._cgroup is not None:
             self._cgroup.kill_all()
 
-    def _collect(self, proc: subprocess.Popen, result_r: int, start: float) -> dict:
+    def _collect(self, proc: subprocess.Popen, result_r: int, start: float, limits: Limits) -> dict:
         """Drain stdout/stderr/result with caps until exit or timeout."""
-        cap = self.limits.max_output_bytes
+        cap = limits.max_output_bytes
         bufs = {"stdout": bytearray(), "stderr": bytearray(), "result": bytearray()}
         totals = {"stdout": 0, "stderr": 0, "result": 0}
         sel = selectors.DefaultSelector()
@@ -291,7 +294,7 @@ class Sandbox:
         sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
         result_file = os.fdopen(result_r, "rb", buffering=0)
         sel.register(result_file, selectors.EVENT_READ, "result")
-        deadline = start + self.limits.timeout_s
+        deadline = start + limits.timeout_s
         timed_out = flooded = False
         exited_at = None
         while sel.get_map():
@@ -331,16 +334,16 @@ class Sandbox:
         return {"timed_out": timed_out, "flooded": flooded,
                 **{k: bytes(v).decode("utf-8", "replace") for k, v in bufs.items()}}
 
-    def _verdict(self, out: dict, nonce: bytes, rc: int, duration: float) -> ExecResult:
+    def _verdict(self, out: dict, nonce: bytes, rc: int, duration: float, limits: Limits) -> ExecResult:
         tails = {"stdout_tail": out["stdout"][-1000:], "stderr_tail": out["stderr"][-1000:]}
 
         def res(status: str, reason: str) -> ExecResult:
             return ExecResult(status, reason, round(duration, 3), **tails)
 
         if out["timed_out"]:
-            return res("timeout", f"wall-clock limit of {self.limits.timeout_s:g}s exceeded")
+            return res("timeout", f"wall-clock limit of {limits.timeout_s:g}s exceeded")
         if out["flooded"]:
-            return res("error", f"output limit of {self.limits.max_output_bytes} bytes exceeded")
+            return res("error", f"output limit of {limits.max_output_bytes} bytes exceeded")
         line = out["result"].split("\n", 1)[0].strip()
         status, _, reason = line.partition(" ")
         if status == "PASS":

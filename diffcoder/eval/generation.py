@@ -1,0 +1,100 @@
+"""The `--model` path: prompts -> block-diffusion decoder -> OUTDIR/samples.jsonl (resumable)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .benchmarks import Problem
+from .prompts import base_prompt, base_sample, instruct_messages, instruct_sample
+
+
+@dataclass
+class GenSpec:
+    """Decoder settings (the flags of `diffcoder generate`) plus batching and prompt style."""
+
+    steps: int | None = None
+    gen_length: int = 512
+    block_length: int = 4
+    threshold: float | None = None
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    shift: bool = False
+    batch_size: int = 8
+    n_samples: int = 1
+    seed: int = 0
+    prompt_style: str = "auto"
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        return {"steps": self.steps or self.gen_length, "gen_length": self.gen_length,
+                "block_length": self.block_length, "threshold": self.threshold,
+                "temperature": self.temperature, "remasking": self.remasking, "shift": self.shift}
+
+
+def resolve_style(style: str, tokenizer: Any) -> str:
+    if style not in ("auto", "base", "instruct"):
+        raise ValueError(f"--prompt-style must be auto, base or instruct, not {style!r}")
+    if style == "auto":
+        return "instruct" if tokenizer.has_chat_template else "base"
+    if style == "instruct" and not tokenizer.has_chat_template:
+        raise ValueError("--prompt-style instruct needs a tokenizer with a chat template; use --prompt-style base")
+    return style
+
+
+def _prompt_ids(problem: Problem, style: str, tok: Any) -> list[int]:
+    if problem.kind == "infill":
+        return tok.fim_prompt(problem.prompt, problem.suffix)
+    if style == "instruct":
+        return tok.apply_chat_template(instruct_messages(problem), add_generation_prompt=True)
+    ids = tok.encode(base_prompt(problem))
+    return ([tok.bos_id] if tok.bos_id is not None else []) + ids
+
+
+def _to_sample(problem: Problem, style: str, text: str) -> dict:
+    if problem.kind == "infill":
+        return {"task_id": problem.task_id, "completion": text}
+    return instruct_sample(problem, text) if style == "instruct" else base_sample(problem, text)
+
+
+def generate_samples(model: Any, problems: list[Problem], path: Path, spec: GenSpec,
+                     on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[dict]]:
+    """Append missing samples (n_samples per problem) to `path`; return all samples per task.
+
+    Each batch is appended and flushed as soon as it is decoded, so an interrupted run keeps
+    what it made and a re-run generates only what is missing.
+    """
+    import diffcoder
+
+    from .harness import group_samples, read_jsonl
+
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the checkpoint has no tokenizer (tokenizer.json); evaluation needs one")
+    style = resolve_style(spec.prompt_style, tok)
+    if any(p.kind == "infill" for p in problems) and not tok.has_fim:
+        raise ValueError("this tokenizer has no FIM tokens: infilling benchmarks need a FIM-trained model")
+    have = group_samples(read_jsonl(path, what="samples file"), problems, str(path))
+    counts = Counter({tid: len(v) for tid, v in have.items()})
+    todo = [p for p in problems for _ in range(max(0, spec.n_samples - counts[p.task_id]))]
+    total = len(problems) * spec.n_samples
+    done = total - len(todo)
+    if on_progress:
+        on_progress(done, total)
+    kwargs = spec.decoder_kwargs()
+    for start in range(0, len(todo), spec.batch_size):
+        batch = todo[start:start + spec.batch_size]
+        prompts = [_prompt_ids(p, style, tok) for p in batch]
+        result = diffcoder.generate(model, prompts, eos_id=tok.eos_id, seed=spec.seed + start, **kwargs)
+        records = []
+        for problem, ids in zip(batch, result.tokens):
+            text = tok.decode([t for t in ids if t != tok.eos_id])
+            records.append(_to_sample(problem, style, text))
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+        done += len(batch)
+        if on_progress:
+            on_progress(done, total)
+    return group_samples(read_jsonl(path, what="samples file"), problems, str(path))
