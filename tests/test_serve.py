@@ -320,10 +320,11 @@ def test_serve_bench_reports_every_request(tiny_model_dir, capsys):
     from diffcoder.cli import main
 
     code = main(["serve-bench", "--model", str(tiny_model_dir), "--clients", "4", "--max-tokens", "8",
-                 "--max-batch", "1", "4", "--json"])
+                 "--max-batch", "1", "4", "--verify", "--json"])
     assert code == 0
     runs = json.loads(capsys.readouterr().out)
     assert [r["max_batch"] for r in runs] == [1, 4]
     for r in runs:
         assert r["clients"] == 4 and 0 < r["tokens"] <= 4 * 8 and r["tokens_per_s"] > 0
     assert runs[0]["batches"] == 4 and runs[0]["mean_batch_rows"] == 1.0
+    assert [r["differ_from_alone"] for r in runs] == [0, 0]

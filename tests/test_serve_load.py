@@ -77,7 +77,11 @@ def test_32_concurrent_streams_all_finish_and_match_single_runs(model):
     app = create_app(model, model_name="tiny", config=ServeConfig(max_batch=8, max_queue=64))
     with BackgroundServer(app) as srv:
         results, latencies = asyncio.run(run_load(srv.url, texts))
-        metrics = httpx.get(srv.url + "/metrics").text
+        for _ in range(100):  # the last batch is recorded just after its last client finishes
+            metrics = httpx.get(srv.url + "/metrics").text
+            if re.search(rf"^diffcoder_batch_size_sum {CLIENTS}\.0$", metrics, re.M):
+                break
+            time.sleep(0.05)
     assert len(results) == CLIENTS
     for i, ((text, chunks), want) in enumerate(zip(results, expected)):
         assert chunks >= 1, f"client {i} got no chunk"

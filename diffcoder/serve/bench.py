@@ -23,6 +23,7 @@ class Sample:
     latency: float
     first_chunk: float
     tokens: int
+    text: str
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="server batch window in ms (in-process server only; default 10)")
     p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
+    p.add_argument("--verify", action="store_true",
+                   help="also decode every prompt alone with the engine and count outputs that differ "
+                        "from the served (batched) ones (in-process server only)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=run_bench)
 
@@ -61,7 +65,10 @@ def run_bench(args: argparse.Namespace) -> int:
             config = ServeConfig(max_batch=max_batch, max_queue=max(64, args.clients),
                                  batch_window_s=args.batch_window_ms / 1000)
             with BackgroundServer(create_app(model, model_name="bench", config=config)) as srv:
-                results.append(asyncio.run(_measure(srv.url, args)) | {"max_batch": max_batch})
+                result = asyncio.run(_measure(srv.url, args)) | {"max_batch": max_batch}
+            if args.verify:
+                result["differ_from_alone"] = _count_differences(model, result.pop("texts"), args)
+            results.append(result)
     _report(results, args)
     return 0
 
@@ -75,11 +82,15 @@ async def _measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         before = await _batches(client)
         t0 = time.perf_counter()
-        samples = await asyncio.gather(*[
-            _one(client, {**body, "prompt": f"def task_{i}(items):\n    "}) for i in range(args.clients)
-        ])
+        samples = await asyncio.gather(*[_one(client, {**body, "prompt": p}) for p in _prompts(args.clients)])
         wall = time.perf_counter() - t0
         after = await _batches(client)
+        # A client can finish a moment before its batch is recorded: wait (bounded) for it.
+        for _ in range(100):
+            if after[1] - before[1] >= args.clients:
+                break
+            await asyncio.sleep(0.05)
+            after = await _batches(client)
     tokens = sum(s.tokens for s in samples)
     lat = sorted(s.latency for s in samples)
     count, rows = after[0] - before[0], after[1] - before[1]
@@ -89,12 +100,35 @@ async def _measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "latency_p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
         "first_chunk_p50_s": statistics.median(s.first_chunk for s in samples),
         "batches": int(count), "mean_batch_rows": rows / count if count else 0.0,
+        "texts": [s.text for s in samples],
     }
+
+
+def _prompts(n: int) -> list[str]:
+    # Varied lengths, so batches mix block alignments as real traffic does.
+    return [f"def task_{i}(items):\n    " + "# " * (i % 5) for i in range(n)]
+
+
+def _count_differences(model: Any, texts: list[str], args: argparse.Namespace) -> int:
+    """How many served outputs differ from the same prompt decoded alone (greedy)."""
+    import diffcoder
+    from diffcoder.serve.generation import DEFAULT_BLOCK_LENGTH
+
+    tok = model.tokenizer
+    block = int((getattr(model, "generation_defaults", None) or {}).get("block_length", DEFAULT_BLOCK_LENGTH))
+    gen = -(-args.max_tokens // block) * block
+    differ = 0
+    for prompt, served in zip(_prompts(args.clients), texts):
+        ids = diffcoder.generate(model, [tok.encode(prompt)], steps=args.steps or gen, gen_length=gen,
+                                 block_length=block, eos_id=tok.eos_id).tokens[0][: args.max_tokens]
+        alone = tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+        differ += alone != served
+    return differ
 
 
 async def _one(client: Any, body: dict[str, Any]) -> Sample:
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, parts = None, 0, []
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"server answered {resp.status_code}: {(await resp.aread()).decode()[:200]}")
@@ -103,9 +137,10 @@ async def _one(client: Any, body: dict[str, Any]) -> Sample:
                 continue
             first = first if first is not None else time.perf_counter() - t0
             chunk = json.loads(line[6:])
+            parts.extend(c.get("text", "") for c in chunk.get("choices", []))
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return Sample(time.perf_counter() - t0, first or 0.0, tokens)
+    return Sample(time.perf_counter() - t0, first or 0.0, tokens, "".join(parts))
 
 
 async def _batches(client: Any) -> tuple[float, float]:
@@ -116,6 +151,8 @@ async def _batches(client: Any) -> tuple[float, float]:
 
 
 def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    for r in results:
+        r.pop("texts", None)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -125,10 +162,10 @@ def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     where = args.url or f"in-process server, device {args.device}"
     table = Table(title=f"{args.clients} concurrent streaming clients, max_tokens {args.max_tokens} ({where})")
     for col in ("max_batch", "wall s", "tokens/s", "p50 latency s", "p95 latency s", "p50 first chunk s",
-                "batches", "mean rows/batch"):
+                "batches", "mean rows/batch", "differ from alone"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(str(r["max_batch"] or "-"), f"{r['wall_s']:.2f}", f"{r['tokens_per_s']:.1f}",
                       f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}", f"{r['first_chunk_p50_s']:.2f}",
-                      str(r["batches"]), f"{r['mean_batch_rows']:.1f}")
+                      str(r["batches"]), f"{r['mean_batch_rows']:.1f}", str(r.get("differ_from_alone", "-")))
     Console(width=140).print(table)

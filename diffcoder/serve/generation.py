@@ -19,6 +19,7 @@ from diffcoder.serve.scheduler import BatchKey
 DEFAULT_MAX_TOKENS_COMPLETION = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS_CHAT = 256
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+DEFAULT_BLOCK_LENGTH = 4  # Stable-DiffCoder's block size, used when generation_config.json names none
 
 
 @dataclass
@@ -91,7 +92,7 @@ def _stops(req: DecoderOptions) -> list[str]:
 def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max_tokens: int, job_tag: int) -> BatchKey:
     """Decoder settings from the request, falling back to the model's generation defaults."""
     d = info.defaults
-    block = req.block_length or int(d.get("block_length", 4))
+    block = req.block_length or int(d.get("block_length", DEFAULT_BLOCK_LENGTH))
     gen_length = -(-max_tokens // block) * block  # max_tokens rounded up to whole blocks
     n_blocks = gen_length // block
     steps = req.steps if req.steps is not None else gen_length  # one token per forward pass
@@ -162,7 +163,7 @@ def _max_tokens(req: DecoderOptions, default: int, info: ModelInfo, prompts: lis
     asked = req.max_completion_tokens or req.max_tokens
     if asked:
         return asked
-    block = req.block_length or int(info.defaults.get("block_length", 4))
+    block = req.block_length or int(info.defaults.get("block_length", DEFAULT_BLOCK_LENGTH))
     room = (info.context_length - max(len(p) for p in prompts)) // block * block
     return min(default, room) if room >= block else default  # no room: the context check explains
 
