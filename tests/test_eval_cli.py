@@ -1,0 +1,149 @@
+"""`diffcoder eval` end to end: samples files, resume, errors, pass@k, and the --model path."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from diffcoder.cli import main
+from diffcoder.eval.benchmarks import load_benchmark
+from diffcoder.eval.passk import mean_pass_at_k, pass_at_k
+from diffcoder.eval.prompts import extract_code, instruct_sample, truncate, HUMANEVAL_STOPS
+from diffcoder.eval.sandbox import SandboxUnavailable, detect_isolation
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_sandbox() -> None:
+    try:
+        detect_isolation("auto")
+    except SandboxUnavailable as exc:
+        pytest.skip(f"no sandbox here: {exc}")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ pass@k
+@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 0, 10), (20, 19, 10),
+                                   (200, 17, 100), (5, 5, 5)])
+def test_pass_at_k_matches_the_binomial_formula(n: int, c: int, k: int) -> None:
+    exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_counts() -> None:
+    for n, c, k in [(3, 4, 1), (3, 1, 4), (3, 1, 0), (3, -1, 1)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+    assert mean_pass_at_k([(2, 1), (2, 0)], 1) == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------ prompts
+def test_code_extraction_and_truncation() -> None:
+    answer = "Sure!\n```python\ndef f(x):\n    return x\n```\nand\n```\nprint(1)\n```"
+    assert extract_code(answer) == "def f(x):\n    return x"
+    assert extract_code("def g():\n    pass\n") == "def g():\n    pass"
+    assert truncate("    return 1\n\ndef other():\n    pass", HUMANEVAL_STOPS) == "    return 1\n"
+    he = load_benchmark("humaneval", 1)[0]
+    sample = instruct_sample(he, "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```")
+    assert sample["solution"].startswith("from typing import List\n")
+
+
+# ------------------------------------------------------------------ CLI
+def test_samples_file_resume_and_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    problems = load_benchmark("humaneval", 4)
+    rows = []
+    for p in problems:  # sample 0 right, sample 1 wrong, for every problem
+        rows.append({"task_id": p.task_id, "completion": p.canonical})
+        rows.append({"task_id": p.task_id, "completion": "    return None\n"})
+    samples = _write_jsonl(tmp_path / "s.jsonl", rows)
+    out = tmp_path / "out"
+    args = ["eval", "humaneval", "--samples", str(samples), "--out", str(out), "--limit", "4", "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_problems"] == 4 and results["n_samples"] == 2
+    assert results["pass@1"] == pytest.approx(0.5)
+    assert set(results) >= {"benchmark", "n_problems", "n_samples", "pass@1", "decoder", "model"}
+    per = _rows(out / "per_problem.jsonl")
+    assert len(per) == 8 and all({"task_id", "passed", "status", "reason"} <= set(r) for r in per)
+    assert "pass@1" in capsys.readouterr().out
+    # Resume: a torn last line (a crash mid-append) and a re-run execute only what is missing.
+    lines = (out / "per_problem.jsonl").read_text().splitlines()
+    (out / "per_problem.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
+    assert main(args) == 0
+    per2 = _rows(out / "per_problem.jsonl")
+    assert len(per2) == 8 and per2[:5] == per[:5]
+    assert json.loads((out / "results.json").read_text())["pass@1"] == pytest.approx(0.5)
+
+
+def test_evalplus_solution_field_is_accepted(tmp_path: Path) -> None:
+    p = load_benchmark("mbpp", 1)[0]
+    samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": p.task_id, "solution": p.canonical}])
+    assert main(["eval", "mbpp", "--samples", str(samples), "--out", str(tmp_path / "o"), "--limit", "1",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["pass@1"] == 1.0
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"task_id": "HumanEval/0", "completion": "x"}\nnot json\n{"task_id": "HumanEval/1", "completion": ""}\n',
+     "not valid JSON"),
+    ('{"task_id": "NoSuch/1", "completion": "x"}\n', "not in this benchmark"),
+    ('{"task_id": "HumanEval/0"}\n', "neither 'completion' nor 'solution'"),
+    ("", "no samples"),
+])
+def test_bad_samples_files_give_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                content: str, message: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    assert main(["eval", "humaneval", "--samples", str(f), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "o")
+    assert main(["eval", "humaneval", "--out", out]) == 2
+    assert "exactly one of --model" in capsys.readouterr().err
+    assert main(["eval", "humaneval", "--samples", str(tmp_path / "missing.jsonl"), "--out", out]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["eval", "humaneval", "--samples", "canonical", "--out", out, "--workers", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["eval", "nosuchbench", "--samples", "canonical", "--out", out])
+
+
+def test_canonical_keyword_writes_samples(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert main(["eval", "humaneval-infill-single", "--samples", "canonical", "--out", str(out), "--limit", "5",
+                 "--no-progress"]) == 0
+    assert len(_rows(out / "samples.jsonl")) == 5
+    assert json.loads((out / "results.json").read_text())["pass@1"] == 1.0
+
+
+# ------------------------------------------------------------------ --model
+@pytest.mark.parametrize("bench,style", [("humaneval", "base"), ("humaneval", "instruct"), ("mbpp", "auto"),
+                                         ("humaneval-infill-single", "auto")])
+def test_model_path_generates_resumably(tmp_path: Path, tiny_model_dir: Path, bench: str, style: str) -> None:
+    out = tmp_path / "o"
+    args = ["eval", bench, "--model", str(tiny_model_dir), "--out", str(out), "--limit", "2", "--gen-length", "16",
+            "--steps", "8", "--batch-size", "2", "--prompt-style", style, "--device", "cpu", "--dtype", "float32",
+            "--no-progress"]
+    assert main(args) == 0
+    samples = _rows(out / "samples.jsonl")
+    assert [s["task_id"] for s in samples] == [p.task_id for p in load_benchmark(bench, 2)]
+    assert all(("completion" in s) != ("solution" in s) for s in samples)
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_problems"] == 2
+    assert results["decoder"]["gen_length"] == 16 and results["decoder"]["steps"] == 8
+    assert results["model"] == str(tiny_model_dir)
+    # Re-running generates nothing new and executes nothing new.
+    assert main(args) == 0
+    assert _rows(out / "samples.jsonl") == samples
+    assert len(_rows(out / "per_problem.jsonl")) == 2

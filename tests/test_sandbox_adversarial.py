@@ -1,0 +1,224 @@
+"""Hostile completions: each must be reported as a failed problem while the harness carries on.
+
+Runs under every isolation tier that works on this machine (bubblewrap; unshare+seccomp).
+Limits are small (a 3 s timeout, 256 MiB, 16 processes) so the bombs cannot hurt the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from diffcoder.eval.benchmarks import Problem
+from diffcoder.eval.harness import EvalSpec, execute
+from diffcoder.eval.sandbox import Limits, Sandbox, SandboxUnavailable, detect_isolation
+
+PROMPT = "def add(a, b):\n"
+TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+GOOD = "    return a + b\n"
+
+
+def _tier_or_skip(tier: str) -> str:
+    try:
+        return detect_isolation(tier)
+    except SandboxUnavailable as exc:
+        pytest.skip(f"{tier} sandbox unavailable here: {exc}")
+
+
+@pytest.fixture(scope="module", params=["bwrap", "unshare"])
+def tier(request: pytest.FixtureRequest) -> str:
+    return _tier_or_skip(request.param)
+
+
+@pytest.fixture(scope="module")
+def loopback_listener():
+    """A TCP listener on the host's loopback that records every connection it accepts."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    accepted: list = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                accepted.append(conn.recv(100))
+                conn.close()
+            except OSError:
+                continue
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield srv.getsockname()[1], accepted
+    stop.set()
+    t.join(timeout=2)
+    srv.close()
+
+
+def hostile_programs(port: int, canary: Path, outside: Path, victim: Path) -> dict[str, str]:
+    """name -> completion (the body after PROMPT, or whole top-level code after `pass`)."""
+    top = "    pass\n"  # closes the prompt's function; top-level code follows
+    return {
+        "socket_loopback": top + (
+            "import socket\ns = socket.create_connection(('127.0.0.1', %d), timeout=2)\n"
+            "s.sendall(b'escaped')\n" % port) + "def add(a, b):\n    return a + b\n",
+        "write_outside": top + (
+            "import os\nos.makedirs(%r, exist_ok=True)\nopen(%r, 'w').write('escaped')\n"
+            % (str(outside.parent), str(outside))),
+        "read_canary": top + (
+            "data = open(%r).read()\nprint(data)\nraise RuntimeError(data)\n" % str(canary)),
+        "delete_files": top + (
+            "import os, shutil\ntry:\n    os.remove(%r)\nexcept OSError as e:\n    print(e)\n"
+            "shutil.rmtree('/usr', ignore_errors=True)\n" % str(victim)),
+        "fork_bomb": top + (
+            "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"),
+        "memory_bomb": top + "x = [bytearray(1 << 26) for _ in range(10000)]\n",
+        "infinite_loop": top + "while True:\n    pass\n",
+        "sleep_past_timeout": top + "import time\ntime.sleep(60)\n",
+        "stdout_flood": top + "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n",
+        "kill_parent": top + "import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(1)\n",
+        "kill_everything": top + "import os, signal\nos.kill(-1, signal.SIGKILL)\n",
+        "sys_exit_0": top + "import sys\nsys.exit(0)\n",
+        "os_exit_0": top + "import os\nos._exit(0)\n",
+        "redefine_check": "    return 0\ndef check(candidate):\n    pass\n",
+        "always_equal_object": "    class Any:\n        def __eq__(self, other):\n            return True\n"
+                                "    return Any()\n",
+        "patch_builtins_and_modules": "    return 0\nimport builtins, math, sys\n"
+                                      "builtins.AssertionError = type('Fake', (Exception,), {})\n"
+                                      "math.isclose = lambda *a, **k: True\nsys.settrace(None)\n",
+        "exit_from_candidate": "    import os\n    os._exit(0)\n",
+        "atexit_forgery": top + "import atexit, os\natexit.register(lambda: os.write(1, b'PASS'))\n"
+                                "def add(a, b):\n    return 0\n",
+        "forge_pass_marker": top + (
+            "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'PASS 0123456789abcdef\\n')\n"
+            "    except OSError:\n        pass\nos._exit(0)\n"),
+        "background_thread": "    return a + b\nimport threading, time\n"
+                             "threading.Thread(target=lambda: time.sleep(30), daemon=True).start()\n",
+    }
+
+
+def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Path, loopback_listener) -> None:
+    port, accepted = loopback_listener
+    secret = secrets.token_hex(16)
+    canary = tmp_path / "canary.txt"
+    canary.write_text(secret)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    # Outside the sandbox's /tmp and outside /tmp entirely: a path in the repository.
+    outside_dir = Path(__file__).resolve().parent / f".sandbox-escape-{secrets.token_hex(4)}"
+    outside = outside_dir / "escaped.txt"
+    programs = hostile_programs(port, canary, outside, victim)
+    problems, samples = [], {}
+    for name, completion in [("control_before", GOOD), *programs.items(), ("control_after", GOOD)]:
+        problems.append(Problem(name, "humaneval", PROMPT, GOOD, TEST, "add"))
+        samples[name] = [{"task_id": name, "completion": completion}]
+    limits = Limits(timeout_s=3, memory_mb=256, max_procs=16, max_output_bytes=1 << 20)
+    spec = EvalSpec("adversarial", tier, limits, workers=2)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    try:
+        results = execute(problems, samples, out, spec)
+    finally:
+        if outside_dir.exists():
+            import shutil
+            shutil.rmtree(outside_dir)
+            pytest.fail("a sandboxed program created a directory outside the sandbox")
+    elapsed = time.monotonic() - start
+    rows = {r["task_id"]: r for r in map(json.loads, (out / "per_problem.jsonl").read_text().splitlines())}
+
+    assert rows["control_before"]["passed"] and rows["control_after"]["passed"]
+    for name in programs:
+        assert not rows[name]["passed"], (name, rows[name])
+    assert results["n_problems"] == len(programs) + 2
+    assert results["pass@1"] == pytest.approx(2 / (len(programs) + 2))
+    # Containment, checked from outside.
+    assert accepted == [], "a sandboxed program reached a loopback listener on the host"
+    assert not outside.exists()
+    assert victim.read_text() == "keep me"
+    assert Path("/usr/bin").is_dir()
+    assert secret not in (out / "per_problem.jsonl").read_text()
+    assert secret not in (out / "results.json").read_text()
+    # Statuses that say what happened.
+    assert rows["infinite_loop"]["status"] == "timeout"
+    assert rows["sleep_past_timeout"]["status"] == "timeout"
+    assert rows["memory_bomb"]["status"] == "oom"
+    assert rows["stdout_flood"]["status"] == "error"
+    assert rows["fork_bomb"]["status"] in ("timeout", "failed", "error")
+    assert "nonce" in rows["forge_pass_marker"]["reason"] or rows["forge_pass_marker"]["status"] != "passed"
+    assert elapsed < 120
+
+
+def test_canary_not_visible_to_sandbox(tier: str, tmp_path: Path) -> None:
+    """The program cannot even see the canary path (not only: its output is filtered)."""
+    canary = tmp_path / "canary.txt"
+    canary.write_text("secret")
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256, max_procs=16))
+    try:
+        prog = f"import os\ndef f():\n    return os.path.exists({str(canary)!r})\n"
+        res = sb.run({"mode": "script", "program": prog, "test": "assert f() is False\n", "check": None})
+    finally:
+        sb.close()
+    assert res.passed, res
+
+
+def test_fork_bomb_is_capped(tier: str) -> None:
+    """The process limit holds: a bounded fork loop sees fork fail well before 200 children."""
+    sb = Sandbox(tier, Limits(timeout_s=10, memory_mb=256, max_procs=16))
+    prog = ("import os, time\ndef forks():\n    n = 0\n    for _ in range(200):\n        try:\n"
+            "            if os.fork() == 0:\n                time.sleep(5)\n                os._exit(0)\n"
+            "            n += 1\n        except OSError:\n            break\n    return n\n")
+    try:
+        res = sb.run({"mode": "script", "program": prog, "test": "assert forks() < 20\n", "check": None})
+    finally:
+        sb.close()
+    assert res.passed, res
+
+
+def test_no_sandbox_requires_explicit_consent() -> None:
+    with pytest.raises(SandboxUnavailable, match="--unsafe-no-sandbox"):
+        detect_isolation("none")
+    assert detect_isolation("none", allow_unsafe=True) == "none"
+
+
+def test_unsafe_tier_still_enforces_limits(tmp_path: Path) -> None:
+    sb = Sandbox("none", Limits(timeout_s=2, memory_mb=256, max_procs=16))
+    try:
+        loop = sb.run({"mode": "script", "program": "while True: pass\n", "test": "", "check": None})
+        mem = sb.run({"mode": "script", "program": "x = bytearray(1 << 30)\n", "test": "", "check": None})
+        ok = sb.run({"mode": "script", "program": "x = 1\n", "test": "assert x == 1\n", "check": None})
+    finally:
+        sb.close()
+    assert loop.status == "timeout" and mem.status == "oom" and ok.passed
+
+
+def test_runner_has_no_diffcoder_or_site_packages(tier: str) -> None:
+    # -I -S: the program sees only the standard library (no torch, no diffcoder).
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=512))
+    try:
+        res = sb.run({"mode": "script", "program": "import importlib.util as u\n"
+                      "found = [m for m in ('diffcoder', 'torch') if u.find_spec(m)]\n",
+                      "test": "assert found == [], found\n", "check": None})
+    finally:
+        sb.close()
+    assert res.passed, res
+
+
+def test_environment_is_scrubbed(tier: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFFCODER_TEST_SECRET", "do-not-leak")
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256))
+    try:
+        res = sb.run({"mode": "script", "program": "import os\nleak = os.environ.get('DIFFCODER_TEST_SECRET')\n",
+                      "test": "assert leak is None\n", "check": None})
+    finally:
+        sb.close()
+    assert res.passed, res
+    assert os.environ["DIFFCODER_TEST_SECRET"] == "do-not-leak"
