@@ -190,6 +190,8 @@ def test_bad_chat_requests_and_routes(server):
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/completions")
+    assert r.status_code == 405 and "GET is not allowed" in r.json()["error"]["message"]
 
 
 def test_body_over_limit_is_413(server):
@@ -263,6 +265,11 @@ def test_request_timeout_is_408(model):
     with BackgroundServer(app) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "t", "max_tokens": 1024, "steps": 1024}, timeout=60)
         assert r.status_code == 408 and "timeout" in r.json()["error"]["message"]
+        # Streaming: a timeout before or after the first chunk reaches the openai client as an error.
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIError, match="timeout"):
+            list(client.completions.create(model=MODEL, prompt="t", max_tokens=1024, stream=True,
+                                           extra_body={"steps": 1024}))
         # The engine is free again afterwards: a small request still succeeds.
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "t", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200
@@ -328,3 +335,19 @@ def test_serve_bench_reports_every_request(tiny_model_dir, capsys):
         assert r["clients"] == 4 and 0 < r["tokens"] <= 4 * 8 and r["tokens_per_s"] > 0
     assert runs[0]["batches"] == 4 and runs[0]["mean_batch_rows"] == 1.0
     assert [r["differ_from_alone"] for r in runs] == [0, 0]
+
+
+def test_shutdown_answers_waiting_requests_with_503(model):
+    from diffcoder.serve.scheduler import BatchKey, Job, Scheduler, ServerStopping
+
+    async def go():
+        sched = Scheduler(model, eos_id=model.tokenizer.eos_id)  # engine thread not started: the job waits
+        job = Job(prompts=[[1, 2, 3]], key=BatchKey(8, 8, 4, None, "low_confidence", 0.0, False),
+                  want_steps=False, loop=asyncio.get_running_loop())
+        sched.submit(job)
+        assert sched.queue_depth == 1
+        sched.stop()
+        return await asyncio.wait_for(job.queue.get(), 5), sched.queue_depth
+
+    (kind, exc), depth = asyncio.run(go())
+    assert kind == "error" and isinstance(exc, ServerStopping) and depth == 0
