@@ -136,7 +136,7 @@ def build_model(cfg: TrainConfig, data_tok_info: dict[str, Any]) -> tuple[Any, A
         fields = model_config_fields(cfg.model_config)
         fields.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                       pad_token_id=tok.pad_id, mask_token_id=tok.mask_id)
-        fields["max_position_embeddings"] = max(int(fields.get("max_position_embeddings", 0)), cfg.seq_len)
+        fields["max_position_embeddings"] = max(int(fields.get("max_position_embeddings", 2048)), cfg.seq_len)
         model = DiffCoderLM(ModelConfig(**fields)).init_weights(cfg.seed)
         model.mask_id = tok.mask_id
         src = f"--tokenizer {cfg.tokenizer}"
@@ -341,9 +341,10 @@ class Trainer:
         return PretrainStream(data, cfg.seq_len, cfg.seed, shuffle)
 
     # -------------------------------------------------------------- batches
-    def _global_micro(self, stream: Any, start: int, count: int, step: int, micro: int, u_max: float,
-                      weighted: bool, stream_id: int = 0) -> dict[str, Any]:
-        """The whole global micro-batch (tokens, eligibility, noise): identical on every rank."""
+    def _global_batch(self, stream: Any, start: int, count: int, step: int, u_max: float, weighted: bool,
+                      stream_id: int = 0) -> dict[str, Any]:
+        """The whole global batch (tokens, eligibility, noise), identical on every rank and independent
+        of how it is split into micro-batches and processes."""
         cfg = self.cfg
         toks, lmask = stream.rows(start, count)
         tokens = torch.from_numpy(toks)
@@ -352,17 +353,20 @@ class Trainer:
         elig = eligible_positions(tuple(tokens.shape), loss_mask, drop_first)
         batch = {"tokens": tokens, "eligible": elig}
         if cfg.diffusion:
-            gen = noise_generator(cfg.seed, step, micro, stream_id)
+            gen = noise_generator(cfg.seed, step, 0, stream_id)
             nz = sample_block_noise(tuple(tokens.shape), cfg.block_size, u_max, gen, clip=not cfg.no_clip,
                                     weighted=weighted, force_mask=not cfg.no_force_mask, eligible=elig)
             batch.update(noise_mask=nz.mask, weight=nz.weight, noise=nz)
         return batch
 
-    def _local(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        n = batch["tokens"].shape[0] // self.d.world
-        sl = slice(self.d.rank * n, (self.d.rank + 1) * n)
+    def _micro(self, batch: dict[str, Any], micro: int, n_micro: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of micro-batch `micro`: micro-batches are consecutive row ranges of the
+        global batch, and each is split across ranks in consecutive slices."""
+        per_micro = batch["tokens"].shape[0] // n_micro
+        per_rank = per_micro // self.d.world
+        lo = micro * per_micro + self.d.rank * per_rank
         keys = ("tokens", "eligible", "noise_mask", "weight")
-        return {k: batch[k][sl].to(self.device) for k in keys if k in batch}
+        return {k: batch[k][lo:lo + per_rank].to(self.device) for k in keys if k in batch}
 
     def _autocast(self) -> Any:
         if self.bf16:
@@ -372,18 +376,16 @@ class Trainer:
     # ----------------------------------------------------------------- step
     def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
-        micro_rows = cfg.batch_size // cfg.grad_accum
         u_max = u_max_at(step, cfg.corruption_warmup_steps, cfg.u_init, not cfg.no_warmup)
         warm = in_warmup(step, cfg.corruption_warmup_steps, not cfg.no_warmup)
         weighted = cfg.diffusion and not warm and not cfg.no_loss_weight
-        batches = [self._global_micro(self.train_stream, self.state["rows"] + m * micro_rows, micro_rows, step, m,
-                                      u_max, weighted) for m in range(cfg.grad_accum)]
-        n_tokens = int(sum(b["eligible"].sum() for b in batches))  # the normaliser: eligible tokens, global
+        batch = self._global_batch(self.train_stream, self.state["rows"], cfg.batch_size, step, u_max, weighted)
+        n_tokens = int(batch["eligible"].sum())  # the normaliser: eligible tokens of the global batch
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
-        for m, batch in enumerate(batches):
-            local = self._local(batch)
-            sync = m == len(batches) - 1 or self.d.world == 1
+        for m in range(cfg.grad_accum):
+            local = self._micro(batch, m, cfg.grad_accum)
+            sync = m == cfg.grad_accum - 1 or self.d.world == 1
             ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
             with ctx:
                 with self._autocast():
@@ -408,22 +410,20 @@ class Trainer:
         rec = {"step": step + 1, "loss": float(loss_sum) / max(1, n_tokens), "grad_norm": float(grad_norm),
                "lr": lr, "tokens": self.state["tokens"], "tokens_per_s": step_tokens / dt, "step_time_s": dt}
         if cfg.diffusion:
-            rec.update(self._noise_stats(batches, u_max, weighted))
+            rec.update(self._noise_stats(batch, u_max, weighted))
         return rec
 
     @staticmethod
-    def _noise_stats(batches: list[dict[str, Any]], u_max: float, weighted: bool) -> dict[str, Any]:
-        masked = sum(int(b["noise_mask"].sum()) for b in batches)
-        elig = sum(int(b["eligible"].sum()) for b in batches)
-        blocks = sum(int(b["noise"].eligible_blocks.sum()) for b in batches)
-        raw_zero = sum(int(b["noise"].zero_before_fallback.sum()) for b in batches)
-        # Blocks that carry no loss in the corruption actually used (0 whenever the fallback is on).
-        empty = 0
-        for b in batches:
-            nz = b["noise"]
-            per_block = b["noise_mask"].reshape(nz.u_blk.shape[0], nz.u_blk.shape[1], -1).any(-1)
-            empty += int((nz.eligible_blocks & ~per_block).sum())
-        return {"u_max": u_max, "weighted": weighted, "mask_rate": masked / max(1, elig),
+    def _noise_stats(batch: dict[str, Any], u_max: float, weighted: bool) -> dict[str, Any]:
+        nz = batch["noise"]
+        blocks = int(nz.eligible_blocks.sum())
+        has_mask = batch["noise_mask"].reshape(nz.u_blk.shape[0], nz.u_blk.shape[1], -1).any(-1)
+        # Blocks that carry no loss in the corruption actually used (0 whenever the fallback is on),
+        # and blocks that drew no mask before the fallback (the waste clipping reduces).
+        empty = int((nz.eligible_blocks & ~has_mask).sum())
+        raw_zero = int(nz.zero_before_fallback.sum())
+        return {"u_max": u_max, "weighted": weighted,
+                "mask_rate": int(batch["noise_mask"].sum()) / max(1, int(batch["eligible"].sum())),
                 "zero_mask_block_frac": empty / max(1, blocks), "raw_zero_block_frac": raw_zero / max(1, blocks)}
 
     @torch.no_grad()
@@ -435,7 +435,7 @@ class Trainer:
         total, n = 0.0, 0
         weighted = cfg.diffusion and not cfg.no_loss_weight
         for i in range(cfg.eval_batches):
-            batch = self._global_micro(self.val_stream, i * micro, micro, 0, i, 1.0, weighted, stream_id=1)
+            batch = self._global_batch(self.val_stream, i * micro, micro, i, 1.0, weighted, stream_id=1)
             local = {k: v.to(self.device) for k, v in batch.items() if k in ("tokens", "eligible", "noise_mask", "weight")}
             with self._autocast():
                 total += float(self.loss_mod(**local))

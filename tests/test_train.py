@@ -1,0 +1,277 @@
+"""The trainer end to end: metrics, resume after SIGKILL (bit-identical), torchrun with 2 processes,
+HF-layout outputs, SFT, plotting, and the errors users hit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffcoder.cli import main as cli_main
+from diffcoder.train.config import TrainConfig
+from diffcoder.train.trainer import TIMING_FIELDS, train
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    p.write_text(json.dumps(TINY))
+    return p
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in recs]
+
+
+def cli(*args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["-m", "diffcoder.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+                          timeout=300)
+
+
+def base_args(data: Path, tok: Path, cfg: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--tokenizer", str(tok), "--model-config", str(cfg), "--out", str(out),
+            "--seq-len", "32", "--batch-size", "4", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def ar_final(tmp_path_factory: pytest.TempPathFactory, train_data_dir: Path, train_tokenizer_dir: Path,
+             tiny_json: Path) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "ar"
+    cfg = TrainConfig(objective="ar", data=str(train_data_dir), tokenizer=str(train_tokenizer_dir),
+                      model_config=str(tiny_json), out=str(out), steps=4, batch_size=4, seq_len=32, lr=3e-3,
+                      eval_every=2, eval_batches=1, quiet=True)
+    return train(cfg)
+
+
+def test_ar_run_outputs(ar_final: Path) -> None:
+    import diffcoder
+
+    run = ar_final.parent
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        assert {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s"} <= set(r)
+    assert "val_loss" in recs[1] and "val_loss" in recs[3] and "val_loss" not in recs[0]
+    assert recs[-1]["tokens"] == 4 * 4 * 32
+    model = diffcoder.load(ar_final)
+    assert model.generation_defaults == {"block_length": 1, "shift": True}
+    assert model.tokenizer is not None and model.mask_id == model.tokenizer.mask_id
+
+
+def test_final_loads_in_transformers_llama(ar_final: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    import diffcoder
+
+    ours = diffcoder.load(ar_final)
+    hf = LlamaForCausalLM.from_pretrained(str(ar_final), torch_dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        a = ours(ids, attn_mask="causal")
+        b = hf(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_block_diffusion_metrics_warmup_and_clip(train_data_dir: Path, ar_final: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bd"
+    cfg = TrainConfig(objective="block_diffusion", data=str(train_data_dir), init=str(ar_final), out=str(out),
+                      steps=6, batch_size=4, seq_len=32, warmup_steps=4, u_init=0.01, quiet=True)
+    final = train(cfg)
+    recs = metrics(out)
+    assert [r["u_max"] for r in recs[:4]] == pytest.approx([0.01 + 0.99 * s / 4 for s in range(4)])
+    assert all(r["u_max"] == 1.0 for r in recs[4:])
+    assert [r["weighted"] for r in recs] == [False] * 4 + [True] * 2
+    assert all(r["zero_mask_block_frac"] == 0 for r in recs)
+    assert all(r["mask_rate"] >= 0.25 for r in recs)
+    import diffcoder
+
+    model = diffcoder.load(final)
+    assert model.generation_defaults == {"block_length": 4, "shift": False}
+    res = diffcoder.generate(model, [[model.tokenizer.bos_id]], steps=8, gen_length=8, block_length=4)
+    assert len(res.tokens[0]) == 8
+
+
+def test_noclip_ablation_shows_empty_blocks(train_data_dir: Path, ar_final: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(objective="block_diffusion", data=str(train_data_dir), init=str(ar_final), out=str(tmp_path / "r"),
+                      steps=2, batch_size=8, seq_len=64, no_warmup=True, no_clip=True, no_force_mask=True, quiet=True)
+    train(cfg)
+    recs = metrics(tmp_path / "r")
+    assert sum(r["zero_mask_block_frac"] for r in recs) > 0  # 1/(B+1) expected; 256 blocks per step
+
+
+def test_resume_after_sigkill_is_bit_identical(train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path,
+                                                tmp_path: Path) -> None:
+    extra = ("--objective", "block_diffusion", "--steps", "8", "--save-every", "3", "--eval-every", "4",
+             "--eval-batches", "1", "--warmup-steps", "3", "--lr", "3e-3")
+    full = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "full", *extra))
+    assert full.returncode == 0, full.stderr
+    killed = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "cut", *extra),
+                 env={"DIFFCODER_TRAIN_KILL_AFTER_STEP": "5"})
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))] == ["step-00000003"]
+    assert len(metrics(tmp_path / "cut")) == 5 and not (tmp_path / "cut" / "final").exists()
+    resumed = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "cut", *extra, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert untimed(metrics(tmp_path / "cut")) == untimed(metrics(tmp_path / "full"))
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_match_one_and_resume_across_world_sizes(
+        train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path, tmp_path: Path) -> None:
+    extra = ("--objective", "block_diffusion", "--steps", "6", "--save-every", "3", "--precision", "fp32",
+             "--warmup-steps", "2", "--lr", "3e-3")
+    one = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "one", *extra,
+                         "--grad-accum", "2"))
+    assert one.returncode == 0, one.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "two", *extra),
+              launcher=launcher, env={"DIFFCODER_TRAIN_KILL_AFTER_STEP": "4", "OMP_NUM_THREADS": "1"})
+    assert two.returncode != 0  # both ranks were killed after step 4; step 3 is checkpointed
+    assert (tmp_path / "two" / "checkpoints" / "step-00000003" / "trainer.pt").exists()
+    # Resume the 2-process run with a single process: same global batches, same noise.
+    res = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "two", *extra, "--resume"))
+    assert res.returncode == 0, res.stderr
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra["step"], ra["loss"], rb["loss"])
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
+        assert rb["mask_rate"] == ra["mask_rate"] and rb["tokens"] == ra["tokens"]
+
+
+def test_sft_objective_on_chat_data(tmp_path: Path, ar_final: Path, train_tokenizer_dir: Path) -> None:
+    from diffcoder.train.data import build_sft
+
+    chats = [{"messages": [{"role": "user", "content": f"add {i} and {i + 1}"},
+                           {"role": "assistant", "content": f"return {i} + {i + 1}"}]} for i in range(20)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    build_sft([src], train_tokenizer_dir, tmp_path / "sft", val_fraction=0.1, progress=False)
+    cfg = TrainConfig(objective="sft", data=str(tmp_path / "sft"), init=str(ar_final), out=str(tmp_path / "run"),
+                      steps=3, batch_size=2, seq_len=64, eval_every=3, eval_batches=1, quiet=True)
+    train(cfg)
+    recs = metrics(tmp_path / "run")
+    assert all(r["weighted"] for r in recs)  # no corruption warmup by default for SFT
+    assert all(0 < r["mask_rate"] <= 1 and r["zero_mask_block_frac"] == 0 for r in recs)
+    assert "val_loss" in recs[-1]
+
+
+def test_sft_rows_append_eos_with_loss_and_never_mask_prompt(tmp_path: Path, train_tokenizer_dir: Path) -> None:
+    from diffcoder.tokenizer import Tokenizer
+    from diffcoder.train.batches import SFTStream
+    from diffcoder.train.data import SFTSplit, build_sft, read_manifest
+
+    chats = [{"messages": [{"role": "user", "content": "q" * (i + 1)}, {"role": "assistant", "content": "a"}]}
+             for i in range(30)]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    build_sft([src], train_tokenizer_dir, tmp_path / "s", val_fraction=0.0, progress=False)
+    tok = Tokenizer.from_dir(train_tokenizer_dir)
+    split = SFTSplit(tmp_path / "s", "train", read_manifest(tmp_path / "s"))
+    stream = SFTStream(split, 64, seed=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    toks, mask = stream.rows(0, 12)
+    eos_runs = []
+    for row, m in zip(toks, mask):
+        learned = row[m]
+        text = tok.decode(learned.tolist(), skip_special_tokens=False)
+        # Each learned span is "a" + its template EOS + 1..4 appended EOS; prompts ("q...") are never learned.
+        assert "q" not in text and "user" not in text
+        for span in text.split("a")[1:]:
+            eos_runs.append(span.count(tok.hf.eos_token) - 1)
+    assert set(eos_runs) <= {1, 2, 3, 4} and len(set(eos_runs)) > 1
+    again, _ = SFTStream(split, 64, seed=0, eos_id=tok.eos_id, pad_id=tok.pad_id).rows(5, 3)
+    assert (again == toks[5:8]).all()  # rows are a pure function of (seed, index)
+
+
+# ------------------------------------------------------------------ errors
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    rc = cli_main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def test_error_tokenizer_vocab_mismatch(capsys: pytest.CaptureFixture, tmp_path: Path, train_data_dir: Path,
+                                        tiny_json: Path) -> None:
+    from diffcoder.tokenizer import byte_level_tokenizer, save_tokenizer
+
+    other = byte_level_tokenizer()
+    other.add_tokens(["<extra-token>"])
+    save_tokenizer(other, tmp_path / "tok2")
+    out = tmp_path / "run"
+    rc, err = run_cli(capsys, *base_args(train_data_dir, tmp_path / "tok2", tiny_json, out, "--steps", "1"))
+    assert rc == 2 and "tokenizer mismatch" in err and "rebuild the data" in err
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_error_unknown_config_key(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('objective = "ar"\nlearning_rate = 0.1\n')
+    rc, err = run_cli(capsys, "train", "--config", str(toml))
+    assert rc == 2 and "unknown key 'learning_rate'" in err and "lr" in err
+
+
+def test_config_toml_values_and_flag_precedence(tmp_path: Path) -> None:
+    from diffcoder.train.config import load_toml, make_config
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('objective = "block_diffusion"\nblock-size = 8\nlr = 1\nseq_len = 64\nno_clip = true\n')
+    cfg = make_config(load_toml(toml), {"seq_len": 128})
+    assert (cfg.objective, cfg.block_size, cfg.lr, cfg.seq_len, cfg.no_clip) == ("block_diffusion", 8, 1.0, 128, True)
+    toml.write_text('steps = "ten"\n')
+    with pytest.raises(ValueError, match="expected int"):
+        make_config(load_toml(toml), {})
+
+
+def test_error_block_size_must_divide_seq_len(capsys: pytest.CaptureFixture, tmp_path: Path, train_data_dir: Path,
+                                              train_tokenizer_dir: Path, tiny_json: Path) -> None:
+    rc, err = run_cli(capsys, *base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "r",
+                                         "--objective", "block_diffusion", "--seq-len", "30"))
+    assert rc == 2 and "does not divide --seq-len 30" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_error_unwritable_output(capsys: pytest.CaptureFixture, tmp_path: Path, train_data_dir: Path,
+                                 train_tokenizer_dir: Path, tiny_json: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    rc, err = run_cli(capsys, *base_args(train_data_dir, train_tokenizer_dir, tiny_json, blocker / "run"))
+    assert rc == 2 and "cannot write there" in err
+
+
+def test_error_existing_run_needs_resume(capsys: pytest.CaptureFixture, ar_final: Path, train_data_dir: Path,
+                                         train_tokenizer_dir: Path, tiny_json: Path) -> None:
+    rc, err = run_cli(capsys, *base_args(train_data_dir, train_tokenizer_dir, tiny_json, ar_final.parent))
+    assert rc == 2 and "--resume" in err
+
+
+def test_error_model_config_unknown_field(capsys: pytest.CaptureFixture, tmp_path: Path, train_data_dir: Path,
+                                          train_tokenizer_dir: Path) -> None:
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({**TINY, "hidden_sise": 3}))
+    rc, err = run_cli(capsys, *base_args(train_data_dir, train_tokenizer_dir, bad, tmp_path / "r"))
+    assert rc == 2 and "unknown field(s) hidden_sise" in err
+
+
+def test_plot_overlays_runs(ar_final: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "p.png"
+    rc = cli_main(["plot", str(ar_final.parent), str(ar_final.parent), "--labels", "a", "b", "--out", str(out)])
+    assert rc == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    rc, err = run_cli(capsys, "plot", str(tmp_path), "--out", str(out))
+    assert rc == 2 and "no metrics.jsonl" in err
