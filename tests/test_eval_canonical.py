@@ -1,7 +1,7 @@
 """Reference solutions pass, empty completions fail, on every benchmark (sandbox on).
 
 HumanEval (164) and sanitized MBPP (427) run in full; the larger sets run a deterministic
-slice here (every Nth problem) and in full through `scripts/eval_canonical.py` (see docs/eval.md).
+slice here (every Nth problem) and in full through `python -m diffcoder.eval.report` (see docs/eval.md).
 """
 from __future__ import annotations
 

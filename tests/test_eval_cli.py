@@ -147,3 +147,27 @@ def test_model_path_generates_resumably(tmp_path: Path, tiny_model_dir: Path, be
     assert main(args) == 0
     assert _rows(out / "samples.jsonl") == samples
     assert len(_rows(out / "per_problem.jsonl")) == 2
+
+
+def test_resume_refuses_results_of_other_samples(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    p = load_benchmark("humaneval", 1)[0]
+    out = str(tmp_path / "o")
+    first = _write_jsonl(tmp_path / "a.jsonl", [{"task_id": p.task_id, "completion": p.canonical}])
+    other = _write_jsonl(tmp_path / "b.jsonl", [{"task_id": p.task_id, "completion": "    return 1\n"}])
+    base = ["eval", "humaneval", "--out", out, "--limit", "1", "--no-progress"]
+    assert main([*base, "--samples", str(first)]) == 0
+    assert main([*base, "--samples", str(other)]) == 2
+    assert "different samples" in capsys.readouterr().err
+    assert main([*base, "--samples", "canonical"]) == 0  # the same code as a.jsonl: resumes, nothing to run
+    assert main([*base, "--samples", "empty"]) == 2
+    assert "holds other samples" in capsys.readouterr().err
+
+
+def test_no_execute_writes_samples_only(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "o"
+    assert main(["eval", "humaneval", "--model", str(tiny_model_dir), "--out", str(out), "--limit", "1",
+                 "--gen-length", "8", "--steps", "2", "--device", "cpu", "--dtype", "float32", "--no-execute",
+                 "--no-progress"]) == 0
+    assert len(_rows(out / "samples.jsonl")) == 1 and not (out / "per_problem.jsonl").exists()
+    assert main(["eval", "humaneval", "--samples", "canonical", "--out", str(tmp_path / "x"),
+                 "--no-execute"]) == 2

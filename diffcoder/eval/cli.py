@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="isolation: bubblewrap, else namespaces via unshare + seccomp (default auto)")
     x.add_argument("--unsafe-no-sandbox", action="store_true", help="run model-written code WITHOUT "
                    "isolation (rlimits only) when no sandbox works; never on a machine you care about")
+    p.add_argument("--no-execute", action="store_true", help="with --model: only write OUTDIR/samples.jsonl "
+                   "(e.g. on a GPU box without a sandbox); execute later with --samples OUTDIR/samples.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_eval)
 
@@ -58,6 +60,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be positive")
+    if args.no_execute and not args.model:
+        raise UserError("--no-execute only makes sense with --model (it skips running the samples)")
     if args.samples and args.samples not in ("canonical", "empty") and not Path(args.samples).is_file():
         raise UserError(f"--samples {args.samples}: no such file (or use 'canonical' / 'empty')")
 
@@ -72,7 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems = load_benchmark(args.benchmark, args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
+    if args.no_execute:
+        _, decoder = _generate(args, problems, out / SAMPLES)
+        print(f"samples: {out / SAMPLES}  (execute with: diffcoder eval {args.benchmark} --samples "
+              f"{out / SAMPLES} --out {out})")
+        return 0
+    try:  # before generating: no point decoding for an hour and then refusing to execute
         tier = detect_isolation(args.sandbox, allow_unsafe=args.unsafe_no_sandbox)
     except SandboxUnavailable as exc:
         raise UserError(str(exc)) from None
@@ -85,7 +94,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.samples in ("canonical", "empty"):
         records = [p.canonical_sample() if args.samples == "canonical" else {"task_id": p.task_id, "completion": ""}
                    for p in problems]
-        write_atomic(out / SAMPLES, "".join(json.dumps(r) + "\n" for r in records))
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        if (out / SAMPLES).exists() and (out / SAMPLES).read_text(encoding="utf-8") != text:
+            raise UserError(f"{out / SAMPLES} holds other samples (a model's?); use another --out")
+        write_atomic(out / SAMPLES, text)
         samples = group_samples(records, problems, args.samples)
         model_name = f"<{args.samples} samples>"
     else:

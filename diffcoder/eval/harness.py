@@ -78,6 +78,14 @@ def group_samples(records: list[dict], problems: list[Problem], source: str) -> 
     return grouped
 
 
+def sample_sha(sample: dict) -> str:
+    """Identifies a sample's code, so a resumed run never mixes results of different samples."""
+    import hashlib
+
+    code = json.dumps([sample.get("completion"), sample.get("solution")])
+    return hashlib.sha256(code.encode("utf-8")).hexdigest()[:16]
+
+
 @dataclass
 class EvalSpec:
     benchmark: str
@@ -106,9 +114,16 @@ def execute(problems: list[Problem], samples: dict[str, list[dict]], outdir: Pat
             on_progress: Callable[[int, int, ExecResult | None], None] | None = None) -> dict:
     """Run every (task, sample) not yet in per_problem.jsonl; return the results summary."""
     done = _prepare_out(outdir, spec)
-    seen = {(r["task_id"], int(r.get("sample", 0))) for r in done}
-    todo = [(p, i, s) for p in problems for i, s in enumerate(samples.get(p.task_id, []))
-            if (p.task_id, i) not in seen]
+    seen = {(r["task_id"], int(r.get("sample", 0))): r.get("sha") for r in done}
+    todo = []
+    for p in problems:
+        for i, s in enumerate(samples.get(p.task_id, [])):
+            key = (p.task_id, i)
+            if key not in seen:
+                todo.append((p, i, s))
+            elif seen[key] not in (None, sample_sha(s)):
+                raise ValueError(f"{outdir / PER_PROBLEM} was made from different samples ({p.task_id} #{i} "
+                                 "differs); use another --out, or delete that directory to start over")
     total = sum(len(samples.get(p.task_id, [])) for p in problems)
     if on_progress:
         on_progress(total - len(todo), total, None)
@@ -126,7 +141,8 @@ def execute(problems: list[Problem], samples: dict[str, list[dict]], outdir: Pat
         finally:
             slots.put(sb)
         rec = {"task_id": problem.task_id, "sample": index, "passed": result.passed,
-               "status": result.status, "reason": result.reason, "duration_s": result.duration_s}
+               "status": result.status, "reason": result.reason, "duration_s": result.duration_s,
+               "sha": sample_sha(sample)}
         with lock:
             with open(outdir / PER_PROBLEM, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
