@@ -152,7 +152,8 @@ def save(model: DiffCoderLM, path: str | Path, tokenizer: Tokenizer | None = Non
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+        # copy=True: fused projections make parameters views of one tensor, which safetensors refuses.
+        state = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in model.state_dict().items()
                  if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
         shards = _shard(state, max_shard_bytes)
         if len(shards) == 1:

@@ -144,6 +144,8 @@ class Decoding:
         self.model = model
         self.prompts = [list(p) for p in prompts]
         self.step_events = step_events
+        if hasattr(model, "fuse_projections") and not model.training:
+            model.fuse_projections()  # views of the same storage: free, and fewer kernels per pass
         self.runner = make_runner(model, block_length, runner)
         self.confidence_dtype = confidence_dtype
         self.nfe = 0
@@ -250,18 +252,19 @@ class Decoding:
         """Choose a token at every masked position, commit some by confidence (release rules)."""
         a = self.args
         masked = self.masked[:, ws:we]
-        choice = logits.clone()
-        choice[..., a.mask_id] = float("-inf")  # never predict the mask token itself
+        scores = logits.to(self.confidence_dtype)  # float64 by default, as the release
+        if a.remasking == "low_confidence":
+            log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
+        scores[..., a.mask_id] = float("-inf")  # never predict the mask token itself
         if a.temperature > 0:
             # Gumbel-max in float64, as the release: argmax(exp(l) / (-log U)^T)
-            g = choice.to(torch.float64)
+            g = scores.to(torch.float64)
             u = torch.rand(g.shape, generator=self._gen, device=g.device, dtype=torch.float64)
             x0 = (g.exp() / (-torch.log(u)) ** a.temperature).argmax(-1)
         else:
-            x0 = choice.argmax(-1)
-        if a.remasking == "low_confidence":
-            probs = torch.softmax(logits.to(self.confidence_dtype), dim=-1)
-            conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+            x0 = scores.argmax(-1)
+        if a.remasking == "low_confidence":  # softmax probability of the chosen token
+            conf = (scores.gather(-1, x0.unsqueeze(-1)) - log_z).exp().squeeze(-1)
         else:
             conf = torch.rand(masked.shape, generator=self._gen, device=masked.device, dtype=torch.float64)
         conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))

@@ -60,10 +60,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # float32 statistics as transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps), then the weight
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -89,6 +87,17 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
+def _fuse_rows(modules: list[nn.Module], attr: str) -> torch.Tensor:
+    """Concatenate the modules' `attr` tensors along dim 0 and rebind each as a view of the result."""
+    fused = torch.cat([getattr(m, attr).detach() for m in modules])
+    start = 0
+    for m in modules:
+        n = getattr(m, attr).shape[0]
+        setattr(m, attr, nn.Parameter(fused[start:start + n], requires_grad=getattr(m, attr).requires_grad))
+        start += n
+    return fused
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -104,15 +113,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.attention_bias)
+        self.qkv: torch.Tensor | None = None  # fused [q; k; v] weight for inference (see fuse_projections)
+        self.qkv_b: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         b, q, _ = x.shape
-        qs = self.q_proj(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
-        ks = self.k_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
-        vs = self.v_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
-        qs = qs * cos + rotate_half(qs) * sin
-        ks = ks * cos + rotate_half(ks) * sin
+        if self.qkv is not None:
+            # One matmul for q, k and v, and one rotary application for q and k together.
+            heads = F.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim).transpose(1, 2)
+            qk = heads[:, :self.n_heads + self.n_kv]
+            qk = qk * cos + rotate_half(qk) * sin
+            qs, ks, vs = qk[:, :self.n_heads], qk[:, self.n_heads:], heads[:, self.n_heads + self.n_kv:]
+        else:
+            qs = self.q_proj(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
+            ks = self.k_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
+            vs = self.v_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
+            qs = qs * cos + rotate_half(qs) * sin
+            ks = ks * cos + rotate_half(ks) * sin
         if cache is not None and cache.write_idx is not None:
             # Static shapes (CUDA graphs): write at the given columns, attend over every column
             # of the cache; the mask hides what is not (yet) part of the sequence.
@@ -136,8 +154,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up: torch.Tensor | None = None  # fused [gate; up] weight for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -177,6 +199,7 @@ class DiffCoderLM(nn.Module):
         self.mask_id: int | None = config.mask_token_id
         self.generation_defaults: dict = {}
         self.gradient_checkpointing = False
+        self._fused = False
 
     # --------------------------------------------------------------- helpers
     @property
@@ -200,6 +223,26 @@ class DiffCoderLM(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
+    def fuse_projections(self) -> "DiffCoderLM":
+        """Fuse q/k/v and gate/up into single matmuls for decoding (fewer, larger kernels).
+
+        The separate parameters become views of the fused tensors, so nothing is stored twice
+        and in-place weight updates stay visible to both. Call after moving the model to its
+        device; idempotent. Training does not need it (autograd sees the original modules).
+        """
+        if self._fused or self.config.mlp_bias:
+            return self
+        with torch.no_grad():
+            for layer in self.model.layers:
+                att, mlp = layer.self_attn, layer.mlp
+                projs = [att.q_proj, att.k_proj, att.v_proj]
+                att.qkv = _fuse_rows(projs, "weight")
+                if projs[0].bias is not None:
+                    att.qkv_b = _fuse_rows(projs, "bias")
+                mlp.gate_up = _fuse_rows([mlp.gate_proj, mlp.up_proj], "weight")
+        self._fused = True
+        return self
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.device, self.dtype)
 
@@ -213,8 +256,8 @@ class DiffCoderLM(nn.Module):
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def build_mask(self, spec: MaskSpec, positions: torch.Tensor, key_len: int) -> torch.Tensor:
-        """Turn a mask spec into a [b|1, 1, q, k] boolean tensor."""
+    def build_mask(self, spec: MaskSpec, positions: torch.Tensor, key_len: int) -> torch.Tensor | None:
+        """Turn a mask spec into a [b|1, 1, q, k] boolean tensor (None = full attention)."""
         if isinstance(spec, torch.Tensor):
             if spec.dtype != torch.bool:
                 raise ValueError("attn_mask must be a boolean tensor (True = may attend)")
@@ -227,7 +270,7 @@ class DiffCoderLM(nn.Module):
         if spec is None or spec == "causal":
             m = causal_allowed(q_pos, k_pos)
         elif spec == "full":
-            m = torch.ones(q_len, key_len, dtype=torch.bool, device=positions.device)
+            return None  # SDPA without a mask: every query sees every key (and takes the fast path)
         elif isinstance(spec, tuple) and spec[0] == "block_causal":
             m = block_causal_allowed(q_pos, k_pos, int(spec[1]))
         else:
@@ -238,7 +281,7 @@ class DiffCoderLM(nn.Module):
     # --------------------------------------------------------------- forward
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
                       attn_mask: MaskSpec = None, cache: KVCache | None = None,
-                      keep: int | None = None) -> torch.Tensor:
+                      keep: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, q = input_ids.shape
         static = cache is not None and cache.write_idx is not None
         start = cache.length if cache is not None else 0
@@ -247,7 +290,7 @@ class DiffCoderLM(nn.Module):
         if cache is not None and not static and start + q > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} cached + {q} new > {cache.max_len} columns")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
         mask = attn_mask.unsqueeze(1) if static else self.build_mask(attn_mask, positions, start + q)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
@@ -260,10 +303,12 @@ class DiffCoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
                 attn_mask: MaskSpec = None, cache: KVCache | None = None, keep: int | None = None,
-                logits_index: slice | torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: slice | torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [b, q', vocab]. `keep`: how many of the new tokens (leading ones) stay in the
-        cache (default all). `logits_index`: compute the vocabulary projection only there."""
-        h = self.hidden_states(input_ids, positions, attn_mask=attn_mask, cache=cache, keep=keep)
+        cache (default all). `logits_index`: compute the vocabulary projection only there.
+        `rope`: precomputed (cos, sin) for `positions`, as `rotary()` returns them."""
+        h = self.hidden_states(input_ids, positions, attn_mask=attn_mask, cache=cache, keep=keep, rope=rope)
         if logits_index is not None:
             h = h[:, logits_index]
         return self.lm_head(h)

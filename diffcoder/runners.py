@@ -18,14 +18,29 @@ from .masks import decode_mask
 
 
 class EagerRunner:
+    """Eager passes over the exact columns needed; the block's mask and the rotary tables are built
+    once and reused by every step (they change only when the block or the batch does)."""
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | str | None = None
+        self._rope_src: torch.Tensor | None = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor, cache, qs: int, ws: int,
                  we: int, block: int, idx: slice) -> torch.Tensor:
-        cols = torch.arange(we, device=x.device)
-        mask = decode_mask(cols[qs:we], cols, key_valid[:, :we], block)
-        return self.model(x[:, qs:we], pos[:, qs:we], attn_mask=mask, cache=cache, keep=ws - qs, logits_index=idx)
+        if self._mask_key is None or self._mask_key[:2] != (qs, we) or self._mask_key[2] is not key_valid:
+            cols = torch.arange(we, device=x.device)
+            mask = decode_mask(cols[qs:we], cols, key_valid[:, :we], block)
+            self._mask = "full" if bool(mask.all()) else mask  # no mask at all: SDPA's fast path
+            self._mask_key = (qs, we, key_valid)
+        if pos is not self._rope_src:
+            self._rope = self.model.rotary(pos, self.model.dtype)
+            self._rope_src = pos
+        cos, sin = self._rope
+        return self.model(x[:, qs:we], pos[:, qs:we], attn_mask=self._mask, cache=cache, keep=ws - qs,
+                          logits_index=idx, rope=(cos[:, :, qs:we], sin[:, :, qs:we]))
 
 
 @dataclass

@@ -115,3 +115,27 @@ def test_bad_mask_spec():
 def test_unsupported_rope_scaling():
     with pytest.raises(ValueError, match="yarn"):
         make(rope_scaling={"rope_type": "yarn", "factor": 2.0})(torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention_bias": True}, {"num_key_value_heads": 1, "tie_word_embeddings": True}])
+def test_fused_projections_are_exact_views(kw, tmp_path):
+    import diffcoder
+
+    model = make(seed=8, **kw).double()
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids, attn_mask=("block_causal", 4))
+        model.fuse_projections()
+        after = model(ids, attn_mask=("block_causal", 4))
+        assert (before - after).abs().max().item() < 1e-12
+        # the separate weights are views of the fused tensor: an update reaches both paths
+        model.model.layers[0].self_attn.k_proj.weight.mul_(2.0)
+        model.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+        fused = model(ids)
+        model.model.layers[0].self_attn.qkv = None
+        model.model.layers[0].mlp.gate_up = None
+        assert (fused - model(ids)).abs().max().item() < 1e-12
+    model.mask_id = 5
+    again = diffcoder.load(diffcoder.save(model, tmp_path / "fused"), dtype="float64")
+    with torch.no_grad():
+        assert (again(ids) - model(ids)).abs().max().item() < 1e-12

@@ -2,9 +2,6 @@
 the same tokens as our engine, or the speed-up it reports would compare different work."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,8 +9,7 @@ import diffcoder
 from oracle import hf_twin
 from test_decode import EOS, MASK, make
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from release_baseline import release_generate  # noqa: E402
+from diffcoder.bench.release_baseline import release_generate
 
 
 @pytest.mark.parametrize("P,B,G,S,thr,eos", [(5, 4, 16, 16, None, None), (8, 4, 16, 8, None, EOS),

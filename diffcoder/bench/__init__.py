@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package (`diffcoder bench ...`); scripts in benchmarks/ call these."""

@@ -1,0 +1,243 @@
+"""Decode speed: our engine against the release's approach, same weights, same prompts, one run.
+
+    python benchmarks/decode.py --shape tiny --gen-length 256 --steps 256
+    python benchmarks/decode.py --shape smol-135m --dtype bfloat16 --batch-sizes 1,16
+    python benchmarks/decode.py --shape sdc-8b --device cuda --dtype bfloat16
+
+Prints a table and, as its last line, one JSON object. The memory-bandwidth limit is
+measured here (a large read), and the fraction reached is weight bytes x passes/s over it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from typing import Any
+
+import torch
+
+from ..config import PRESETS, ModelConfig
+from ..model import DiffCoderLM
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def measure_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Best-of-5 read bandwidth in bytes/s (summing a large buffer reads each byte once)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        buf.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    del buf
+    return nbytes / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> DiffCoderLM:
+    """Random weights straight on the device (an 8B model is not built on the CPU first)."""
+    cfg = ModelConfig(**{"mask_token_id": 5, "max_position_embeddings": 8192, **PRESETS[shape]})
+    with torch.device("meta"):
+        model = DiffCoderLM(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.mask_id = cfg.mask_token_id
+    return model.eval()
+
+
+def hf_twin(model: DiffCoderLM) -> Any:
+    """transformers.LlamaForCausalLM with a copy of our weights, on the same device."""
+    import transformers
+
+    hcfg = transformers.LlamaConfig(**model.config.to_dict())
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hcfg)
+    hf.to_empty(device=model.device)
+    hf.to(model.dtype)
+    hf.load_state_dict(model.state_dict(), strict=False)
+    if model.config.tie_word_embeddings:
+        hf.tie_weights()
+    rot = hf.model.rotary_emb
+    with torch.device(model.device):  # inv_freq was left uninitialised by to_empty
+        hf.model.rotary_emb = type(rot)(config=hcfg)
+    return hf.eval()
+
+
+def weight_bytes_per_pass(model: DiffCoderLM) -> int:
+    """Bytes every pass must read: all weights except an untied input embedding (only B rows of it)."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        if name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_ours(model: DiffCoderLM, prompts: list[list[int]], kw: dict[str, Any]) -> dict[str, Any]:
+    from ..decode import BlockEvent, Decoding
+
+    device = model.device
+    sync(device)
+    t0 = time.perf_counter()
+    first = None
+    dec = Decoding(model, prompts, **kw)
+    for ev in dec:
+        if first is None and isinstance(ev, BlockEvent):
+            sync(device)
+            first = time.perf_counter() - t0
+    sync(device)
+    dt = time.perf_counter() - t0
+    res = dec.result
+    ntok = sum(len(t) for t in res.tokens)
+    return {"seconds": dt, "tokens": ntok, "nfe": res.nfe, "tokens_per_s": ntok / dt, "passes_per_s": res.nfe / dt,
+            "passes_per_token": res.nfe / max(ntok, 1), "time_to_first_block_s": first, "out": res.tokens}
+
+
+def run_baseline(hf: Any, prompt: list[int], kw: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from .release_baseline import release_generate
+
+    ids = torch.tensor([prompt], device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    out, nfe = release_generate(hf, ids, steps=kw["steps"], gen_length=kw["gen_length"],
+                                block_length=kw["block_length"], mask_id=kw["mask_id"], threshold=kw["threshold"])
+    sync(device)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens": len(out), "nfe": nfe, "tokens_per_s": len(out) / dt, "passes_per_s": nfe / dt,
+            "passes_per_token": nfe / max(len(out), 1), "out": out.tolist()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory (instead of --shape)")
+    p.add_argument("--shape", default="tiny", choices=sorted(PRESETS), help="random-weight model shape")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes for our engine (baseline: 1)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=4)
+    p.add_argument("--steps", type=int, help="default: gen_length (one token per pass)")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--runner", default="auto", choices=["auto", "eager", "static", "cuda_graph"])
+    p.add_argument("--confidence-dtype", default="float64", choices=["float64", "float32"],
+                   help="float64 = release parity; float32 = faster, may reorder near-ties")
+    p.add_argument("--no-baseline", action="store_true", help="skip the release-approach baseline")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best is reported)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        from ..checkpoint import load
+
+        model = load(args.model, device=device, dtype=dtype)
+        label = args.model
+    else:
+        model = random_model(args.shape, dtype, device, args.seed)
+        label = f"random {args.shape}"
+    cfg = model.config
+    gen = torch.Generator().manual_seed(args.seed)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    vocab_ok = [t for t in range(min(cfg.vocab_size, 5000)) if t != model.mask_id]
+    prompts = [[vocab_ok[i] for i in torch.randint(len(vocab_ok), (args.prompt_len,), generator=gen).tolist()]
+               for _ in range(max(batch_sizes))]
+    kw = dict(steps=args.steps or args.gen_length, gen_length=args.gen_length, block_length=args.block_length,
+              threshold=args.threshold, mask_id=model.mask_id, runner=args.runner,
+              confidence_dtype=getattr(torch, args.confidence_dtype))
+    wbytes = weight_bytes_per_pass(model)
+    bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cpu" else 4 << 30)
+    hw = hardware_name(device)
+    print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"model: {label}, {cfg.num_parameters / 1e6:.1f}M params, {args.dtype}, {wbytes / 1e6:.1f} MB read per pass"
+          f" -> limit {bandwidth / wbytes:.1f} passes/s")
+    ours_kw = {k: v for k, v in kw.items() if k != "mask_id"}
+    run_ours(model, prompts[:1], {**ours_kw, "gen_length": args.block_length * 2, "steps": 2})  # warm-up
+    results: dict[str, Any] = {}
+    for b in batch_sizes:
+        best = min((run_ours(model, prompts[:b], ours_kw) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+        best["peak_memory_bytes"] = peak_memory(device)
+        best["bandwidth_fraction"] = wbytes * best["passes_per_s"] / bandwidth
+        results[f"batch{b}"] = best
+        print(f"ours   batch {b:3d}: {best['tokens_per_s']:9.1f} tok/s  {best['passes_per_s']:8.1f} passes/s  "
+              f"{best['passes_per_token']:.3f} passes/token  first block {best['time_to_first_block_s'] * 1e3:.1f} ms"
+              f"  {100 * best['bandwidth_fraction']:.0f}% of bandwidth limit")
+    summary: dict[str, Any] = {
+        "hardware": hw, "device": device.type, "model": label, "dtype": args.dtype, "params": cfg.num_parameters,
+        "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth, "prompt_len": args.prompt_len,
+        "gen_length": args.gen_length, "block_length": args.block_length, "steps": kw["steps"],
+        "threshold": args.threshold, "runner": args.runner, "confidence_dtype": args.confidence_dtype,
+        "ours": {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in results.items()},
+    }
+    b1 = results.get("batch1")
+    if len(batch_sizes) > 1 and b1:
+        top = results[f"batch{max(batch_sizes)}"]
+        summary["batch_scaling"] = top["tokens_per_s"] / b1["tokens_per_s"]
+        print(f"batch {max(batch_sizes)} / batch 1 tokens/s: {summary['batch_scaling']:.2f}x")
+    if not args.no_baseline:
+        hf = hf_twin(model)
+        base_kw = {**kw, "threshold": args.threshold}
+        run_baseline(hf, prompts[0], {**base_kw, "gen_length": args.block_length * 2, "steps": 2}, device)
+        base = min((run_baseline(hf, prompts[0], base_kw, device) for _ in range(args.repeats)),
+                   key=lambda r: r["seconds"])
+        ours1 = b1 or run_ours(model, prompts[:1], ours_kw)
+        same = ours1["out"][0] == base["out"]
+        summary["baseline"] = {k: v for k, v in base.items() if k != "out"}
+        summary["tokens_identical"] = same
+        summary["speedup"] = ours1["tokens_per_s"] / base["tokens_per_s"]
+        print(f"release-approach baseline (batch 1): {base['tokens_per_s']:9.1f} tok/s  "
+              f"{base['passes_per_s']:8.1f} passes/s  {base['passes_per_token']:.3f} passes/token")
+        print(f"speed-up (batch 1 tokens/s): {summary['speedup']:.2f}x; tokens identical: {same}")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
