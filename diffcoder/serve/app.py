@@ -353,6 +353,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if kind == "missing" and not loc:
         return "the request body is empty; send a JSON object", None
     field_name = ".".join(loc) or "body"
+    tag = next((i for i, part in enumerate(loc) if _is_type_tag(part)), None)
+    if tag and loc[tag - 1] in _UNION_FIELDS:
+        # A union field: pydantic reports one error per alternative; say what is accepted instead.
+        name = ".".join(loc[:tag])
+        got = err.get("input")
+        shown = json.dumps(got)[:80] if _jsonable(got) else type(got).__name__
+        return f"'{name}' must be {_UNION_FIELDS[loc[tag - 1]]} (got {shown})", name
     if kind == "missing":
         return f"'{field_name}' is required", field_name
     if kind == "extra_forbidden":
@@ -361,6 +368,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     shown = json.dumps(got)[:80] if _jsonable(got) else type(got).__name__
     extra = f" ({len(errors) - 1} more problem(s) in the body)" if len(errors) > 1 else ""
     return f"'{field_name}': {err.get('msg', 'invalid value')} (got {shown}){extra}", field_name
+
+
+# Fields whose type is a union, and what to tell a client who sent something else.
+_UNION_FIELDS = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "logprobs": "a boolean or an integer",
+    "content": 'a string or a list of {"type": "text", "text": ...} parts',
+}
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic names each alternative of a union in `loc` by its type: `str`, `list[int]`, ..."""
+    return part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper()
 
 
 def _jsonable(value: Any) -> bool:

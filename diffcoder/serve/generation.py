@@ -183,6 +183,8 @@ def plan_completion(req: CompletionRequest, info: ModelInfo, job_tag: int) -> Pl
     else:
         raise bad_request("prompt is empty; send a string, a list of strings, or token ids", "prompt")
     tok = info.tokenizer
+    if req.suffix is not None and any(t is None for t in texts):
+        raise bad_request("suffix (infilling) needs the prompt as text, not token ids", "suffix")
     prompts: list[list[int]] = []
     echoes: list[str] = []
     for text, ids in zip(texts, id_lists):
