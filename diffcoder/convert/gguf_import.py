@@ -337,7 +337,7 @@ def convert_gguf(
         n_files, n_bytes = _write_weights(reader, hp, tmp, dtype, append_row, max_shard_bytes, progress)
         save_tokenizer(vocab, tmp, model_max_length=hp.max_positions)
         _write_json(tmp / "config.json", hf_config(hp, vocab, mask_id, vocab_size, dtype))
-        _write_json(tmp / "generation_config.json", _generation_config(vocab))
+        _write_json(tmp / "generation_config.json", _generation_config(vocab, autoregressive=mask_added))
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -345,8 +345,15 @@ def convert_gguf(
     return ConversionReport(out, hp, dtype, token, mask_id, mask_added, append_row, vocab_size, n_files, n_bytes)
 
 
-def _generation_config(vocab: GGUFVocab) -> dict[str, Any]:
-    cfg = {"bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id}
+def _generation_config(vocab: GGUFVocab, autoregressive: bool) -> dict[str, Any]:
+    """Special ids, plus diffcoder's decoding defaults for a model that had no mask token.
+
+    Such a model was trained autoregressively: diffcoder can only run it one token per block with
+    shifted logits (`diffcoder chat` reads these keys when no flag overrides them).
+    """
+    cfg: dict[str, Any] = {"bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id}
+    if autoregressive:
+        cfg.update(block_length=1, shift=True)
     return {k: v for k, v in cfg.items() if v is not None}
 
 
