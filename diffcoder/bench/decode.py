@@ -10,11 +10,12 @@ measured here (a large read), and the fraction reached is weight bytes x passes/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -58,10 +59,9 @@ def sync(device: torch.device) -> None:
 def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> DiffCoderLM:
     """Random weights straight on the device (an 8B model is not built on the CPU first)."""
     cfg = ModelConfig(**{"mask_token_id": 5, "max_position_embeddings": 8192, **PRESETS[shape]})
-    with torch.device("meta"):
+    with default_dtype(dtype), torch.device("meta"):
         model = DiffCoderLM(cfg)
-    model.to_empty(device=device)
-    model.to(dtype)
+    model.to_empty(device=device)  # allocated once, in the target dtype
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -80,10 +80,9 @@ def hf_twin(model: DiffCoderLM) -> Any:
     import transformers
 
     hcfg = transformers.LlamaConfig(**model.config.to_dict())
-    with torch.device("meta"):
+    with default_dtype(model.dtype), torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hcfg)
     hf.to_empty(device=model.device)
-    hf.to(model.dtype)
     hf.load_state_dict(model.state_dict(), strict=False)
     if model.config.tie_word_embeddings:
         hf.tie_weights()
@@ -91,6 +90,16 @@ def hf_twin(model: DiffCoderLM) -> Any:
     with torch.device(model.device):  # inv_freq was left uninitialised by to_empty
         hf.model.rotary_emb = type(rot)(config=hcfg)
     return hf.eval()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
 
 
 def weight_bytes_per_pass(model: DiffCoderLM) -> int:
