@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -108,13 +109,21 @@ def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None
                       "context_length": info.context_length}],
         }
 
+    # Planning tokenizes the prompt: done in a worker thread so a long prompt never stalls the loop,
+    # one at a time because a transformers tokenizer may adjust its (shared) settings per call.
+    plan_lock = threading.Lock()
+
+    def planned(fn: Any, body: Any) -> Plan:
+        with plan_lock:
+            return fn(body, info, _tag())
+
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _serve(request, plan_completion(body, info, _tag()), chat=False)
+        return await _serve(request, await asyncio.to_thread(planned, plan_completion, body), chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat(body: ChatRequest, request: Request) -> Response:
-        return await _serve(request, plan_chat(body, info, _tag()), chat=True)
+        return await _serve(request, await asyncio.to_thread(planned, plan_chat, body), chat=True)
 
     async def _serve(request: Request, plan: Plan, chat: bool) -> Response:
         sched = holder["s"]
