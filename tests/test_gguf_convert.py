@@ -80,6 +80,11 @@ def _train_tokenizer(pre: str = "smollm") -> Any:
     return tok
 
 
+@pytest.fixture(scope="module")
+def reference_tokenizer() -> Any:
+    return _train_tokenizer()
+
+
 def _vocab_of(tok: Any) -> tuple[list[str], list[str], list[int]]:
     """(tokens by id, merges as 'a b', llama.cpp token types) of a trained tokenizer."""
     data = json.loads(tok.to_str())
@@ -212,6 +217,8 @@ def test_f32_roundtrip_reproduces_logits(tmp_path: Path, reference_tokenizer: An
     assert cfg["tie_word_embeddings"] is tied and cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["num_key_value_heads"] == 2 and cfg["rms_norm_eps"] == pytest.approx(1e-5)
     assert rep.mask_added and rep.row_added and cfg["mask_token_id"] == rep.vocab_size - 1
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["block_length"] == 1 and gen["shift"] is True  # an AR model: decode it AR-style
     ids = _ids()
     with torch.no_grad():
         want = src(ids).logits
@@ -324,6 +331,7 @@ def test_existing_mask_token_is_reused(tmp_path: Path, reference_tokenizer: Any)
     assert rep.mask_id == n_tokens - 1
     model = diffcoder.load(tmp_path / "out", dtype="float32")
     assert model.mask_id == model.tokenizer.mask_id == rep.mask_id
+    assert "shift" not in model.generation_defaults  # a diffusion port keeps block decoding
 
 
 def test_mask_takes_a_padding_row_when_there_is_one(tmp_path: Path, reference_tokenizer: Any) -> None:
