@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffcoder.eval.benchmarks import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, MBPP_PLUS_TIMEOUT_FACTOR, load_benchmark
+from diffcoder.eval.benchmarks import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, SLOW_TASK_TIMEOUT_FACTOR, load_benchmark
 from diffcoder.eval.harness import EvalSpec, execute
 from diffcoder.eval.sandbox import Limits, SandboxUnavailable, detect_isolation
 
@@ -27,7 +27,7 @@ def tier() -> str:
         pytest.skip(f"no sandbox here: {exc}")
 
 
-def _run(problems, samples, tmp_path: Path, tier: str, name: str, timeout: float = 20) -> dict:
+def _run(problems, samples, tmp_path: Path, tier: str, name: str, timeout: float = 10) -> dict:
     spec = EvalSpec(name, tier, Limits(timeout_s=timeout), workers=2)
     return execute(problems, samples, tmp_path / name, spec)
 
@@ -67,7 +67,7 @@ def test_full_canonical_passes(name: str, tmp_path: Path, tier: str) -> None:
                                          ("humaneval-infill-multi", 150), ("humaneval-infill-span", 40),
                                          ("humaneval-infill-span-light", 8)])
 def test_canonical_slice_passes(name: str, stride: int, tmp_path: Path, tier: str) -> None:
-    slow = {f"Mbpp/{n}" for n in MBPP_PLUS_TIMEOUT_FACTOR} if name == "mbpp-plus" else set()
+    slow = set(SLOW_TASK_TIMEOUT_FACTOR)
     problems = [p for p in load_benchmark(name)[::stride]
                 if p.task_id not in MBPP_PLUS_KNOWN_BROKEN and p.task_id not in slow]
     samples = {p.task_id: [p.canonical_sample()] for p in problems}

@@ -30,8 +30,18 @@ def _main():  # noqa: C901 - one linear script on purpose: no globals the progra
     _BaseException, _MemoryError, _AssertionError = BaseException, MemoryError, AssertionError
     _RecursionError = RecursionError
     nonce_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+    _streams = (sys.stdout, sys.stderr)
+
+    def flush_output():
+        # os._exit skips interpreter shutdown: flush what the program printed (for the logs).
+        for stream in _streams:
+            try:
+                stream.flush()
+            except _BaseException:
+                pass
 
     def report(status, reason):
+        flush_output()
         line = (status + " " + " ".join(str(reason).split()))[:400]
         try:
             _write(result_fd, line.encode("utf-8", "replace") + b"\n")
@@ -169,6 +179,7 @@ def _main():  # noqa: C901 - one linear script on purpose: no globals the progra
     def epilogue():
         if thread_count() > 1:
             report("FAILED", "the program left background threads running")
+        flush_output()
         nonce = _read(nonce_fd, 256)
         _write(result_fd, b"PASS " + nonce + b"\n")
         _exit(0)

@@ -93,7 +93,8 @@ def _mbpp_problem(task_id: str, text: str, code: str, tests: list[str], setup: s
     instruction = (f"{text.strip()} Your code should pass this test:\n\n{first.strip()}\n\n"
                    "Write the solution as a ```python code block.")
     return Problem(task_id, "mbpp", prompt, code.replace("\r\n", "\n"), test,
-                   entry_point=_called_name(first), instruction=instruction)
+                   entry_point=_called_name(first), instruction=instruction,
+                   extra={"timeout_factor": SLOW_TASK_TIMEOUT_FACTOR.get(task_id, 1)})
 
 
 def _called_name(assert_line: str) -> str | None:
@@ -155,10 +156,10 @@ _CONVERTERS.update({
     615: lambda inp: [_deep_t(a) for a in inp],
     791: lambda inp: [_deep_t(a) for a in inp],
 })
-# MBPP+ tasks whose reference alone runs for many seconds on the plus inputs (measured with
-# `python -m diffcoder.eval.report mbpp-plus`): EvalPlus scales time limits by the reference's
-# runtime, we scale the per-sample wall limit by these factors.
-MBPP_PLUS_TIMEOUT_FACTOR = {255: 3, 271: 3, 392: 4, 599: 24}
+# Tasks whose reference alone runs for seconds (MBPP+ on its large plus inputs; Mbpp/123 sums
+# amicable numbers below 10,000), measured with `python -m diffcoder.eval.report`. EvalPlus
+# scales time limits by the reference's runtime; we scale the per-sample wall limit by these.
+SLOW_TASK_TIMEOUT_FACTOR = {"Mbpp/123": 3, "Mbpp/255": 3, "Mbpp/271": 3, "Mbpp/392": 4, "Mbpp/599": 24}
 # References in the pre-release MBPP+ snapshot that cannot pass their own tests: they return
 # `re.Match` objects, and two Match objects never compare equal.
 MBPP_PLUS_KNOWN_BROKEN = {"Mbpp/737": "reference returns re.Match", "Mbpp/787": "reference returns re.Match",
@@ -185,7 +186,7 @@ def _mbpp_plus() -> list[Problem]:
                          "Write the solution as a ```python code block."),
             extra={"inputs_json": json.dumps(inputs), "atol": float(r["atol"] or 0),
                    "special": _SPECIAL.get(r["entry_point"]), "n_inputs": len(inputs),
-                   "timeout_factor": MBPP_PLUS_TIMEOUT_FACTOR.get(number, 1)}))
+                   "timeout_factor": SLOW_TASK_TIMEOUT_FACTOR.get(r["task_id"], 1)}))
     return problems
 
 

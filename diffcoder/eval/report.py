@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .benchmarks import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, MBPP_PLUS_TIMEOUT_FACTOR, load_benchmark
+from .benchmarks import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, SLOW_TASK_TIMEOUT_FACTOR, load_benchmark
 from .harness import EvalSpec, execute
 from .sandbox import Limits, detect_isolation
 
@@ -55,7 +55,7 @@ def markdown(rows: list[dict], slow: list[dict], workers: int, timeout: float) -
         lines += ["", "Slowest MBPP+ references (reference and solution both run per sample):", "",
                   "| task | seconds | timeout factor |", "| --- | ---: | ---: |"]
         for r in slow:
-            factor = MBPP_PLUS_TIMEOUT_FACTOR.get(int(r["task_id"].split("/")[1]), 1)
+            factor = SLOW_TASK_TIMEOUT_FACTOR.get(r["task_id"], 1)
             lines.append(f"| {r['task_id']} | {r['duration_s']} | {factor} |")
     return "\n".join(lines)
 

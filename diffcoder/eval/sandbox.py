@@ -181,10 +181,13 @@ class Sandbox:
         self._cgroup: _PidsCgroup | None = None
         if self.tier not in ("bwrap", "unshare", "none"):
             raise ValueError(f"unknown sandbox tier {self.tier!r}")
-        if os.geteuid() == 0 and not self.probe and self.tier != "none":
+        if os.geteuid() == 0 and not self.probe:
             try:
                 self._cgroup = _PidsCgroup(self.slot, self.limits.max_procs)
             except SandboxUnavailable as exc:
+                if self.tier == "none":  # the user already accepted running without isolation
+                    print(f"warning: no process limit as root ({exc})", file=sys.stderr)
+                    return
                 raise SandboxUnavailable(
                     f"running as root, where RLIMIT_NPROC does not apply, and {exc}: fork "
                     "bombs could not be contained. Run as a normal user, or pass "
