@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,6 +73,10 @@ def run_serve(args: argparse.Namespace) -> int:
     model = diffcoder.load(model_dir, device=args.device, dtype=dtype)
     name = args.model_name or os.path.basename(os.path.normpath(model_dir))
     app = create_app(model, model_name=name, config=config)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/ (playground at /, API at /v1)", flush=True)
+    where = f"http://{args.host}:{args.port}/" if args.port else f"{args.host} (a free port; uvicorn prints it)"
+    print(f"serving {name!r} on {where} (playground at /, API at /v1)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this machine "
+              "can use the model", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
