@@ -200,6 +200,15 @@ def test_body_over_limit_is_413(server):
     r = _post(server, {"prompt": "x" * (2 << 20)})
     assert r.status_code == 413 and "--max-body-bytes" in r.json()["error"]["message"]
 
+    def chunked():  # no Content-Length: the limit must hold on the bytes actually sent
+        yield b'{"prompt": "'
+        for _ in range(32):
+            yield b"x" * (64 << 10)
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
 
 def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
