@@ -14,7 +14,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -335,7 +335,7 @@ def _sse(obj: dict[str, Any]) -> str:
 
 # -- auth, errors, limits, metrics ----------------------------------------------------------
 
-def _auth_dependency(api_key: str | None):
+def _auth_dependency(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
     async def check(request: Request) -> None:
         if api_key is None:
             return
