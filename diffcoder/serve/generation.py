@@ -103,7 +103,7 @@ def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max
             "steps",
         )
     longest = max(prompt_lens)
-    # Alignment may pull up to block-1 prompt tokens into the first generated block.
+    # The engine checks this too; this message also explains the rounding of max_tokens.
     if longest + gen_length > info.context_length:
         raise bad_request(
             f"prompt ({longest} tokens) + max_tokens rounded up to the block length ({gen_length}) "

@@ -145,6 +145,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.running_rows = 0
         self._running: list[Job] = []
+        self._posted = False  # whether the running batch has handed out any event yet
         self._avg_batch_s = 1.0  # for Retry-After; updated after every batch
 
     # -- lifecycle --------------------------------------------------------------------------
