@@ -363,3 +363,17 @@ def test_shutdown_answers_waiting_requests_with_503(model):
 
     (kind, exc), depth = asyncio.run(go())
     assert kind == "error" and isinstance(exc, ServerStopping) and depth == 0
+
+
+def test_requests_with_different_settings_each_get_their_own_settings(server, model):
+    # Different `steps` cannot share a batch: they wait their turn, and each gets its own decode.
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            bodies = [{"prompt": f"k{i} = ", "max_tokens": 8, "steps": 8 if i % 2 else 2} for i in range(4)]
+            return bodies, await asyncio.gather(*[c.post("/v1/completions", json=b) for b in bodies])
+
+    bodies, results = asyncio.run(go())
+    for body, r in zip(bodies, results):
+        assert r.status_code == 200
+        want = engine_text(model, model.tokenizer.encode(body["prompt"]), 8, steps=body["steps"])[0]
+        assert r.json()["choices"][0]["text"] == want
