@@ -85,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ds.add_argument("--quiet", action="store_true", help="no progress bar")
     ds.set_defaults(func=cmd_data_sft)
+    sy = data_sub.add_parser("sft-synth", help="chat JSONL 'signature + docstring -> function' from the train "
+                             "split of a `data build` directory (an offline SFT set)")
+    sy.add_argument("--data", required=True, type=Path, help="pretraining data directory (uses its files.jsonl)")
+    sy.add_argument("--out", required=True, type=Path, help="output chat JSONL file")
+    sy.add_argument("--max-samples", type=int, default=2000, help="stop after this many conversations")
+    sy.add_argument("--max-chars", type=int, default=1500, help="skip functions longer than this")
+    sy.set_defaults(func=cmd_data_sft_synth)
     data.set_defaults(func=_usage(data))
 
     tr = subparsers.add_parser("train", help="train: ar, block_diffusion (CPT) or sft; resumable; torchrun-ready")
@@ -162,6 +169,14 @@ def cmd_data_sft(args: argparse.Namespace) -> int:
                   progress=not args.quiet)
     print(json.dumps({"out": str(args.out), "splits": {s: {"samples": v["samples"], "tokens": v["tokens"]}
                                                        for s, v in m["splits"].items()}}))
+    return 0
+
+
+def cmd_data_sft_synth(args: argparse.Namespace) -> int:
+    from .sft_synth import synthesize
+
+    n = synthesize(args.data, args.out, args.max_samples, args.max_chars)
+    print(json.dumps({"out": str(args.out), "conversations": n}))
     return 0
 
 

@@ -47,12 +47,13 @@ def plot_runs(runs: list[str | Path], out: str | Path, labels: list[str] | None 
             pts = [(r["step"], r[key]) for r in recs if key in r]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=labels[i] if labels else Path(runs[i]).name, lw=1.2)
+                # One colour per run in every panel, even where another run has no data.
+                ax.plot(xs, ys, label=labels[i] if labels else Path(runs[i]).name, lw=1.2, color=f"C{i}")
             if key == "loss":
                 val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
                 if val:
                     xs, ys = zip(*val)
-                    ax.plot(xs, ys, "o--", ms=3, lw=0.8, label=f"{labels[i] if labels else Path(runs[i]).name} (val)")
+                    ax.plot(xs, ys, "o--", ms=3, lw=0.8, color=f"C{i}", label=f"{labels[i] if labels else Path(runs[i]).name} (val)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.lines:

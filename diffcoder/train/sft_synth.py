@@ -1,0 +1,87 @@
+"""An offline SFT set from a pretraining corpus: "signature + docstring -> implementation".
+
+Only files of the corpus's *train* split are used (files.jsonl of a `data build` directory), so
+the validation files stay unseen; no benchmark problem is involved. Each documented Python
+function becomes one chat: the user shows the signature and docstring, the assistant answers
+with the complete function in a fenced code block.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+PROMPT = "Implement this Python function.\n\n```python\n{stub}\n```"
+
+
+def _stub(fn: ast.FunctionDef | ast.AsyncFunctionDef, source: str) -> str | None:
+    """`def name(args) -> ret:` plus the docstring, as written in the file (dedented)."""
+    doc_node = fn.body[0]
+    seg = ast.get_source_segment(source, fn)
+    doc_seg = ast.get_source_segment(source, doc_node)
+    if seg is None or doc_seg is None:
+        return None
+    lines = source.splitlines()
+    head = lines[fn.lineno - 1:doc_node.lineno - 1]  # decorators are not part of fn.lineno
+    indent = len(lines[fn.lineno - 1]) - len(lines[fn.lineno - 1].lstrip())
+    body_indent = " " * (doc_node.col_offset - indent)
+    stub = [line[indent:] for line in head] + [body_indent + doc_seg.replace("\n" + " " * doc_node.col_offset,
+                                                                            "\n" + body_indent)]
+    return "\n".join(stub)
+
+
+def _function_text(fn: ast.AST, source: str) -> str:
+    lines = source.splitlines()
+    start, end = fn.lineno - 1, fn.end_lineno
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    return "\n".join(line[indent:] for line in lines[start:end])
+
+
+def iter_examples(path: Path, max_chars: int) -> Iterator[dict[str, Any]]:
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+            continue
+        if not ast.get_docstring(node) or node.name.startswith("test"):
+            continue
+        body = _function_text(node, source)
+        if len(body) > max_chars:
+            continue
+        stub = _stub(node, source)
+        if stub is None or len(stub) >= len(body):
+            continue
+        yield {"messages": [{"role": "user", "content": PROMPT.format(stub=stub)},
+                            {"role": "assistant", "content": f"```python\n{body}\n```"}]}
+
+
+def synthesize(datadir: str | Path, out: str | Path, max_samples: int = 2000, max_chars: int = 1500) -> int:
+    """Write chat JSONL from the train-split .py files of a data directory; returns the count."""
+    listing = Path(datadir) / "files.jsonl"
+    if not listing.exists():
+        raise FileNotFoundError(f"--data {datadir}: no files.jsonl (a `diffcoder data build` directory is needed)")
+    files = [json.loads(l) for l in listing.read_text().splitlines() if l.strip()]
+    train_py = [Path(f["path"]) for f in files if f["split"] == "train" and f["path"].endswith(".py")]
+    chats: list[str] = []
+    for path in train_py:
+        for ex in iter_examples(path, max_chars):
+            chats.append(json.dumps(ex, ensure_ascii=False))
+            if len(chats) >= max_samples:
+                break
+        if len(chats) >= max_samples:
+            break
+    if not chats:
+        raise ValueError(f"--data {datadir}: no documented Python functions in the train split")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(chats) + "\n")
+    os.replace(tmp, out)
+    return len(chats)
