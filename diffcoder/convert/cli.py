@@ -18,8 +18,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Dequantise a Llama-family GGUF file (F32/F16/BF16, Q4_0..Q8_0, K-quants, IQ-quants) into a "
             "Hugging Face-layout folder that diffcoder.load and transformers both read. An autoregressive "
-            "model has no mask token: one is added (see --mask-token); run such a model with "
-            "`diffcoder chat --block-length 1 --shift`."
+            "model has no mask token: one is added (see --mask-token), and block_length 1 + shift are stored "
+            "as its decoding defaults, so `diffcoder chat --model DIR` runs it as the AR model it is."
         ),
     )
     p.add_argument("file", metavar="FILE.gguf", help="the GGUF file to convert")
@@ -30,8 +30,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--mask-token", default=None, metavar="TOKEN",
-        help="token used as the diffusion mask: reused if the vocabulary has it, else appended as a new "
-             "special token with one new embedding row (default <[MASK_TOKEN]>)",
+        help="token used as the diffusion mask: reused if the vocabulary has it (the model is then taken "
+             "for a diffusion model), else appended as a new special token with its own embedding row "
+             "(default <[MASK_TOKEN]>)",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it already exists and is not empty")
     p.add_argument(

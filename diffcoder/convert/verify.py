@@ -83,6 +83,11 @@ def measure(gguf_path: Path, gen_length: int, threads: int | None) -> list[tuple
         rows.append(("diffcoder tokens/s (block_length=1, shift)", f"{n_tokens / t_ours:.1f}"))
         rows.append(("transformers generate tokens/s", f"{n_tokens / t_hf:.1f}"))
         rows.append((f"chat answer to {CHAT!r}", repr(answers[0])))
+        # The same prompt decoded as block diffusion (B=4, no shift), which an AR model was never
+        # trained for: shows what such a checkpoint needs CPT for.
+        res = diffcoder.generate(ours, [prompts[0]], steps=gen_length, gen_length=gen_length, block_length=4,
+                                 eos_id=tok.eos_id)
+        rows.append(("same prompt, block_length=4 without shift", repr(tok.decode(res.tokens[0]))))
     return rows
 
 
