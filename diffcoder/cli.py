@@ -51,4 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Import ourselves by name so `UserError` raised by subcommand modules (which import
+    # diffcoder.cli) is the same class as the one main() catches under `python -m`.
+    from diffcoder.cli import main as _main
+
+    sys.exit(_main())

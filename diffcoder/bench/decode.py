@@ -21,6 +21,7 @@ import torch
 
 from ..config import PRESETS, ModelConfig
 from ..model import DiffCoderLM
+from ..runners import RUNNERS
 
 
 def hardware_name(device: torch.device) -> str:
@@ -167,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=4)
     p.add_argument("--steps", type=int, help="default: gen_length (one token per pass)")
     p.add_argument("--threshold", type=float)
-    p.add_argument("--runner", default="auto", choices=["auto", "eager", "static", "cuda_graph"])
+    p.add_argument("--runner", default="auto", choices=list(RUNNERS))
     p.add_argument("--confidence-dtype", default="float64", choices=["float64", "float32"],
                    help="float64 = release parity; float32 = faster, may reorder near-ties")
     p.add_argument("--no-baseline", action="store_true", help="skip the release-approach baseline")

@@ -1,0 +1,6 @@
+"""`python -m diffcoder` = the `diffcoder` command."""
+import sys
+
+from diffcoder.cli import main
+
+sys.exit(main())
