@@ -1,0 +1,69 @@
+"""Collect benchmark outputs (each file's last line is the JSON a benchmark printed) into the
+markdown tables of benchmarks/RESULTS.md.
+
+    python benchmarks/summarize.py benchmarks/results/*/*.txt
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# Commands of runs whose JSON predates the "command" field (the H100 runs of scripts/gpu_check.sh
+# and the runner comparison right after it); gpu_results.jsonl records the rest.
+KNOWN = {
+    "sdc8b_compiled_cuda_graph": "python benchmarks/decode.py --shape sdc-8b --device cuda --dtype bfloat16 "
+                                 "--prompt-len 64 --gen-length 256 --runner compiled_cuda_graph --no-baseline "
+                                 "--batch-sizes 1,16 --repeats 2",
+    "sdc8b_cuda_graph": "python benchmarks/decode.py --shape sdc-8b --device cuda --dtype bfloat16 --prompt-len 64 "
+                        "--gen-length 256 --runner cuda_graph --no-baseline --batch-sizes 1,16 --repeats 2",
+}
+
+
+def last_json(path: Path) -> dict | None:
+    for line in reversed(path.read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def commands(paths: list[Path]) -> dict[str, str]:
+    found = dict(KNOWN)
+    for p in paths:
+        jl = p.with_name("gpu_results.jsonl")
+        if jl.exists():
+            for line in jl.read_text().splitlines():
+                d = json.loads(line)
+                if "command" in d:
+                    found.setdefault(d["name"], d["command"])
+    return found
+
+
+def main(argv: list[str]) -> None:
+    paths = [Path(a) for a in argv]
+    cmds = commands(paths)
+    print("| run | hardware | model | dtype | runner | batch | tok/s | passes/s | passes/token | % of bandwidth "
+          "limit | first block ms | baseline tok/s | speed-up | command |")
+    print("|" + "---|" * 14)
+    for p in paths:
+        d = last_json(p)
+        if d is None or "ours" not in d:
+            continue
+        cmd = d.get("command") or cmds.get(p.stem, "")
+        for key, r in d["ours"].items():
+            base = d.get("baseline") if key == "batch1" else None
+            speed = f"{d['speedup']:.2f}x" if base else ""
+            print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {d['runner']} | {key[5:]} | "
+                  f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
+                  f"{100 * r['bandwidth_fraction']:.0f}% | {1e3 * r['time_to_first_block_s']:.0f} | "
+                  f"{base['tokens_per_s']:.1f} | {speed} | `{cmd}` |" if base else
+                  f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {d['runner']} | {key[5:]} | "
+                  f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
+                  f"{100 * r['bandwidth_fraction']:.0f}% | {1e3 * r['time_to_first_block_s']:.0f} | | | `{cmd}` |")
+        if "batch_scaling" in d:
+            print(f"| {p.stem} | | | | | scaling | {d['batch_scaling']:.2f}x (largest batch / batch 1 tokens/s) "
+                  f"| | | | | | | |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
