@@ -5,11 +5,18 @@ same rows (each rank takes its slice of the global micro-batch).
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from .data import PretrainSplit, SFTSplit
+
+
+def _memo(cache: dict, key: int, make, keep: int = 4):  # noqa: ANN001, ANN202
+    """A small per-instance cache (the last few epochs' permutations / packing plans)."""
+    if key not in cache:
+        if len(cache) >= keep:
+            cache.pop(next(iter(cache)))
+        cache[key] = make(key)
+    return cache[key]
 
 
 class PretrainStream:
@@ -18,12 +25,15 @@ class PretrainStream:
     def __init__(self, split: PretrainSplit, seq_len: int, seed: int, shuffle: bool = True) -> None:
         self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
         self.n = split.n_windows(seq_len)
+        self._perms: dict[int, np.ndarray] = {}
         if self.n == 0:
             raise ValueError(f"the data has {split.tokens} tokens, fewer than one --seq-len {seq_len} window; "
                              "lower --seq-len or add data")
 
-    @lru_cache(maxsize=4)
     def _perm(self, epoch: int) -> np.ndarray:
+        return _memo(self._perms, epoch, self._make_perm)
+
+    def _make_perm(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.n)
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
@@ -51,10 +61,13 @@ class SFTStream:
             raise ValueError(f"--sft-min-eos/--sft-max-eos: need 0 <= min <= max, got {min_eos}, {max_eos}")
         self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
         self.eos_id, self.pad_id, self.min_eos, self.max_eos = eos_id, pad_id, min_eos, max_eos
+        self._plans: dict[int, list[list[tuple[int, int]]]] = {}
         self._counts: dict[int, int] = {}  # rows per epoch, kept for good (plans are recomputed on demand)
 
-    @lru_cache(maxsize=4)
     def _plan(self, epoch: int) -> list[list[tuple[int, int]]]:
+        return _memo(self._plans, epoch, self._make_plan)
+
+    def _make_plan(self, epoch: int) -> list[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, epoch, 1])
         order = rng.permutation(len(self.split)) if self.shuffle else np.arange(len(self.split))
         n_eos = rng.integers(self.min_eos, self.max_eos + 1, size=len(order))

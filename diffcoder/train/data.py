@@ -178,10 +178,9 @@ def load_tokenizer(path: str | Path) -> Any:
         raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there (train one with "
                                 "`diffcoder tokenizer train`)")
     tok = Tokenizer.from_dir(path)
-    for name in ("bos_id", "eos_id", "mask_id"):
-        if getattr(tok, name) is None:
-            raise ValueError(f"--tokenizer {path}: has no {name[:-3]} token; diffcoder training needs bos, eos "
-                             "and <[MASK_TOKEN]> (use `diffcoder tokenizer train`)")
+    if tok.eos_id is None:  # documents are separated by EOS; bos is optional, the mask is checked by `train`
+        raise ValueError(f"--tokenizer {path}: has no eos token (documents are separated by it); "
+                         "use `diffcoder tokenizer train` or a tokenizer with an eos_token")
     return tok
 
 
@@ -307,7 +306,8 @@ def _tokenize_splits(tok: Any, splits: dict[str, list[CorpusFile]], tmp: Path, d
                 chunk = files[i:i + 64]
                 encoded = tok.hf([f.text for f in chunk], add_special_tokens=False)["input_ids"]
                 for f, ids in zip(chunk, encoded):
-                    doc = np.asarray([tok.bos_id, *ids, tok.eos_id], dtype=np.int64)
+                    bos = [tok.bos_id] if tok.bos_id is not None else []
+                    doc = np.asarray([*bos, *ids, tok.eos_id], dtype=np.int64)
                     writer.write(doc)
                     rows.append({"path": str(f.path), "sha256": f.sha256, "split": split, "tokens": len(doc)})
                 bar.advance(task, len(chunk))

@@ -112,7 +112,7 @@ def check_out_dir(cfg: TrainConfig) -> Path:
 def build_model(cfg: TrainConfig, data_tok_info: dict[str, Any]) -> tuple[Any, Any]:
     """(model in float32 on CPU, tokenizer), checked against the data's tokenizer."""
     import diffcoder
-    from diffcoder.config import PRESETS, ModelConfig
+    from diffcoder.config import ModelConfig
     from diffcoder.model import DiffCoderLM
 
     from .data import load_tokenizer
@@ -220,6 +220,9 @@ def generation_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    # Temporary directories of a save that was killed half-way are never a checkpoint: remove them.
+    for tmp in (out / CKPT_DIR).glob(".step-*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
     ckpts = sorted(p for p in (out / CKPT_DIR).glob("step-*") if (p / "trainer.pt").exists())
     return ckpts[-1] if ckpts else None
 
@@ -461,7 +464,7 @@ class Trainer:
             for step in range(self.state["step"], cfg.steps):
                 rec = self.train_step(step)
                 if not math.isfinite(rec["loss"]):
-                    raise FloatingPointError(f"loss became {rec['loss']} at step {step + 1}; lower --lr or check data")
+                    raise ValueError(f"loss became {rec['loss']} at step {step + 1}; lower --lr or check data")
                 done = step + 1
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     rec["val_loss"] = self.evaluate()
