@@ -275,3 +275,21 @@ def test_plot_overlays_runs(ar_final: Path, tmp_path: Path, capsys: pytest.Captu
     assert rc == 0 and out.read_bytes()[:4] == b"\x89PNG"
     rc, err = run_cli(capsys, "plot", str(tmp_path), "--out", str(out))
     assert rc == 2 and "no metrics.jsonl" in err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "runs" / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_pipeline_configs_are_valid(path: Path) -> None:
+    from diffcoder.train.config import load_toml, make_config
+
+    cfg = make_config(load_toml(path), {"data": "d", "out": "o", "init": "i"})
+    cfg.validate()
+
+
+def test_lr_schedules() -> None:
+    from diffcoder.train.trainer import lr_lambda
+
+    cos = lr_lambda(TrainConfig(steps=100, lr=1.0, min_lr=0.1, lr_warmup=10))
+    assert [round(cos(s), 6) for s in (0, 9)] == [0.1, 1.0]
+    assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    wsd = lr_lambda(TrainConfig(steps=100, lr=1.0, min_lr=0.0, lr_warmup=0, lr_schedule="wsd", wsd_decay_frac=0.2))
+    assert wsd(0) == 1.0 and wsd(79) == 1.0 and wsd(89) == pytest.approx(0.5) and wsd(99) == pytest.approx(0.0)
