@@ -432,3 +432,8 @@ def test_cli_converts_and_reports(tmp_path: Path, reference_tokenizer: Any, caps
     rc = main(["convert", "gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("diffcoder convert: error:") and "--force" in err[-1]
+    # with the progress bar, replacing the folder
+    rc = main(["convert", "gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out"), "--force",
+               "--dtype", "bfloat16"])
+    assert rc == 0 and "bfloat16" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -43,6 +43,24 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_gguf)
 
 
+def _convert_with_bar(file: str, out: str, kwargs: dict[str, Any]) -> Any:
+    """convert_gguf with a rich progress bar (on stderr) over the tensors."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from diffcoder.convert.gguf_import import convert_gguf
+
+    columns = (TextColumn("dequantising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        return convert_gguf(file, out, progress=update, **kwargs)
+
+
 def _missing_format(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -53,16 +71,12 @@ def run_gguf(args: argparse.Namespace) -> int:
 
     if args.max_shard_mib <= 0:
         raise ValueError(f"--max-shard-mib must be positive, got {args.max_shard_mib}")
-    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = convert_gguf(
-        args.file,
-        args.out,
-        dtype=args.dtype,
-        mask_token=args.mask_token,
-        overwrite=args.force,
-        max_shard_bytes=args.max_shard_mib << 20,
-        progress=progress,
-    )
+    kwargs = dict(dtype=args.dtype, mask_token=args.mask_token, overwrite=args.force,
+                  max_shard_bytes=args.max_shard_mib << 20)
+    if args.quiet:
+        report = convert_gguf(args.file, args.out, **kwargs)
+    else:
+        report = _convert_with_bar(args.file, args.out, kwargs)
     hp = report.hparams
     how = "appended as" if report.mask_added else "= existing"
     mask = f"mask {report.mask_token!r} {how} id {report.mask_id}"

@@ -296,6 +296,7 @@ def hf_config(hp: LlamaHParams, vocab: GGUFVocab, mask_id: int, vocab_size: int,
     )
     d = {k: v for k, v in cfg.to_dict().items() if k not in _GENERIC_CONFIG_KEYS}
     d["rope_theta"] = hp.rope_theta  # transformers 4.x spelling, next to 5.x's rope_parameters
+    d["torch_dtype"] = dtype  # 4.x spelling of `dtype`, which diffcoder.load reads as its default
     d["mask_token_id"] = mask_id  # read by diffcoder.load; transformers keeps it as an attribute
     return d
 
@@ -308,9 +309,12 @@ def convert_gguf(
     mask_token: str | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> ConversionReport:
-    """Convert a Llama-family GGUF file into a Hugging Face-layout checkpoint folder."""
+    """Convert a Llama-family GGUF file into a Hugging Face-layout checkpoint folder.
+
+    `progress(done, total, tensor_name)` is called after each tensor is dequantised.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     out = Path(out_dir)
@@ -364,7 +368,7 @@ def _write_weights(
     dtype: str,
     append_row: bool,
     max_shard_bytes: int,
-    progress: Callable[[str], None] | None,
+    progress: Callable[[int, int, str], None] | None,
 ) -> tuple[int, int]:
     """Dequantise tensor by tensor into safetensors shards (one shard in memory at a time).
 
@@ -378,7 +382,7 @@ def _write_weights(
     current_bytes = 0
     for i, (name, w) in enumerate(iter_state_dict(reader, hp)):
         if progress:
-            progress(f"[{i + 1}/{len(reader.tensors)}] {name}")
+            progress(i + 1, len(reader.tensors), name)
         if append_row and name in ("model.embed_tokens.weight", "lm_head.weight"):
             # The new mask row is the mean embedding: a neutral input, and an unremarkable logit.
             w = np.concatenate([w, w.mean(axis=0, keepdims=True)], axis=0)
