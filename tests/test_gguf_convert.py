@@ -100,16 +100,19 @@ def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tiny_hf_model(vocab_size: int, tied: bool, seed: int = 0) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_hf_model(vocab_size: int, tied: bool, seed: int = 0, arch: str = "llama") -> Any:
+    import transformers
 
-    cfg = LlamaConfig(
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }.get(arch, (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = config_cls(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=ROPE_THETA, tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():  # weights large enough that a wrong permutation shows in the logits
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
@@ -133,7 +136,7 @@ def write_gguf(
     """Write a tiny Llama GGUF the way llama.cpp would; returns the `transformers` model it holds."""
     tokens, merges, types = _vocab_of(tok)
     tokens, types = tokens + list(extra_tokens), types + [3] * len(extra_tokens)
-    model = _tiny_hf_model(len(tokens) + pad_rows, tied)
+    model = _tiny_hf_model(len(tokens) + pad_rows, tied, arch=arch)
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -156,7 +159,7 @@ def write_gguf(
     w.add_pad_token_id(tokens.index("<|im_end|>"))
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    for name, arr, raw in _gguf_tensors(model, qtype):
+    for name, arr, raw in _gguf_tensors(model, qtype, permute_qk=arch != "qwen2"):
         if name != drop_tensor:
             w.add_tensor(name, arr, raw_dtype=raw)
     if extra_tensor is not None:
@@ -168,7 +171,7 @@ def write_gguf(
     return model
 
 
-def _gguf_tensors(model: Any, qtype: Any) -> list[tuple[str, np.ndarray, Any]]:
+def _gguf_tensors(model: Any, qtype: Any, permute_qk: bool = True) -> list[tuple[str, np.ndarray, Any]]:
     cfg = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     names = {
@@ -182,11 +185,13 @@ def _gguf_tensors(model: Any, qtype: Any) -> list[tuple[str, np.ndarray, Any]]:
     for i in range(cfg.num_hidden_layers):
         for hf, gg in names.items():
             arr = sd[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
+            if permute_qk and gg == "attn_q":
                 arr = _llama_cpp_permute(arr, cfg.num_attention_heads)
-            elif gg == "attn_k":
+            elif permute_qk and gg == "attn_k":
                 arr = _llama_cpp_permute(arr, cfg.num_key_value_heads)
             out.append((f"blk.{i}.{gg}.weight", arr))
+            if f"model.layers.{i}.{hf}.bias" in sd:  # Qwen2's q/k/v biases (llama.cpp leaves them as is)
+                out.append((f"blk.{i}.{gg}.bias", sd[f"model.layers.{i}.{hf}.bias"]))
     result = []
     for name, arr in out:
         if qtype is not None and arr.ndim == 2:
@@ -290,6 +295,27 @@ def test_sharded_output_loads(tmp_path: Path, reference_tokenizer: Any) -> None:
         ours = diffcoder.load(tmp_path / "out", dtype="float32")(ids, attn_mask="causal")[..., : want.shape[-1]]
         hf = _hf_load(tmp_path / "out")(ids).logits[..., : want.shape[-1]]
     assert (ours - want).abs().max().item() < 1e-4 and (hf - want).abs().max().item() < 1e-4
+
+
+def test_qwen2_with_biases_reproduces_logits(tmp_path: Path, reference_tokenizer: Any) -> None:
+    """Qwen2 GGUFs keep the HF q/k row order (llama.cpp runs them with NeoX rope) and add biases."""
+    import diffcoder
+
+    src = write_gguf(tmp_path / "m.gguf", reference_tokenizer, arch="qwen2", pre="qwen2", tied=False)
+    assert src.model.layers[0].self_attn.q_proj.bias.abs().max().item() > 0.1  # biases matter here
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float32")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["model_type"] == "qwen2"
+    ids = _ids()
+    with torch.no_grad():
+        want = src(ids).logits
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+        got_hf = hf(ids).logits[..., : want.shape[-1]]
+        ours = diffcoder.load(tmp_path / "out", dtype="float32")(ids, attn_mask="causal")[..., : want.shape[-1]]
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    assert (got_hf - want).abs().max().item() < 1e-4 and (ours - want).abs().max().item() < 1e-4
 
 
 # --------------------------------------------------------------------------- tokenizer

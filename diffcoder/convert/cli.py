@@ -16,7 +16,7 @@ def register(subparsers: Any) -> None:
         "gguf",
         help="GGUF (llama.cpp) Llama-family model -> Hugging Face checkpoint + tokenizer",
         description=(
-            "Dequantise a Llama-family GGUF file (F32/F16/BF16, Q4_0..Q8_0, K-quants, IQ-quants) into a "
+            "Dequantise a Llama-family GGUF file (architecture llama or qwen2; F32/F16/BF16, Q4_0..Q8_0, K-quants, IQ-quants) into a "
             "Hugging Face-layout folder that diffcoder.load and transformers both read. An autoregressive "
             "model has no mask token: one is added (see --mask-token), and block_length 1 + shift are stored "
             "as its decoding defaults, so `diffcoder chat --model DIR` runs it as the AR model it is."
@@ -81,7 +81,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     how = "appended as" if report.mask_added else "= existing"
     mask = f"mask {report.mask_token!r} {how} id {report.mask_id}"
     print(
-        f"wrote {report.out_dir}: llama, {hp.n_layers} layers, hidden {hp.hidden}, heads {hp.n_heads}/{hp.n_kv_heads}, "
+        f"wrote {report.out_dir}: {hp.arch}, {hp.n_layers} layers, hidden {hp.hidden}, heads {hp.n_heads}/{hp.n_kv_heads}, "
         f"vocab {report.vocab_size}, {'tied' if hp.tied else 'untied'} embeddings, {report.dtype}, {mask}, "
         f"{report.n_bytes / 2**20:.0f} MiB in {report.n_files} file(s)"
     )

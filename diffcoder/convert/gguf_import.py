@@ -1,9 +1,10 @@
-"""GGUF (llama.cpp) -> Hugging Face-layout checkpoint for Llama-family models.
+"""GGUF (llama.cpp) -> Hugging Face-layout checkpoint for Llama-family models (llama, qwen2).
 
 The `gguf` package parses the file and dequantises every common quant type; what is ours is the
 mapping back to the Hugging Face layout:
 - tensor names (`blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight`, ...);
-- the q/k row permutation llama.cpp applies for its rotary layout (undone here);
+- the q/k row permutation llama.cpp applies for its LLaMA rotary layout (undone here; Qwen2
+  files are not permuted, llama.cpp runs them with NeoX-style rope, and carry q/k/v biases);
 - config.json from the `llama.*` hyper-parameters (tied embeddings when there is no `output`);
 - the tokenizer from the `tokenizer.*` metadata (see gguf_tokenizer.py);
 - a mask token, which an autoregressive model lacks and `diffcoder.load` requires.
@@ -27,7 +28,23 @@ import numpy as np
 from diffcoder.convert.gguf_tokenizer import GGUFVocab, check_supported, save_tokenizer
 
 DEFAULT_MASK_TOKEN = "<[MASK_TOKEN]>"  # the spelling Stable-DiffCoder's tokenizer uses
-SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one GGUF architecture maps onto a Hugging Face class."""
+
+    hf_architecture: str
+    config_class: str  # the transformers config class that writes config.json
+    permute_qk: bool  # llama.cpp permutes q/k rows only for its LLaMA rope layout, not Qwen2's (NeoX)
+    qkv_bias: bool  # Qwen2 has biases on q, k and v
+
+
+ARCHITECTURES = {
+    "llama": ArchSpec("LlamaForCausalLM", "LlamaConfig", permute_qk=True, qkv_bias=False),
+    "qwen2": ArchSpec("Qwen2ForCausalLM", "Qwen2Config", permute_qk=False, qkv_bias=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 DTYPES = ("bfloat16", "float32")
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 
@@ -42,6 +59,11 @@ _LAYER_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BIAS_TENSORS = {
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
 }
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -60,6 +82,7 @@ _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 class LlamaHParams:
     """The hyper-parameters of a Llama-family GGUF, in Hugging Face terms."""
 
+    arch: str  # a key of ARCHITECTURES
     n_layers: int
     hidden: int
     intermediate: int
@@ -147,6 +170,7 @@ def read_hparams(reader: Any) -> LlamaHParams:
     if "token_embd.weight" not in names:
         raise ValueError("the GGUF file has no token_embd.weight tensor")
     return LlamaHParams(
+        arch=arch,
         n_layers=int(meta.get(f"{arch}.block_count")),
         hidden=hidden,
         intermediate=int(meta.get(f"{arch}.feed_forward_length")),
@@ -185,13 +209,18 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def hf_name(gguf_name: str, n_layers: int) -> str:
+def _layer_tensors(hp: LlamaHParams) -> dict[str, str]:
+    return {**_LAYER_TENSORS, **(_BIAS_TENSORS if ARCHITECTURES[hp.arch].qkv_bias else {})}
+
+
+def hf_name(gguf_name: str, hp: LlamaHParams) -> str:
     """The Hugging Face parameter name of a GGUF tensor; ValueError for anything else."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     m = _LAYER_NAME.match(gguf_name)
-    if m and m.group(2) in _LAYER_TENSORS and int(m.group(1)) < n_layers:
-        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}"
+    layer_tensors = _layer_tensors(hp)
+    if m and m.group(2) in layer_tensors and int(m.group(1)) < hp.n_layers:
+        return f"model.layers.{m.group(1)}.{layer_tensors[m.group(2)]}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no place in a plain Llama checkpoint (unsupported variant)")
 
 
@@ -237,12 +266,13 @@ def dequantized(t: Any) -> np.ndarray:
 
 def iter_state_dict(reader: Any, hp: LlamaHParams) -> Iterator[tuple[str, np.ndarray]]:
     """(hf_name, float32 array) for every tensor, q/k rows restored to the HF layout."""
+    permute = ARCHITECTURES[hp.arch].permute_qk
     for t in reader.tensors:
-        name = hf_name(t.name, hp.n_layers)
+        name = hf_name(t.name, hp)
         w = dequantized(t)
-        if t.name.endswith("attn_q.weight"):
+        if permute and t.name.endswith("attn_q.weight"):
             w = unpermute_rope_rows(w, hp.n_heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif permute and t.name.endswith("attn_k.weight"):
             w = unpermute_rope_rows(w, hp.n_kv_heads)
         yield name, w
 
@@ -251,7 +281,7 @@ def expected_names(hp: LlamaHParams) -> set[str]:
     """The HF parameter names a complete checkpoint of these hyper-parameters has."""
     names = {"model.embed_tokens.weight", "model.norm.weight"} | (set() if hp.tied else {"lm_head.weight"})
     for i in range(hp.n_layers):
-        names |= {f"model.layers.{i}.{v}" for v in _LAYER_TENSORS.values()}
+        names |= {f"model.layers.{i}.{v}" for v in _layer_tensors(hp).values()}
     return names
 
 
@@ -270,10 +300,11 @@ def resolve_mask(vocab: GGUFVocab, hp: LlamaHParams, mask_token: str | None) -> 
 
 
 def hf_config(hp: LlamaHParams, vocab: GGUFVocab, mask_id: int, vocab_size: int, dtype: str) -> dict[str, Any]:
-    """config.json contents, built with transformers' own LlamaConfig so every key is canonical."""
-    from transformers import LlamaConfig
+    """config.json contents, built with transformers' own config class so every key is canonical."""
+    import transformers
 
-    cfg = LlamaConfig(
+    spec = ARCHITECTURES[hp.arch]
+    cfg = getattr(transformers, spec.config_class)(
         vocab_size=vocab_size,
         hidden_size=hp.hidden,
         intermediate_size=hp.intermediate,
@@ -285,13 +316,11 @@ def hf_config(hp: LlamaHParams, vocab: GGUFVocab, mask_id: int, vocab_size: int,
         rms_norm_eps=hp.rms_eps,
         rope_theta=hp.rope_theta,
         tie_word_embeddings=hp.tied,
-        attention_bias=False,
-        mlp_bias=False,
         hidden_act="silu",
         bos_token_id=vocab.bos_id,
         eos_token_id=vocab.eos_id,
         pad_token_id=vocab.pad_id,
-        architectures=["LlamaForCausalLM"],
+        architectures=[spec.hf_architecture],
         dtype=dtype,
     )
     d = {k: v for k, v in cfg.to_dict().items() if k not in _GENERIC_CONFIG_KEYS}
