@@ -277,6 +277,13 @@ def iter_state_dict(reader: Any, hp: LlamaHParams) -> Iterator[tuple[str, np.nda
         yield name, w
 
 
+def check_tensor_names(reader: Any, hp: LlamaHParams) -> None:
+    """ValueError for a tensor we have no place for, or a missing one, before any dequantising."""
+    missing = expected_names(hp) - {hf_name(t.name, hp) for t in reader.tensors}
+    if missing:
+        raise ValueError(f"the GGUF file lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+
+
 def expected_names(hp: LlamaHParams) -> set[str]:
     """The HF parameter names a complete checkpoint of these hyper-parameters has."""
     names = {"model.embed_tokens.weight", "model.norm.weight"} | (set() if hp.tied else {"lm_head.weight"})
@@ -356,6 +363,7 @@ def convert_gguf(
     vocab = read_vocab(reader)
     check_supported(vocab)  # fail on the tokenizer before spending minutes on the weights
     check_quant_types(reader)
+    check_tensor_names(reader, hp)
     if len(vocab.tokens) > hp.vocab_rows:
         raise ValueError(f"the tokenizer has {len(vocab.tokens)} tokens but token_embd only {hp.vocab_rows} rows")
     token, mask_id, append_row = resolve_mask(vocab, hp, mask_token)
@@ -424,10 +432,6 @@ def _write_weights(
         current[name] = tensor
         current_bytes += size
     shard_names.append(_save_shard(current, folder, len(shard_names)))
-    seen = {n for names in shard_names for n in names}
-    missing = expected_names(hp) - seen
-    if missing:
-        raise ValueError(f"the GGUF file lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     return _name_shards(shard_names, folder)
 
 
@@ -451,6 +455,7 @@ def _name_shards(shard_names: list[list[str]], folder: Path) -> tuple[int, int]:
         os.replace(folder / f"shard-{idx:05d}.safetensors", folder / final)
         total += (folder / final).stat().st_size
         weight_map.update({name: final for name in names})
+    # total_size is informational in the Hugging Face index; ours is the bytes on disk.
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_json(folder / "model.safetensors.index.json", index)
     return n, total
