@@ -222,3 +222,15 @@ def test_environment_is_scrubbed(tier: str, monkeypatch: pytest.MonkeyPatch) -> 
         sb.close()
     assert res.passed, res
     assert os.environ["DIFFCODER_TEST_SECRET"] == "do-not-leak"
+
+
+def test_many_runs_do_not_exhaust_the_process_limit(tier: str) -> None:
+    """Regression: bwrap's pid namespace left a pids-cgroup charge per run (kernel 6.18), so a
+    long benchmark hit pids.max after max_procs runs. Each run now gets a fresh cgroup."""
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256, max_procs=6))
+    try:
+        statuses = [sb.run({"mode": "script", "program": "x = 1\n", "test": "assert x == 1\n", "check": None}).status
+                    for _ in range(20)]
+    finally:
+        sb.close()
+    assert statuses == ["passed"] * 20

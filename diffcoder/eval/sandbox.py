@@ -35,6 +35,10 @@ class SandboxUnavailable(RuntimeError):
     """The requested isolation cannot be set up on this machine (says what to install)."""
 
 
+class _TransientStartFailure(RuntimeError):
+    """The sandbox could not start for lack of a resource right now; worth a retry."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-program limits. `cpu_s` defaults to the wall timeout rounded up plus one."""
@@ -76,7 +80,7 @@ def _python_paths() -> tuple[str, str]:
 class _PidsCgroup:
     """A pids cgroup per worker slot: RLIMIT_NPROC does not bind uid 0, a pids cgroup does."""
 
-    def __init__(self, slot: int, max_procs: int):
+    def __init__(self, slot: int, max_procs: int, run: int = 0):
         base = None
         for candidate in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
             if os.path.exists(os.path.join(candidate, "cgroup.procs")) and os.access(candidate, os.W_OK):
@@ -86,7 +90,7 @@ class _PidsCgroup:
                 break
         if base is None:
             raise SandboxUnavailable("no writable pids cgroup")
-        self.path = os.path.join(base, f"diffcoder-eval-{os.getpid()}-{slot}")
+        self.path = os.path.join(base, f"diffcoder-eval-{os.getpid()}-{slot}-{run}")
         os.makedirs(self.path, exist_ok=True)
         try:
             with open(os.path.join(self.path, "pids.max"), "w") as f:
@@ -178,12 +182,15 @@ class Sandbox:
     probe: bool = False
 
     def __post_init__(self) -> None:
-        self._cgroup: _PidsCgroup | None = None
+        self._cgroup: _PidsCgroup | None = None  # the current run's, when running as root
+        self._use_cgroup = False
+        self._runs = 0
         if self.tier not in ("bwrap", "unshare", "none"):
             raise ValueError(f"unknown sandbox tier {self.tier!r}")
         if os.geteuid() == 0 and not self.probe:
             try:
-                self._cgroup = _PidsCgroup(self.slot, self.limits.max_procs)
+                _PidsCgroup(self.slot, self.limits.max_procs).close()  # can we make one?
+                self._use_cgroup = True
             except SandboxUnavailable as exc:
                 if self.tier == "none":  # the user already accepted running without isolation
                     print(f"warning: no process limit as root ({exc})", file=sys.stderr)
@@ -244,7 +251,30 @@ class Sandbox:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, job: dict, timeout_factor: float = 1.0) -> ExecResult:
-        """Run one job (see _runner.py); never raises for anything the program does."""
+        """Run one job (see _runner.py); never raises for anything the program does.
+
+        Retries a sandbox that failed to start for lack of a resource (EAGAIN under load)."""
+        for attempt in range(4):
+            try:
+                return self._run_once(job, timeout_factor)
+            except _TransientStartFailure as exc:
+                if attempt == 3:
+                    raise SandboxUnavailable(f"the {self.tier} sandbox failed to start: {exc}") from None
+                time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _run_once(self, job: dict, timeout_factor: float) -> ExecResult:
+        # A fresh pids cgroup per run: bwrap with a pid namespace leaves a pids charge behind in
+        # its cgroup (seen on kernel 6.18), which would add up across runs of one cgroup.
+        if self._use_cgroup:
+            self._runs += 1
+            self._cgroup = _PidsCgroup(self.slot, self.limits.max_procs, self._runs)
+        try:
+            return self._run_in_cgroup(job, timeout_factor)
+        finally:
+            self.close()
+
+    def _run_in_cgroup(self, job: dict, timeout_factor: float) -> ExecResult:
         limits = self.limits
         if timeout_factor != 1.0:  # slow reference solutions (MBPP+) get proportionally longer
             seconds = limits.timeout_s * timeout_factor
@@ -374,8 +404,10 @@ class Sandbox:
         # A sandbox that cannot start would otherwise turn every sample into "error".
         for marker in ("bwrap:", "unshare:", "sandbox-setup:"):
             if stderr.lstrip().startswith(marker):
-                raise SandboxUnavailable(f"the {self.tier} sandbox failed to start: "
-                                         + stderr.strip().splitlines()[0][:300])
+                first = stderr.strip().splitlines()[0][:300]
+                if "Resource temporarily unavailable" in first or "Cannot allocate memory" in first:
+                    raise _TransientStartFailure(first)
+                raise SandboxUnavailable(f"the {self.tier} sandbox failed to start: {first}")
 
 
 def _json_bytes(job: dict) -> bytes:
