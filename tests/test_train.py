@@ -134,27 +134,59 @@ def test_resume_after_sigkill_is_bit_identical(train_data_dir: Path, train_token
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_torchrun_two_processes_match_one_and_resume_across_world_sizes(
-        train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path, tmp_path: Path) -> None:
-    extra = ("--objective", "block_diffusion", "--steps", "6", "--save-every", "3", "--precision", "fp32",
-             "--warmup-steps", "2", "--lr", "3e-3")
-    one = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "one", *extra,
-                         "--grad-accum", "2"))
-    assert one.returncode == 0, one.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "two", *extra),
-              launcher=launcher, env={"DIFFCODER_TRAIN_KILL_AFTER_STEP": "4", "OMP_NUM_THREADS": "1"})
-    assert two.returncode != 0  # both ranks were killed after step 4; step 3 is checkpointed
-    assert (tmp_path / "two" / "checkpoints" / "step-00000003" / "trainer.pt").exists()
-    # Resume the 2-process run with a single process: same global batches, same noise.
-    res = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "two", *extra, "--resume"))
-    assert res.returncode == 0, res.stderr
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["step"] for r in b] == list(range(1, 7))
+DIST_EXTRA = ("--objective", "block_diffusion", "--steps", "6", "--save-every", "3", "--precision", "fp32",
+              "--warmup-steps", "2", "--lr", "3e-3")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory: pytest.TempPathFactory, train_data_dir: Path, train_tokenizer_dir: Path,
+                    tiny_json: Path) -> list[dict]:
+    """The reference: one process, the global batch of 4 in two accumulation micro-steps."""
+    out = tmp_path_factory.mktemp("dist") / "one"
+    r = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *DIST_EXTRA, "--grad-accum", "2"))
+    assert r.returncode == 0, r.stderr
+    return metrics(out)
+
+
+def assert_same_trajectory(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in b] == [r["step"] for r in a]
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra["step"], ra["loss"], rb["loss"])
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
         assert rb["mask_rate"] == ra["mask_rate"] and rb["tokens"] == ra["tokens"]
+
+
+def test_torchrun_ddp_two_processes_match_one_and_resume_alone(
+        one_process_run: list[dict], train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path,
+        tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    two = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *DIST_EXTRA, "--dist", "ddp"),
+              launcher=TORCHRUN, env={"DIFFCODER_TRAIN_KILL_AFTER_STEP": "4", "OMP_NUM_THREADS": "1"})
+    assert two.returncode != 0  # both ranks were killed after step 4; step 3 is checkpointed
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert (out / "checkpoints" / "step-00000003" / "trainer.pt").exists() and not (out / "final").exists()
+    # Resume the 2-process run with a single process: same global batches, same noise.
+    res = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *DIST_EXTRA, "--resume"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "run.json").read_text())["world_size"] == 1
+    assert_same_trajectory(one_process_run, metrics(out))
+
+
+def test_torchrun_fsdp2_matches_one_process_and_resumes_sharded(
+        one_process_run: list[dict], train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path,
+        tmp_path: Path) -> None:
+    out = tmp_path / "fsdp"
+    args = base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *DIST_EXTRA, "--dist", "fsdp")
+    two = cli(*args, launcher=TORCHRUN, env={"DIFFCODER_TRAIN_KILL_AFTER_STEP": "4", "OMP_NUM_THREADS": "1"})
+    assert two.returncode != 0
+    assert (out / "checkpoints" / "step-00000003" / "trainer.pt").exists() and not (out / "final").exists()
+    res = cli(*args, "--resume", launcher=TORCHRUN, env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_trajectory(one_process_run, metrics(out))
+    import diffcoder
+
+    assert diffcoder.load(out / "final").config.hidden_size == TINY["hidden_size"]
 
 
 def test_sft_objective_on_chat_data(tmp_path: Path, ar_final: Path, train_tokenizer_dir: Path) -> None:

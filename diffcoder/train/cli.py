@@ -49,6 +49,8 @@ TRAIN_HELP = {
     "sft_max_eos": "sft: most EOS appended after each sample",
     "device": "cpu, cuda, cuda:N or auto (cuda when available; under torchrun each process takes its local GPU)",
     "precision": "auto (bf16 autocast where the hardware runs it natively), bf16 or fp32",
+    "dist": "data parallelism under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard: parameters, "
+            "gradients and optimizer state sharded)",
     "activation_checkpointing": "recompute layer activations in backward (less memory, more compute)",
     "save_dtype": "dtype of final/ (float32, bfloat16); checkpoints keep float32 for exact resume",
     "quiet": "no progress bar",

@@ -57,6 +57,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     activation_checkpointing: bool = False
+    dist: str = "ddp"
     save_dtype: str = "float32"
     quiet: bool = False
 
@@ -91,6 +92,8 @@ class TrainConfig:
                              "NAME_OR_JSON (new model; then --tokenizer TOKDIR too)")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"--lr-schedule {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.dist not in ("ddp", "fsdp"):
+            raise ValueError(f"--dist {self.dist!r}: choose ddp or fsdp")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "block_size", "eval_batches", "keep_last"):

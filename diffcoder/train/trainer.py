@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .data import PretrainSplit, SFTSplit, read_manifest, tokenizer_fingerprint
 from .noise import in_warmup, noise_generator, sample_block_noise, u_max_at
 from .objectives import LossModule, eligible_positions
+from .parallel import as_float, full_states, grad_sync, is_fsdp, shell_model, wrap
 
 CKPT_DIR = "checkpoints"
 # Fields of a metrics record that depend on wall-clock time (excluded when comparing runs).
@@ -227,8 +228,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(out: Path, model: Any, tok: Any, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any],
+def save_checkpoint(out: Path, model: Any, tok: Any, optim_sd: dict[str, Any], sched: Any, state: dict[str, Any],
                     cfg: TrainConfig) -> Path:
+    """Write checkpoints/step-N atomically (rank 0): HF model dir + optimizer/scheduler/RNG/step."""
     import diffcoder
 
     root = out / CKPT_DIR
@@ -240,8 +242,7 @@ def save_checkpoint(out: Path, model: Any, tok: Any, opt: torch.optim.Optimizer,
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state},
-                   tmp / "trainer.pt")
+        torch.save({"optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": rng, **state}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
         final = root / name
         if final.exists():
@@ -255,14 +256,15 @@ def save_checkpoint(out: Path, model: Any, tok: Any, opt: torch.optim.Optimizer,
     return final
 
 
-def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, loss_mod: Any, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG states (any world size / parallel mode)."""
     import diffcoder
 
+    from .parallel import load_states
+
     saved = diffcoder.load(path / "model", dtype=torch.float32)
-    with torch.no_grad():
-        model.load_state_dict(saved.state_dict())
     blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    opt.load_state_dict(blob["optimizer"])
+    load_states(loss_mod, opt, saved.state_dict(), blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     rng = blob["rng"]
     torch.set_rng_state(rng["torch"])
@@ -304,15 +306,10 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.model.to(self.device).train()
         self.loss_mod = LossModule(self.model, cfg.objective, self.model.mask_id, cfg.block_size, cfg.shift)
-        self.opt = make_optimizer(self.model, cfg)
+        self.wrapped = wrap(self.loss_mod, cfg.dist, self.d.world, self.device)
+        self.opt = make_optimizer(self.loss_mod, cfg)  # after sharding: FSDP2 replaces the parameters
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.state = {"step": 0, "rows": 0, "tokens": 0}
-        self.wrapped: torch.nn.Module = self.loss_mod
-        if self.d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = DDP(self.loss_mod, device_ids=ids)
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -388,15 +385,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for m in range(cfg.grad_accum):
             local = self._micro(batch, m, cfg.grad_accum)
-            sync = m == cfg.grad_accum - 1 or self.d.world == 1
-            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
-            with ctx:
+            with grad_sync(self.wrapped, self.loss_mod, m == cfg.grad_accum - 1):
                 with self._autocast():
                     part = self.wrapped(**local)
                 (part * (self.d.world / max(1, n_tokens))).backward()
             loss_sum += part.detach().float()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.loss_mod.parameters(), clip))
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
@@ -410,7 +405,7 @@ class Trainer:
         self.state["rows"] += cfg.batch_size
         self.state["tokens"] += step_tokens
         self.state["step"] = step + 1
-        rec = {"step": step + 1, "loss": float(loss_sum) / max(1, n_tokens), "grad_norm": float(grad_norm),
+        rec = {"step": step + 1, "loss": float(loss_sum) / max(1, n_tokens), "grad_norm": grad_norm,
                "lr": lr, "tokens": self.state["tokens"], "tokens_per_s": step_tokens / dt, "step_time_s": dt}
         if cfg.diffusion:
             rec.update(self._noise_stats(batch, u_max, weighted))
@@ -450,7 +445,7 @@ class Trainer:
         cfg, out = self.cfg, self.out
         metrics = out / "metrics.jsonl"
         if cfg.resume and (ck := latest_checkpoint(out)) is not None:
-            self.state = load_checkpoint(ck, self.model, self.opt, self.sched)
+            self.state = load_checkpoint(ck, self.loss_mod, self.opt, self.sched)
         if self.d.main:
             truncate_metrics(metrics, self.state["step"]) if cfg.resume else metrics.unlink(missing_ok=True)
             from diffcoder.tokenizer import atomic_write_text
@@ -477,17 +472,29 @@ class Trainer:
                 if kill_at and done == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
         final = out / "final"
+        model, _ = self._full_model(need_optimizer=False)
         if self.d.main:
             import diffcoder
 
-            diffcoder.save(self.model, final, tokenizer=self.tok, dtype=cfg.save_dtype,
+            diffcoder.save(model, final, tokenizer=self.tok, dtype=cfg.save_dtype,
                            generation_config=generation_config(cfg))
         self._barrier()
         return final
 
+    def _full_model(self, need_optimizer: bool) -> tuple[Any, dict[str, Any] | None]:
+        """(a module with the full weights, full optimizer state): a collective under FSDP2."""
+        if not is_fsdp(self.loss_mod):
+            optim_sd = full_states(self.loss_mod, self.opt)[1] if need_optimizer else None
+            return self.model, optim_sd
+        model_sd, optim_sd = full_states(self.loss_mod, self.opt)
+        if not self.d.main:
+            return None, None
+        return shell_model(self.model.config, model_sd, self.tok, self.model.mask_id), optim_sd
+
     def _save(self) -> None:
+        model, optim_sd = self._full_model(need_optimizer=True)
         if self.d.main:
-            save_checkpoint(self.out, self.model, self.tok, self.opt, self.sched, dict(self.state), self.cfg)
+            save_checkpoint(self.out, model, self.tok, optim_sd, self.sched, dict(self.state), self.cfg)
         self._barrier()
 
     def _barrier(self) -> None:
