@@ -18,12 +18,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import ModelConfig
     from .decode import Decoding, GenerateResult, generate
     from .defaults import default_model_dir
-    from .infill import infill, infill_many
+    from .fim import infill, infill_many
     from .model import DiffCoderLM
 
 _LAZY = {
     "load": "checkpoint", "save": "checkpoint", "generate": "decode", "Decoding": "decode",
-    "GenerateResult": "decode", "infill": "infill", "infill_many": "infill", "default_model_dir": "defaults",
+    "GenerateResult": "decode", "infill": "fim", "infill_many": "fim", "default_model_dir": "defaults",
     "ModelConfig": "config", "DiffCoderLM": "model",
 }
 
