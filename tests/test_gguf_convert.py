@@ -100,7 +100,25 @@ def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tiny_hf_model(vocab_size: int, tied: bool, seed: int = 0, arch: str = "llama") -> Any:
+def _llama_cpp_rope_freqs(p: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's rope_freqs for Llama-3 scaling, one frequency at a time."""
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / ROPE_THETA ** (i / head_dim)
+        wavelen = 2 * np.pi / freq
+        if wavelen < p["original_max_position_embeddings"] / p["high_freq_factor"]:
+            out.append(1.0)
+        elif wavelen > p["original_max_position_embeddings"] / p["low_freq_factor"]:
+            out.append(p["factor"])
+        else:
+            smooth = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
+                p["high_freq_factor"] - p["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / p["factor"] + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _tiny_hf_model(vocab_size: int, tied: bool, seed: int = 0, arch: str = "llama",
+                   rope_scaling: dict | None = None) -> Any:
     import transformers
 
     config_cls, model_cls = {
@@ -111,6 +129,8 @@ def _tiny_hf_model(vocab_size: int, tied: bool, seed: int = 0, arch: str = "llam
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=ROPE_THETA, tie_word_embeddings=tied,
     )
+    if rope_scaling:
+        cfg.rope_parameters = {**rope_scaling, "rope_theta": ROPE_THETA}
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():  # weights large enough that a wrong permutation shows in the logits
@@ -132,11 +152,12 @@ def write_gguf(
     pad_rows: int = 0,
     extra_tensor: tuple[str, np.ndarray, Any] | None = None,
     drop_tensor: str | None = None,
+    rope_scaling: dict | None = None,
 ) -> Any:
     """Write a tiny Llama GGUF the way llama.cpp would; returns the `transformers` model it holds."""
     tokens, merges, types = _vocab_of(tok)
     tokens, types = tokens + list(extra_tokens), types + [3] * len(extra_tokens)
-    model = _tiny_hf_model(len(tokens) + pad_rows, tied, arch=arch)
+    model = _tiny_hf_model(len(tokens) + pad_rows, tied, arch=arch, rope_scaling=rope_scaling)
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -148,6 +169,12 @@ def write_gguf(
     w.add_rope_freq_base(ROPE_THETA)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    if rope_scaling and rope_scaling["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_scaling["factor"])
+    elif rope_scaling:  # llama3: llama.cpp writes only the per-frequency divisors
+        w.add_rope_scaling_orig_ctx_len(rope_scaling["original_max_position_embeddings"])
+        w.add_tensor("rope_freqs.weight", _llama_cpp_rope_freqs(rope_scaling, cfg.hidden_size // 4))
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -316,6 +343,35 @@ def test_qwen2_with_biases_reproduces_logits(tmp_path: Path, reference_tokenizer
         ours = diffcoder.load(tmp_path / "out", dtype="float32")(ids, attn_mask="causal")[..., : want.shape[-1]]
     assert type(hf).__name__ == "Qwen2ForCausalLM"
     assert (got_hf - want).abs().max().item() < 1e-4 and (ours - want).abs().max().item() < 1e-4
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING],
+                         ids=["linear", "llama3"])
+def test_rope_scaling_is_carried_over(tmp_path: Path, reference_tokenizer: Any, scaling: dict) -> None:
+    import diffcoder
+
+    src = write_gguf(tmp_path / "m.gguf", reference_tokenizer, rope_scaling=scaling)
+    rep = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float32")
+    assert rep.hparams.rope_scaling == pytest.approx(scaling)
+    ids = _ids(n=64)
+    plain = _tiny_hf_model(src.config.vocab_size, True)  # same weights, no scaling
+    with torch.no_grad():
+        want = src(ids).logits
+        ours = diffcoder.load(tmp_path / "out", dtype="float32")(ids, attn_mask="causal")[..., : want.shape[-1]]
+        hf = _hf_load(tmp_path / "out")(ids).logits[..., : want.shape[-1]]
+        unscaled = plain(ids).logits
+    assert (ours - want).abs().max().item() < 1e-4 and (hf - want).abs().max().item() < 1e-4
+    assert (unscaled - want).abs().max().item() > 0.1  # the scaling mattered
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path: Path, reference_tokenizer: Any) -> None:
+    odd = ("rope_freqs.weight", np.linspace(1.0, 3.0, 8).astype(np.float32), None)
+    write_gguf(tmp_path / "m.gguf", reference_tokenizer, extra_tensor=odd)
+    _assert_fails(tmp_path, "rope_freqs tensor does not match Llama-3")
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -75,6 +75,7 @@ _GENERIC_CONFIG_KEYS = {
     "_name_or_path", "id2label", "label2id", "problem_type", "output_attentions",
     "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
 }
+ROPE_FREQS = "rope_freqs.weight"  # derived data (Llama-3 rope scaling), becomes config, not a weight
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
@@ -92,6 +93,7 @@ class LlamaHParams:
     rope_theta: float
     rms_eps: float
     max_positions: int
+    rope_scaling: dict[str, Any] | None  # Hugging Face rope_scaling ("linear" or "llama3"), None = plain
     vocab_rows: int  # rows of token_embd (may exceed the tokenizer's vocabulary: padding)
     tied: bool
 
@@ -155,12 +157,7 @@ def read_hparams(reader: Any) -> LlamaHParams:
         )
     if meta.get(f"{arch}.expert_count", 0):
         raise ValueError("mixture-of-experts GGUF models are not supported (expert_count > 0)")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ValueError(f"unsupported rope scaling {scaling!r}: only unscaled rotary embeddings are supported")
     names = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ValueError("unsupported rope scaling: the GGUF has a rope_freqs tensor (Llama-3.1-style scaling)")
     hidden = int(meta.get(f"{arch}.embedding_length"))
     n_heads = int(meta.get(f"{arch}.attention.head_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
@@ -169,6 +166,7 @@ def read_hparams(reader: Any) -> LlamaHParams:
         raise ValueError(f"partial rotary embeddings (rope dim {rot_dim} < head dim {head_dim}) are not supported")
     if "token_embd.weight" not in names:
         raise ValueError("the GGUF file has no token_embd.weight tensor")
+    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
     return LlamaHParams(
         arch=arch,
         n_layers=int(meta.get(f"{arch}.block_count")),
@@ -177,12 +175,52 @@ def read_hparams(reader: Any) -> LlamaHParams:
         n_heads=n_heads,
         n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=head_dim,
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_theta=theta,
+        rope_scaling=read_rope_scaling(meta, arch, names.get(ROPE_FREQS), head_dim, theta),
         rms_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         max_positions=int(meta.get(f"{arch}.context_length", 2048)),
         vocab_rows=int(names["token_embd.weight"].shape[-1]),
         tied="output.weight" not in names,
     )
+
+
+def read_rope_scaling(meta: _Meta, arch: str, freqs: Any, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """The Hugging Face `rope_scaling` of the file: none, linear, or Llama-3's (rebuilt from rope_freqs).
+
+    llama.cpp stores Llama-3.1-style scaling only as a `rope_freqs` tensor of per-frequency divisors.
+    We recover the four parameters by taking the factor from the tensor and checking that Llama-3's
+    published constants reproduce every divisor; anything else is refused rather than guessed.
+    """
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear" and freqs is None:
+        return {"rope_type": "linear", "factor": float(meta.get(f"{arch}.rope.scaling.factor"))}
+    if kind != "none":
+        raise ValueError(f"unsupported rope scaling {kind!r}: only none, linear and Llama-3 scaling are supported")
+    if freqs is None:
+        return None
+    divisors = dequantized(freqs).reshape(-1).astype(np.float64)
+    params = {
+        "rope_type": "llama3",
+        "factor": float(divisors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192)),
+    }
+    if divisors.shape[0] != head_dim // 2 or not np.allclose(llama3_rope_divisors(params, head_dim, theta), divisors,
+                                                           rtol=1e-5):
+        raise ValueError("unsupported rope scaling: the rope_freqs tensor does not match Llama-3's scaling rule")
+    return params
+
+
+def llama3_rope_divisors(p: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """The per-frequency divisors llama.cpp writes as rope_freqs for Llama-3 scaling parameters `p`."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelen = 2 * np.pi / inv.astype(np.float64)
+    old, low, high, factor = (p["original_max_position_embeddings"], p["low_freq_factor"], p["high_freq_factor"],
+                              p["factor"])
+    smooth = (old / wavelen - low) / (high - low)
+    medium = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, medium))
 
 
 def read_vocab(reader: Any) -> GGUFVocab:
@@ -268,6 +306,8 @@ def iter_state_dict(reader: Any, hp: LlamaHParams) -> Iterator[tuple[str, np.nda
     """(hf_name, float32 array) for every tensor, q/k rows restored to the HF layout."""
     permute = ARCHITECTURES[hp.arch].permute_qk
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue
         name = hf_name(t.name, hp)
         w = dequantized(t)
         if permute and t.name.endswith("attn_q.weight"):
@@ -279,7 +319,7 @@ def iter_state_dict(reader: Any, hp: LlamaHParams) -> Iterator[tuple[str, np.nda
 
 def check_tensor_names(reader: Any, hp: LlamaHParams) -> None:
     """ValueError for a tensor we have no place for, or a missing one, before any dequantising."""
-    missing = expected_names(hp) - {hf_name(t.name, hp) for t in reader.tensors}
+    missing = expected_names(hp) - {hf_name(t.name, hp) for t in reader.tensors if t.name != ROPE_FREQS}
     if missing:
         raise ValueError(f"the GGUF file lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
 
@@ -322,6 +362,7 @@ def hf_config(hp: LlamaHParams, vocab: GGUFVocab, mask_id: int, vocab_size: int,
         max_position_embeddings=hp.max_positions,
         rms_norm_eps=hp.rms_eps,
         rope_theta=hp.rope_theta,
+        rope_scaling=dict(hp.rope_scaling) if hp.rope_scaling else None,  # transformers edits it in place
         tie_word_embeddings=hp.tied,
         hidden_act="silu",
         bos_token_id=vocab.bos_id,
@@ -414,12 +455,13 @@ def _write_weights(
     import torch
 
     torch_dtype = getattr(torch, dtype)
+    n_weights = sum(t.name != ROPE_FREQS for t in reader.tensors)
     shard_names: list[list[str]] = []
     current: dict[str, Any] = {}
     current_bytes = 0
     for i, (name, w) in enumerate(iter_state_dict(reader, hp)):
         if progress:
-            progress(i + 1, len(reader.tensors), name)
+            progress(i + 1, n_weights, name)
         if append_row and name in ("model.embed_tokens.weight", "lm_head.weight"):
             # The new mask row is the mean embedding: a neutral input, and an unremarkable logit.
             w = np.concatenate([w, w.mean(axis=0, keepdims=True)], axis=0)
