@@ -5,7 +5,8 @@ mapping back to the Hugging Face layout:
 - tensor names (`blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight`, ...);
 - the q/k row permutation llama.cpp applies for its LLaMA rotary layout (undone here; Qwen2
   files are not permuted, llama.cpp runs them with NeoX-style rope, and carry q/k/v biases);
-- config.json from the `llama.*` hyper-parameters (tied embeddings when there is no `output`);
+- config.json from the `<arch>.*` hyper-parameters (tied embeddings when there is no `output`,
+  rope scaling rebuilt from metadata or from the `rope_freqs` tensor);
 - the tokenizer from the `tokenizer.*` metadata (see gguf_tokenizer.py);
 - a mask token, which an autoregressive model lacks and `diffcoder.load` requires.
 
