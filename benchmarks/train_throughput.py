@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -92,7 +93,8 @@ def main() -> None:
                           "bf16": bf16, "threads": torch.get_num_threads(), "batch": args.batch,
                           "seq_len": args.seq_len, "ar_tokens_per_s": round(tps["ar"]),
                           "bd_tokens_per_s": round(tps["block_diffusion"]), "ratio": round(ratio, 3)}))
-    print(json.dumps({"bd_over_ar_tokens_per_s": round(ratio, 3)}))
+    print(json.dumps({"name": "train_throughput", "command": "python " + " ".join(sys.argv),
+                      "bd_over_ar_tokens_per_s": round(ratio, 3)}))
 
 
 if __name__ == "__main__":

@@ -113,40 +113,44 @@ def test_noclip_ablation_shows_empty_blocks(train_data_dir: Path, ar_final: Path
     assert sum(r["zero_mask_block_frac"] for r in recs) > 0  # 1/(B+1) expected; 256 blocks per step
 
 
-def test_resume_after_sigkill_is_bit_identical(train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path,
-                                                tmp_path: Path) -> None:
-    extra = ("--objective", "block_diffusion", "--steps", "8", "--save-every", "3", "--eval-every", "4",
-             "--eval-batches", "1", "--warmup-steps", "3", "--lr", "3e-3")
-    full = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "full", *extra))
-    assert full.returncode == 0, full.stderr
-    killed = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "cut", *extra),
-                 env={"DIFFCODER_TRAIN_KILL_AFTER_STEP": "5"})
-    assert killed.returncode == -signal.SIGKILL
-    assert [p.name for p in sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))] == ["step-00000003"]
-    assert len(metrics(tmp_path / "cut")) == 5 and not (tmp_path / "cut" / "final").exists()
-    resumed = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "cut", *extra, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert untimed(metrics(tmp_path / "cut")) == untimed(metrics(tmp_path / "full"))
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "final" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 DIST_EXTRA = ("--objective", "block_diffusion", "--steps", "6", "--save-every", "3", "--precision", "fp32",
-              "--warmup-steps", "2", "--lr", "3e-3")
+              "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "4", "--eval-batches", "1")
+ONE_EXTRA = (*DIST_EXTRA, "--grad-accum", "2")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory: pytest.TempPathFactory, train_data_dir: Path, train_tokenizer_dir: Path,
-                    tiny_json: Path) -> list[dict]:
+def one_process_dir(tmp_path_factory: pytest.TempPathFactory, train_data_dir: Path, train_tokenizer_dir: Path,
+                    tiny_json: Path) -> Path:
     """The reference: one process, the global batch of 4 in two accumulation micro-steps."""
     out = tmp_path_factory.mktemp("dist") / "one"
-    r = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *DIST_EXTRA, "--grad-accum", "2"))
-    assert r.returncode == 0, r.stderr
-    return metrics(out)
+    assert cli_main(base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *ONE_EXTRA)) == 0  # in-process
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(one_process_dir: Path) -> list[dict]:
+    return metrics(one_process_dir)
+
+
+def test_resume_after_sigkill_is_bit_identical(one_process_dir: Path, train_data_dir: Path,
+                                                train_tokenizer_dir: Path, tiny_json: Path, tmp_path: Path) -> None:
+    args = base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "cut", *ONE_EXTRA)
+    killed = cli(*args, env={"DIFFCODER_TRAIN_KILL_AFTER_STEP": "5"})
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))] == ["step-00000003"]
+    assert len(metrics(tmp_path / "cut")) == 5 and not (tmp_path / "cut" / "final").exists()
+    assert cli_main([*args, "--resume"]) == 0  # in-process: same threads, so bit-identical too
+    full = metrics(one_process_dir)
+    assert untimed(metrics(tmp_path / "cut")) == untimed(full)
+    assert "val_loss" in full[3] and "val_loss" in full[5]
+    from safetensors.torch import load_file
+
+    a = load_file(one_process_dir / "final" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The finished run checkpointed its last step too: resuming it again is a no-op.
+    assert cli_main([*args, "--resume"]) == 0 and untimed(metrics(tmp_path / "cut")) == untimed(full)
 
 
 def assert_same_trajectory(a: list[dict], b: list[dict]) -> None:
@@ -167,8 +171,7 @@ def test_torchrun_ddp_two_processes_match_one_and_resume_alone(
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
     assert (out / "checkpoints" / "step-00000003" / "trainer.pt").exists() and not (out / "final").exists()
     # Resume the 2-process run with a single process: same global batches, same noise.
-    res = cli(*base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *DIST_EXTRA, "--resume"))
-    assert res.returncode == 0, res.stderr
+    assert cli_main(base_args(train_data_dir, train_tokenizer_dir, tiny_json, out, *DIST_EXTRA, "--resume")) == 0
     assert json.loads((out / "run.json").read_text())["world_size"] == 1
     assert_same_trajectory(one_process_run, metrics(out))
 

@@ -467,8 +467,8 @@ class Trainer:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
                 bar.update(task, completed=done, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:.0f} tok/s")
-                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                    self._save()
+                if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
+                    self._save()  # the last step too: a finished run resumes as a no-op or extends
                 if kill_at and done == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
         final = out / "final"
