@@ -1,8 +1,8 @@
 """The training loop: AR pretraining, block-diffusion CPT and SFT; resumable; data parallel.
 
-Determinism is by construction: the rows of step s and the noise of each micro-batch are
-pure functions of (seed, s, micro-batch), computed for the whole global batch on every rank
-(each rank then takes its rows). A checkpoint therefore needs the model, optimizer, LR
+Determinism is by construction: the rows of step s and their noise are pure functions of
+(seed, s), computed for the whole global batch on every rank (each rank then takes its rows of
+each micro-batch). A checkpoint therefore needs the model, optimizer, LR
 schedule and the step; RNG states are saved and restored as well, for anything else that
 might draw from them. Resumed and uninterrupted runs write identical metrics on CPU, and
 one process or N processes see the same global batches.
@@ -453,7 +453,8 @@ class Trainer:
             atomic_write_text(out / "run.json", json.dumps({**dataclasses.asdict(cfg), "world_size": self.d.world,
                                                             "device": str(self.device), "bf16": self.bf16}, indent=2) + "\n")
         self._barrier()
-        kill_at = int(os.environ.get("DIFFCODER_TRAIN_KILL_AFTER_STEP", "0"))  # fault injection for tests
+        # Fault injection for the resume tests: SIGKILL this process right after step N is logged.
+        kill_at = int(os.environ.get("DIFFCODER_TRAIN_KILL_AFTER_STEP", "0"))
         with self._progress() as bar, open(metrics, "a") if self.d.main else nullcontext() as fh:
             task = bar.add_task("train", total=cfg.steps, completed=self.state["step"], info="")
             for step in range(self.state["step"], cfg.steps):
