@@ -99,7 +99,7 @@ def load_states(loss_mod: nn.Module, opt: torch.optim.Optimizer, model_sd: dict[
         set_optimizer_state_dict(loss_mod, opt, optim_sd, options=full)
     else:
         with torch.no_grad():
-            loss_mod.load_state_dict(prefixed, strict=False)
+            loss_mod.load_state_dict(prefixed)  # strict: a missing or extra tensor is an error
         set_optimizer_state_dict(loss_mod, opt, optim_sd)
 
 
