@@ -19,6 +19,7 @@ import torch
 
 from diffcoder.config import ModelConfig
 from diffcoder.model import DiffCoderLM
+from diffcoder.tokenizer import MASK_TOKEN, SPECIAL_TOKENS
 from diffcoder.train.noise import noise_generator, sample_block_noise
 from diffcoder.train.objectives import LossModule, eligible_positions
 
@@ -28,7 +29,8 @@ MODELS = {
     "10m": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=4, vocab_size=4096),
 }
-MASK_ID, B = 5, 4
+# The mask id of our tokenizer layout (Seed-Coder's), looked up by name.
+MASK_ID, B = SPECIAL_TOKENS.index(MASK_TOKEN), 4
 
 
 def step_fn(model: DiffCoderLM, objective: str, batch: int, seq_len: int, device: torch.device, bf16: bool):  # noqa: ANN201

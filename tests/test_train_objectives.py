@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 from diffcoder.config import ModelConfig
 from diffcoder.model import DiffCoderLM
+from diffcoder.tokenizer import MASK_TOKEN, SPECIAL_TOKENS
 from diffcoder.train.noise import sample_block_noise
 from diffcoder.train.objectives import ar_loss_sum, block_diffusion_loss_sum, eligible_positions
 
-MASK_ID, B, VOCAB = 5, 4, 97
+# The mask id of our tokenizer layout (Seed-Coder's), looked up by name.
+MASK_ID, B, VOCAB = SPECIAL_TOKENS.index(MASK_TOKEN), 4, 97
 
 
 @pytest.fixture(scope="module")
