@@ -159,3 +159,28 @@ def test_tokenizer_train_layout_autotokenizer_and_diffcoder(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer([root], 100, tmp_path / "t2")
     assert not (tmp_path / "t2").exists()
+
+
+def test_sft_synth_uses_train_split_functions_only(tmp_path: Path, train_tokenizer_dir: Path) -> None:
+    from diffcoder.train.sft_synth import synthesize
+
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(10):
+        (root / f"f{i}.py").write_text(
+            f'def func_{i}(x):\n    """Return x plus {i}."""\n    y = x + {i}\n    return y\n\n'
+            f'def undocumented_{i}(x):\n    return x\n')
+    m = build_pretrain([root], train_tokenizer_dir, tmp_path / "d", val_fraction=0.3, progress=False)
+    out = tmp_path / "sft.jsonl"
+    n = synthesize(tmp_path / "d", out)
+    chats = [json.loads(l) for l in out.read_text().splitlines()]
+    assert n == len(chats) == m["splits"]["train"]["files"]
+    val_files = [json.loads(l)["path"] for l in (tmp_path / "d" / "files.jsonl").read_text().splitlines()
+                 if json.loads(l)["split"] == "validation"]
+    val_names = {Path(p).stem.replace("f", "func_") for p in val_files}
+    for c in chats:
+        user, reply = c["messages"][0]["content"], c["messages"][1]["content"]
+        name = user.split("def ")[1].split("(")[0]
+        assert name not in val_names and name.startswith("func_")
+        assert '"""Return x plus' in user and "y = x +" not in user  # the stub: signature + docstring only
+        assert reply.startswith("```python\ndef " + name) and "return y" in reply
