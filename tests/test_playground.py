@@ -1,8 +1,10 @@
 """The playground page in real headless Chromium (Debian's /usr/bin/chromium via Playwright).
 
 Loads `/`, runs a prompt, watches the denoising view go from all masks, through a mix of
-masks and tokens, to all tokens; checks the stats line and the result; saves the screenshot
-docs/playground.png (atomically) that docs/serving.md and the README show.
+masks and tokens, to all tokens; checks the stats line and the result; saves a screenshot.
+With DIFFCODER_UPDATE_SCREENSHOT=1 it replaces docs/playground.png (atomically), the picture
+docs/serving.md and the README show; otherwise it writes under the test's temp dir, so a test
+run never modifies the repository.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from diffcoder.serve.background import BackgroundServer
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
 GEN = 96
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
@@ -43,7 +45,9 @@ def server(tiny_model_dir):
         yield srv
 
 
-def test_playground_shows_denoising_and_saves_screenshot(server):
+def test_playground_shows_denoising_and_saves_screenshot(server, tmp_path):
+    update = os.environ.get("DIFFCODER_UPDATE_SCREENSHOT") == "1"
+    shot = DOCS_SCREENSHOT if update else tmp_path / "playground.png"
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -77,9 +81,9 @@ def test_playground_shows_denoising_and_saves_screenshot(server):
                                   GEN * 3 // 4)
             assert page.locator("#view .cell.mask").count() == GEN - GEN * 3 // 4
             assert not errors, errors
-            tmp = SCREENSHOT.with_suffix(".tmp.png")
+            tmp = shot.with_suffix(".tmp.png")
             page.screenshot(path=str(tmp), full_page=True)
-            os.replace(tmp, SCREENSHOT)
+            os.replace(tmp, shot)
         finally:
             browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert shot.stat().st_size > 10_000

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The CPU rows of benchmarks/RESULTS.md: each run's output goes to benchmarks/results/cpu/NAME.txt
+# (last line JSON); then `python benchmarks/summarize.py benchmarks/results/cpu/*.txt` prints the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=benchmarks/results/cpu
+mkdir -p "$OUT"
+run() { local name=$1; shift; echo "== $name"; $PY benchmarks/decode.py "$@" | tee "$OUT/$name.txt" | grep -v '^{'; }
+run tiny_b1 --shape tiny --dtype float32 --prompt-len 64 --gen-length 256 --steps 256 --repeats 3
+run smol135m_bf16 --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 --batch-sizes 1,16 --repeats 2
+run smol135m_fp32 --shape smol-135m --dtype float32 --prompt-len 64 --gen-length 64 --no-baseline --repeats 2
