@@ -48,9 +48,20 @@ def default_sources() -> list[Path]:
 # ------------------------------------------------------------------ walking
 @dataclass
 class CorpusFile:
+    """A kept file. The text is not held: a corpus may be far larger than memory."""
+
     path: Path
-    text: str
     sha256: str
+
+    def read_text(self) -> str | None:
+        """The file's text, or None when it changed since the walk (hash differs) or vanished."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(raw).hexdigest() != self.sha256:
+            return None
+        return raw.decode("utf-8")
 
     @property
     def split_key(self) -> float:
@@ -129,7 +140,7 @@ def walk_corpus(sources: list[Path], extensions: tuple[str, ...] = CODE_EXTENSIO
             stats.skipped["duplicate"] += 1
             continue
         seen_hashes.add(digest)
-        kept.append(CorpusFile(path, text, digest))
+        kept.append(CorpusFile(path, digest))
         if max_files is not None and len(kept) >= max_files:
             break
     stats.kept = len(kept)
@@ -302,17 +313,20 @@ def _tokenize_splits(tok: Any, splits: dict[str, list[CorpusFile]], tmp: Path, d
         task = bar.add_task("tokenizing", total=total)
         for split, files in splits.items():
             writer = ShardWriter(tmp, split, dtype, shard_tokens)
+            n_files = 0
             for i in range(0, len(files), 64):  # batched: the fast tokenizer parallelises a batch
-                chunk = files[i:i + 64]
-                encoded = tok.hf([f.text for f in chunk], add_special_tokens=False)["input_ids"]
-                for f, ids in zip(chunk, encoded):
+                texts = [(f, f.read_text()) for f in files[i:i + 64]]
+                chunk = [(f, t) for f, t in texts if t is not None]  # a file changed mid-build is left out
+                encoded = tok.hf([t for _, t in chunk], add_special_tokens=False)["input_ids"] if chunk else []
+                n_files += len(chunk)
+                for (f, _), ids in zip(chunk, encoded):
                     bos = [tok.bos_id] if tok.bos_id is not None else []
                     doc = np.asarray([*bos, *ids, tok.eos_id], dtype=np.int64)
                     writer.write(doc)
                     rows.append({"path": str(f.path), "sha256": f.sha256, "split": split, "tokens": len(doc)})
-                bar.advance(task, len(chunk))
+                bar.advance(task, len(texts))
             writer.close()
-            result[split] = {"files": len(files), "tokens": writer.total, "shards": writer.shards}
+            result[split] = {"files": n_files, "tokens": writer.total, "shards": writer.shards}
     return result, rows
 
 

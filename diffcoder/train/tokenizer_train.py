@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .data import CODE_EXTENSIONS, _fmt_skips, _publish, _staging_dir, default_sources, walk_corpus
 
 
-def train_bpe(texts: list[str], vocab_size: int, min_frequency: int = 2) -> Any:
-    """A raw `tokenizers.Tokenizer` trained on `texts`."""
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None) -> Any:
+    """A raw `tokenizers.Tokenizer` trained on `texts` (any iterable: streamed, never all in memory)."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -33,7 +33,7 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int = 2) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS), initial_alphabet=alphabet,
                                   show_progress=False)
-    tk.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tk.train_from_iterator(texts, trainer=trainer, length=length)
     for i, tok in enumerate(SPECIAL_TOKENS):  # the id layout other code relies on
         if tk.token_to_id(tok) != i:
             raise RuntimeError(f"BPE trainer placed {tok} at {tk.token_to_id(tok)}, expected {i}")
@@ -52,7 +52,8 @@ def train_tokenizer(sources: list[Path] | None, vocab_size: int, out: str | Path
     if not files:
         raise ValueError(f"empty corpus: no usable source files under {', '.join(map(str, srcs))} "
                          f"(skipped: {_fmt_skips(stats)})")
-    raw = train_bpe([f.text for f in files], vocab_size, min_frequency)
+    texts = (t for t in (f.read_text() for f in files) if t is not None)
+    raw = train_bpe(texts, vocab_size, min_frequency, length=len(files))
     tmp = _staging_dir(out, overwrite)
     try:
         save_tokenizer(raw, tmp)
