@@ -379,9 +379,9 @@ class Trainer:
         u_max = u_max_at(step, cfg.corruption_warmup_steps, cfg.u_init, not cfg.no_warmup)
         warm = in_warmup(step, cfg.corruption_warmup_steps, not cfg.no_warmup)
         weighted = cfg.diffusion and not warm and not cfg.no_loss_weight
+        t0 = time.perf_counter()  # tokens/s counts data loading and noise too
         batch = self._global_batch(self.train_stream, self.state["rows"], cfg.batch_size, step, u_max, weighted)
         n_tokens = int(batch["eligible"].sum())  # the normaliser: eligible tokens of the global batch
-        t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         for m in range(cfg.grad_accum):
             local = self._micro(batch, m, cfg.grad_accum)
