@@ -247,7 +247,7 @@ def _main():  # noqa: C901 - one linear script on purpose: no globals the progra
             if _type(exp) in (list, tuple):
                 if _type(out) not in (list, tuple) or _len(out) != _len(exp):
                     return False
-                return all(close(o, e, tol) for o, e in zip(out, exp))
+                return all(close(o, e, tol) for o, e in zip(out, exp, strict=True))
             if _type(out) not in (int, float, bool) or _type(exp) not in (int, float, bool):
                 return False
             if not (_isfinite(out) and _isfinite(exp)):

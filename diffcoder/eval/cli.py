@@ -69,7 +69,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from .benchmarks import load_benchmark
-    from .harness import SAMPLES, EvalSpec, execute, group_samples, read_jsonl, write_atomic
+    from .harness import SAMPLES, EvalSpec, group_samples, read_jsonl, write_atomic
     from .sandbox import Limits, SandboxUnavailable, detect_isolation
 
     _check_args(args)

@@ -44,8 +44,6 @@ def resolve_style(style: str, tokenizer: Any) -> str:
 
 
 def _prompt_ids(problem: Problem, style: str, tok: Any) -> list[int]:
-    if problem.kind == "infill":
-        return tok.fim_prompt(problem.prompt, problem.suffix)
     if style == "instruct":
         return tok.apply_chat_template(instruct_messages(problem), add_generation_prompt=True)
     ids = tok.encode(base_prompt(problem))
@@ -58,6 +56,19 @@ def _to_sample(problem: Problem, style: str, text: str) -> dict:
     return instruct_sample(problem, text) if style == "instruct" else base_sample(problem, text)
 
 
+def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict, seed: int) -> list[str]:
+    """Texts for one batch: FIM problems through `diffcoder.infill_many`, others through `generate`."""
+    import diffcoder
+
+    tok = model.tokenizer
+    if batch[0].kind == "infill":  # a benchmark is all-infill or none
+        pairs = [(p.prompt, p.suffix) for p in batch]
+        return diffcoder.infill_many(model, pairs, seed=seed, **kwargs)
+    prompts = [_prompt_ids(p, style, tok) for p in batch]
+    result = diffcoder.generate(model, prompts, eos_id=tok.eos_id, seed=seed, **kwargs)
+    return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in result.tokens]
+
+
 def generate_samples(model: Any, problems: list[Problem], path: Path, spec: GenSpec,
                      on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[dict]]:
     """Append missing samples (n_samples per problem) to `path`; return all samples per task.
@@ -65,8 +76,6 @@ def generate_samples(model: Any, problems: list[Problem], path: Path, spec: GenS
     Each batch is appended and flushed as soon as it is decoded, so an interrupted run keeps
     what it made and a re-run generates only what is missing.
     """
-    import diffcoder
-
     from .harness import group_samples, read_jsonl
 
     tok = model.tokenizer
@@ -85,12 +94,9 @@ def generate_samples(model: Any, problems: list[Problem], path: Path, spec: GenS
     kwargs = spec.decoder_kwargs()
     for start in range(0, len(todo), spec.batch_size):
         batch = todo[start:start + spec.batch_size]
-        prompts = [_prompt_ids(p, style, tok) for p in batch]
-        result = diffcoder.generate(model, prompts, eos_id=tok.eos_id, seed=spec.seed + start, **kwargs)
-        records = []
-        for problem, ids in zip(batch, result.tokens):
-            text = tok.decode([t for t in ids if t != tok.eos_id])
-            records.append(_to_sample(problem, style, text))
+        records = [_to_sample(problem, style, text)
+                   for problem, text in zip(batch, _decode_batch(model, batch, style, kwargs, spec.seed + start),
+                                            strict=True)]
         with open(path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
             f.flush()
