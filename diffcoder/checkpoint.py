@@ -8,7 +8,6 @@ Saving writes into a temporary directory and renames it into place (atomic).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 
 from .config import ModelConfig
 from .model import DiffCoderLM
-from .tokenizer import Tokenizer, atomic_write_text
+from .fsutil import atomic_write_text, replace_dir
+from .tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -51,8 +51,6 @@ def weight_files(path: Path) -> dict[str, Path]:
         return files
     single = path / WEIGHTS_NAME
     if single.exists():
-        from safetensors import safe_open
-
         with _open_safetensors(single) as fh:
             return {name: single for name in fh.keys()}
     if (path / "pytorch_model.bin").exists():
@@ -177,7 +175,7 @@ def save(model: DiffCoderLM, path: str | Path, tokenizer: Tokenizer | None = Non
             atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.hf.save_pretrained(str(tmp))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,14 +195,3 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
         shards[-1][k] = t
         size += n
     return shards
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Swap a finished temporary directory into place; the old one is removed only afterwards."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)

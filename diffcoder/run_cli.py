@@ -54,17 +54,10 @@ def pick_device(name: str) -> str:
     return name
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def load_model(args: argparse.Namespace) -> Any:
     from . import load
     from .defaults import default_model_dir
+    from .fsutil import cpu_has_bf16
 
     device = pick_device(args.device)
     dtype = args.dtype

@@ -7,10 +7,10 @@ family needs by name, so no id is ever written inline.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .fsutil import atomic_write_text  # noqa: F401  (re-exported: older imports use it from here)
 
 # Seed-Coder spellings; the trailing alternatives let StarCoder/Qwen-style FIM tokens work too.
 BOS_TOKEN = "<[begin▁of▁sentence]>"
@@ -168,15 +168,3 @@ def save_tokenizer(raw: Any, out_dir: str | Path, chat_template: str = CHAT_TEMP
     atomic_write_text(out / "tokenizer.json", raw.to_str())
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "special_tokens_map.json", json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

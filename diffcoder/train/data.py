@@ -28,6 +28,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from diffcoder.fsutil import replace_dir
+
 FORMAT = "diffcoder-tokens-v1"
 SPLITS = ("train", "validation")
 CODE_EXTENSIONS = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java", ".js", ".ts", ".go", ".rs",
@@ -251,15 +253,7 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
         raise ValueError(f"--out {out}: cannot write there ({exc.strerror})") from None
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished directory into place; an old one is removed only afterwards."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+_publish = replace_dir  # rename the finished directory into place (diffcoder.fsutil)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffcoder.fsutil import cpu_has_bf16
+
 from .batches import PretrainStream, SFTStream
 from .config import TrainConfig
 from .data import PretrainSplit, SFTSplit, read_manifest, tokenizer_fingerprint
@@ -75,15 +77,6 @@ def setup_device(cfg: TrainConfig, d: DistInfo) -> torch.device:
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     return device
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 matmuls run natively (AMX / AVX512-BF16) on this CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
