@@ -158,15 +158,23 @@ def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Pa
 
 
 def test_canary_not_visible_to_sandbox(tier: str, tmp_path: Path) -> None:
-    """The program cannot even see the canary path (not only: its output is filtered)."""
-    canary = tmp_path / "canary.txt"
-    canary.write_text("secret")
-    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256, max_procs=16))
+    """The program cannot even see the canaries (not only: its output is filtered), wherever
+    they are: under /tmp, in the repository, in the home directory."""
+    in_repo = Path(__file__).resolve().parent / f".canary-{secrets.token_hex(4)}"
+    in_home = Path.home() / f".diffcoder-canary-{secrets.token_hex(4)}"
+    canaries = [tmp_path / "canary.txt", in_repo, in_home]
     try:
-        prog = f"import os\ndef f():\n    return os.path.exists({str(canary)!r})\n"
-        res = sb.run({"mode": "script", "program": prog, "test": "assert f() is False\n", "check": None})
+        for c in canaries:
+            c.write_text("secret")
+        sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256, max_procs=16))
+        try:
+            prog = f"import os\nseen = [p for p in {[str(c) for c in canaries]!r} if os.path.exists(p)]\n"
+            res = sb.run({"mode": "script", "program": prog, "test": "assert seen == [], seen\n", "check": None})
+        finally:
+            sb.close()
     finally:
-        sb.close()
+        for c in canaries:
+            c.unlink(missing_ok=True)
     assert res.passed, res
 
 

@@ -298,10 +298,12 @@ def _main():  # noqa: C901 - one linear script on purpose: no globals the progra
 def _unshare_setup(job, report):
     """Fallback isolation, run as the mapped root of a fresh user+mount namespace.
 
-    Remount everything read-only (mount_setattr, recursive), hide the usual private and
-    writable places behind empty tmpfs, give the program a private /tmp, then load a
-    seccomp filter through libseccomp that denies the syscalls a contained program has no
-    business making (namespaces, mounts, ptrace, BPF, keyrings, non-Unix sockets).
+    Like bubblewrap's view: every top-level directory except the system ones (/usr, /bin,
+    /lib*, /sbin, /proc) is hidden behind an empty tmpfs, and only what Python needs is bound
+    back (its installation, /etc/ld.so.cache, the harmless /dev nodes); then everything is
+    made read-only (mount_setattr, recursive), the program gets a private /tmp, and a
+    seccomp filter (libseccomp) denies the syscalls a contained program has no business
+    making (namespaces, mounts, ptrace, BPF, keyrings, non-Unix sockets).
     """
     import ctypes
     import os
@@ -310,7 +312,7 @@ def _unshare_setup(job, report):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                            ctypes.c_char_p]
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 1, 2, 4, 0x4000, 1 << 18
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 4096, 0x4000, 1 << 18
 
     def mount(src, target, fstype, flags, data):
         if libc.mount(src, target.encode(), fstype, flags, data) != 0:
@@ -321,15 +323,36 @@ def _unshare_setup(job, report):
                     ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
     mount(b"none", "/", None, MS_REC | MS_PRIVATE, None)
+    prefix = os.path.realpath(sys.base_prefix)
+    keep = [prefix, "/etc/ld.so.cache"] + ["/dev/" + d for d in ("null", "zero", "full", "random", "urandom")]
+    # Open what is bound back before hiding it; binding from /proc/self/fd/N works afterwards.
+    fds = {path: os.open(path, os.O_PATH) for path in keep if os.path.exists(path)}
+    system = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "proc", "tmp"}
+    for name in sorted(os.listdir("/")):
+        path = "/" + name
+        if name in system or os.path.islink(path):
+            continue
+        if os.path.isdir(path):
+            mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=755")
+        elif os.path.isfile(path) and "/dev/null" in fds:  # e.g. /container_info.json
+            mount(("/proc/self/fd/%d" % fds["/dev/null"]).encode(), path, None, MS_BIND, None)
+    for path, fd in fds.items():
+        if os.path.exists(path) and not path.startswith(("/usr/", "/lib")):
+            continue  # still visible (it was not under a hidden directory)
+        if os.path.isdir("/proc/self/fd/%d" % fd):
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a"):
+                pass
+        mount(("/proc/self/fd/%d" % fd).encode(), path, None, MS_BIND | MS_REC, None)
+    for fd in fds.values():
+        os.close(fd)
     attr = MountAttr(1, 0, 0, 0)  # MOUNT_ATTR_RDONLY
     SYS_mount_setattr, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000
     if libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
                     ctypes.sizeof(attr)) != 0:
         report("ERROR", "sandbox-setup: read-only remount failed: errno %d" % ctypes.get_errno())
-    prefix = os.path.realpath(sys.base_prefix)
-    for d in ("/home", "/root", "/run", "/mnt", "/media", "/srv", "/var/tmp", "/dev/shm", "/opt"):
-        if os.path.isdir(d) and not (prefix + "/").startswith(d + "/"):
-            mount(b"tmpfs", d, b"tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, b"size=16k,mode=755")
     size = ("size=%dm,mode=1777" % int(job.get("tmpfs_mb") or 64)).encode()
     mount(b"tmpfs", "/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, size)
     os.chdir("/tmp")
