@@ -8,5 +8,8 @@ OUT=benchmarks/results/cpu
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name"; $PY benchmarks/decode.py "$@" | tee "$OUT/$name.txt" | grep -v '^{'; }
 run tiny_b1 --shape tiny --dtype float32 --prompt-len 64 --gen-length 256 --steps 256 --repeats 3
-run smol135m_bf16 --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 --batch-sizes 1,16 --repeats 2
+run smol135m_bf16 --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 --batch-sizes 1,16 --repeats 3
 run smol135m_fp32 --shape smol-135m --dtype float32 --prompt-len 64 --gen-length 64 --no-baseline --repeats 2
+# One thread: no OpenMP barrier waits when another process shares the cores (see RESULTS.md).
+run smol135m_bf16_1thread --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 --batch-sizes 1,16 \
+  --no-baseline --repeats 3 --threads 1

@@ -144,8 +144,8 @@ class Decoding:
         self.model = model
         self.prompts = [list(p) for p in prompts]
         self.step_events = step_events
-        if hasattr(model, "fuse_projections") and not model.training:
-            model.fuse_projections()  # views of the same storage: free, and fewer kernels per pass
+        if hasattr(model, "prepare_for_decoding") and not model.training:
+            model.prepare_for_decoding()  # fused projections (views: free); packed weights on CPU bf16
         self.runner = make_runner(model, block_length, runner)
         self.confidence_dtype = confidence_dtype
         self.nfe = 0

@@ -139,3 +139,25 @@ def test_fused_projections_are_exact_views(kw, tmp_path):
     again = diffcoder.load(diffcoder.save(model, tmp_path / "fused"), dtype="float64")
     with torch.no_grad():
         assert (again(ids) - model(ids)).abs().max().item() < 1e-12
+
+
+def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale():
+    from diffcoder.model import PackedLinear
+
+    model = make(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        plain = model(ids, attn_mask=("block_causal", 4))
+        model.prepare_for_decoding()
+        if not isinstance(model.linear, PackedLinear):
+            pytest.skip("oneDNN not available in this torch build")
+        packed = model(ids, attn_mask=("block_causal", 4))
+        assert torch.equal(plain, packed)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # an in-place update must be seen
+    with torch.inference_mode():
+        updated = model(ids, attn_mask=("block_causal", 4))
+        model.model.layers[1].mlp.linear = torch.nn.functional.linear
+        model.model.layers[1].self_attn.linear = torch.nn.functional.linear
+        assert torch.equal(updated, model(ids, attn_mask=("block_causal", 4)))
+        assert not torch.equal(updated, plain)
