@@ -269,11 +269,7 @@ def build_pretrain(sources: list[Path] | None, tokenizer_dir: str | Path, out: s
     """Walk, filter, dedupe, split, tokenize and write shards; returns the manifest."""
     out = Path(out)
     tok = load_tokenizer(tokenizer_dir)
-    srcs = [Path(s) for s in sources] if sources else default_sources()
-    files, stats = walk_corpus(srcs, extensions, max_file_bytes, max_files)
-    if not files:
-        raise ValueError(f"empty corpus: no usable source files under {', '.join(map(str, srcs))} "
-                         f"(skipped: {_fmt_skips(stats)}); point --src at directories of code")
+    srcs, files, stats = collect_corpus(sources, extensions, max_file_bytes, max_files)
     splits = split_files(files, val_fraction)
     dtype = token_dtype(tok.vocab_size)
     tmp = _staging_dir(out, overwrite)
@@ -322,6 +318,17 @@ def _tokenize_splits(tok: Any, splits: dict[str, list[CorpusFile]], tmp: Path, d
             writer.close()
             result[split] = {"files": n_files, "tokens": writer.total, "shards": writer.shards}
     return result, rows
+
+
+def collect_corpus(sources: list[Path] | None, extensions: tuple[str, ...], max_file_bytes: int,
+                   max_files: int | None) -> tuple[list[Path], list, WalkStats]:
+    """The corpus walk shared by `data build` and `tokenizer train`; an empty corpus is an error."""
+    srcs = [Path(s) for s in sources] if sources else default_sources()
+    files, stats = walk_corpus(srcs, extensions, max_file_bytes, max_files)
+    if not files:
+        raise ValueError(f"empty corpus: no usable source files under {', '.join(map(str, srcs))} "
+                         f"(skipped: {_fmt_skips(stats)}); point --src at directories of code")
+    return srcs, files, stats
 
 
 def _fmt_skips(stats: WalkStats) -> str:

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from .data import CODE_EXTENSIONS, _fmt_skips, _publish, _staging_dir, default_sources, walk_corpus
+from .data import CODE_EXTENSIONS, _publish, _staging_dir, collect_corpus
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None) -> Any:
@@ -47,11 +47,7 @@ def train_tokenizer(sources: list[Path] | None, vocab_size: int, out: str | Path
     from diffcoder.tokenizer import Tokenizer, save_tokenizer
 
     out = Path(out)
-    srcs = [Path(s) for s in sources] if sources else default_sources()
-    files, stats = walk_corpus(srcs, extensions, max_file_bytes, max_files)
-    if not files:
-        raise ValueError(f"empty corpus: no usable source files under {', '.join(map(str, srcs))} "
-                         f"(skipped: {_fmt_skips(stats)})")
+    _, files, _ = collect_corpus(sources, extensions, max_file_bytes, max_files)
     texts = (t for t in (f.read_text() for f in files) if t is not None)
     raw = train_bpe(texts, vocab_size, min_frequency, length=len(files))
     tmp = _staging_dir(out, overwrite)
