@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = [
     "diffcoder.run_cli",  # generate, chat
+    "diffcoder.bench.cli",  # bench decode
     "diffcoder.serve.cli",  # serve
     "diffcoder.convert.cli",  # convert gguf
     "diffcoder.train.cli",  # tokenizer train, data build/sft, train, plot
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # a pass-through command (bench decode) hands these to its own parser
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -73,3 +73,12 @@ def test_default_model_is_labelled_untrained_or_shipped(tmp_path, monkeypatch):
         assert path.parent == tmp_path
         again = diffcoder.load(default_model_dir(announce=False))
         assert again.generation_defaults.get("diffcoder_untrained") is True
+
+
+def test_bench_decode_subcommand_prints_json_last():
+    import json
+
+    res = run("bench", "decode", "--shape", "tiny", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["tokens_identical"] is True and summary["ours"]["batch1"]["tokens"] == 8
