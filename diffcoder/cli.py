@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "pass_through", False):
+    if getattr(args, "pass_through", False):
+        args.extra = extra  # a pass-through command (bench decode) hands these to its own parser
+    elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.extra = extra  # a pass-through command (bench decode) hands these to its own parser
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
