@@ -51,6 +51,7 @@ class _Graph:
     mask: torch.Tensor
     write_idx: torch.Tensor
     logits: torch.Tensor
+    at: tuple  # (qs, we, key_valid) the static inputs other than the token ids were built for
 
 
 class StaticRunner:
@@ -76,19 +77,24 @@ class StaticRunner:
         if id(cache.k) != self.cache_id:  # rows left the batch: the cache was reallocated
             self.graphs.clear()
             self.cache_id = id(cache.k)
-        cols = torch.arange(cache.max_len, device=x.device)
-        mask = decode_mask(cols[qs:we], cols, key_valid[:, :cache.max_len] & (cols < we), block)
         key = (x.shape[0], q, idx.start, idx.stop)
         g = self.graphs.get(key)
         fresh = g is None
-        if fresh:
-            g = _Graph(None, x[:, qs:we].clone(), pos[:, qs:we].clone(), mask.clone(),
-                       torch.arange(qs, we, device=x.device), None)
-        else:
+        at = (qs, we, key_valid)
+        if fresh or g.at[:2] != at[:2] or g.at[2] is not key_valid:
+            # Mask, positions and write columns change only with the block: not on every step.
+            cols = torch.arange(cache.max_len, device=x.device)
+            mask = decode_mask(cols[qs:we], cols, key_valid[:, :cache.max_len] & (cols < we), block)
+            if fresh:
+                g = _Graph(None, x[:, qs:we].clone(), pos[:, qs:we].clone(), mask,
+                           torch.arange(qs, we, device=x.device), None, at)
+            else:
+                g.pos.copy_(pos[:, qs:we])
+                g.mask.copy_(mask)
+                g.write_idx.copy_(cols[qs:we])
+                g.at = at
+        if not fresh:
             g.ids.copy_(x[:, qs:we])
-            g.pos.copy_(pos[:, qs:we])
-            g.mask.copy_(mask)
-            g.write_idx.copy_(torch.arange(qs, we, device=x.device))
         cache.write_idx = g.write_idx
         try:
             if not self.use_graphs:
