@@ -5,6 +5,8 @@ same rows (each rank takes its slice of the global micro-batch).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .data import PretrainSplit, SFTSplit
@@ -19,11 +21,41 @@ def _memo(cache: dict, key: int, make, keep: int = 4):  # noqa: ANN001, ANN202
     return cache[key]
 
 
-class PretrainStream:
-    """Windows of seq_len tokens, reshuffled every epoch."""
+@dataclass(frozen=True)
+class FimSpec:
+    """Fill-in-the-middle augmentation: the share of rows rewritten, and the special ids it needs."""
+    rate: float
+    prefix_id: int
+    suffix_id: int
+    middle_id: int
+    eos_id: int
 
-    def __init__(self, split: PretrainSplit, seq_len: int, seed: int, shuffle: bool = True) -> None:
-        self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
+
+def fim_rewrite(window: np.ndarray, rng: np.random.Generator, fim: FimSpec) -> np.ndarray:
+    """One window in suffix-prefix-middle order (Seed-Coder's, the order `Tokenizer.fim_prompt` uses):
+
+        <fim-suffix> S <fim-prefix> P <fim-middle> M <eos>
+
+    The window's first len-4 tokens are cut at two uniform token positions into P | M | S, so
+    the row keeps its length; the EOS teaches the model where a middle ends.
+    """
+    body = window[:len(window) - 4]
+    i, j = sorted(int(x) for x in rng.integers(0, len(body) + 1, size=2))
+    return np.concatenate([[fim.suffix_id], body[j:], [fim.prefix_id], body[:i], [fim.middle_id], body[i:j],
+                           [fim.eos_id]]).astype(window.dtype)
+
+
+class PretrainStream:
+    """Windows of seq_len tokens, reshuffled every epoch; optionally a share of them FIM-rewritten.
+
+    Whether row r is rewritten, and where it is cut, depends only on (seed, r), like the rows.
+    """
+
+    def __init__(self, split: PretrainSplit, seq_len: int, seed: int, shuffle: bool = True,
+                 fim: FimSpec | None = None) -> None:
+        self.split, self.seq_len, self.seed, self.shuffle, self.fim = split, seq_len, seed, shuffle, fim
+        if fim is not None and seq_len < 8:
+            raise ValueError(f"FIM rewriting needs --seq-len >= 8, got {seq_len}")
         self.n = split.n_windows(seq_len)
         self._perms: dict[int, np.ndarray] = {}
         if self.n == 0:
@@ -43,6 +75,10 @@ class PretrainStream:
         for j in range(count):
             epoch, k = divmod(start + j, self.n)
             out[j] = self.split.window(int(self._perm(epoch)[k]), self.seq_len)
+            if self.fim is not None and self.fim.rate > 0:
+                rng = np.random.default_rng([self.seed, 2, start + j])
+                if rng.random() < self.fim.rate:
+                    out[j] = fim_rewrite(out[j], rng, self.fim)
         return out, None
 
 

@@ -45,6 +45,8 @@ TRAIN_HELP = {
     "no_clip": "ablation: do not clip the block mask rate to >= 1/B",
     "no_force_mask": "ablation: do not force-mask one position in blocks that drew no mask",
     "no_loss_weight": "ablation: loss weight 1 instead of 1/u_blk after warmup",
+    "fim_rate": "share of pretraining rows rewritten to fill-in-the-middle order (<fim-suffix>S<fim-prefix>P"
+                "<fim-middle>M<eos>, cut at token positions); ar and block_diffusion",
     "sft_min_eos": "sft: fewest EOS appended after each sample",
     "sft_max_eos": "sft: most EOS appended after each sample",
     "device": "cpu, cuda, cuda:N or auto (cuda when available; under torchrun each process takes its local GPU)",

@@ -52,6 +52,7 @@ class TrainConfig:
     no_clip: bool = False
     no_force_mask: bool = False
     no_loss_weight: bool = False
+    fim_rate: float = 0.0
     sft_min_eos: int = 1
     sft_max_eos: int = 4
     device: str = "auto"
@@ -107,6 +108,10 @@ class TrainConfig:
                              f"{world} process(es) = {self.grad_accum * world}")
         if not 0.0 < self.u_init <= 1.0:
             raise ValueError(f"--u-init must be in (0, 1], got {self.u_init}")
+        if not 0.0 <= self.fim_rate <= 1.0:
+            raise ValueError(f"--fim-rate must be in [0, 1], got {self.fim_rate}")
+        if self.fim_rate and self.objective == "sft":
+            raise ValueError("--fim-rate applies to pretraining data (ar, block_diffusion), not to sft")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
         if not 0.0 <= self.wsd_decay_frac <= 1.0:

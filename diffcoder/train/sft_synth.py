@@ -17,14 +17,25 @@ from typing import Any, Iterator
 PROMPT = "Implement this Python function.\n\n```python\n{stub}\n```"
 
 
-def _stub(fn: ast.FunctionDef | ast.AsyncFunctionDef, source: str) -> str | None:
+def _segment(lines: list[str], node: ast.AST) -> str | None:
+    """ast.get_source_segment on pre-split lines: that function re-splits the whole file on every
+    call, which made a large module's hundreds of functions quadratic."""
+    if getattr(node, "end_lineno", None) is None or node.end_lineno > len(lines):
+        return None
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:  # offsets are in UTF-8 bytes
+        return lines[first].encode()[node.col_offset:node.end_col_offset].decode(errors="replace")
+    parts = [lines[first].encode()[node.col_offset:].decode(errors="replace"), *lines[first + 1:last],
+             lines[last].encode()[:node.end_col_offset].decode(errors="replace")]
+    return "\n".join(parts)
+
+
+def _stub(fn: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str | None:
     """`def name(args) -> ret:` plus the docstring, as written in the file (dedented)."""
     doc_node = fn.body[0]
-    seg = ast.get_source_segment(source, fn)
-    doc_seg = ast.get_source_segment(source, doc_node)
-    if seg is None or doc_seg is None:
+    doc_seg = _segment(lines, doc_node)
+    if doc_seg is None or fn.end_lineno is None or fn.end_lineno > len(lines):
         return None
-    lines = source.splitlines()
     head = lines[fn.lineno - 1:doc_node.lineno - 1]  # decorators are not part of fn.lineno
     indent = len(lines[fn.lineno - 1]) - len(lines[fn.lineno - 1].lstrip())
     body_indent = " " * (doc_node.col_offset - indent)
@@ -33,8 +44,7 @@ def _stub(fn: ast.FunctionDef | ast.AsyncFunctionDef, source: str) -> str | None
     return "\n".join(stub)
 
 
-def _function_text(fn: ast.AST, source: str) -> str:
-    lines = source.splitlines()
+def _function_text(fn: ast.AST, lines: list[str]) -> str:
     start, end = fn.lineno - 1, fn.end_lineno
     indent = len(lines[start]) - len(lines[start].lstrip())
     return "\n".join(line[indent:] for line in lines[start:end])
@@ -42,8 +52,9 @@ def _function_text(fn: ast.AST, source: str) -> str:
 
 def iter_examples(path: Path, max_chars: int) -> Iterator[dict[str, Any]]:
     try:
-        source = path.read_text(encoding="utf-8")
+        source = path.read_text(encoding="utf-8").replace("\r\n", "\n")
         tree = ast.parse(source)
+        lines = source.split("\n")  # ast's line numbers count "\n" only (not \x0c etc.)
     except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
         return
     for node in ast.walk(tree):
@@ -51,10 +62,10 @@ def iter_examples(path: Path, max_chars: int) -> Iterator[dict[str, Any]]:
             continue
         if not ast.get_docstring(node) or node.name.startswith("test"):
             continue
-        body = _function_text(node, source)
+        body = _function_text(node, lines)
         if len(body) > max_chars:
             continue
-        stub = _stub(node, source)
+        stub = _stub(node, lines)
         if stub is None or len(stub) >= len(body):
             continue
         yield {"messages": [{"role": "user", "content": PROMPT.format(stub=stub)},

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from diffcoder.fsutil import cpu_has_bf16
 
-from .batches import PretrainStream, SFTStream
+from .batches import FimSpec, PretrainStream, SFTStream
 from .config import TrainConfig
 from .data import PretrainSplit, SFTSplit, read_manifest, tokenizer_fingerprint
 from .noise import in_warmup, noise_generator, sample_block_noise, u_max_at
@@ -296,6 +296,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg, self.device)
         self._load_data()
         self.model, self.tok = build_model(cfg, self.manifest["tokenizer"])
+        self._make_streams()
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.model.to(self.device).train()
         self.loss_mod = LossModule(self.model, cfg.objective, self.model.mask_id, cfg.block_size, cfg.shift)
@@ -314,9 +315,20 @@ class Trainer:
             raise ValueError(f"--objective block_diffusion trains on pretraining data; {cfg.data} is {kind} data "
                              "(use --objective sft)")
         tok_info = self.manifest["tokenizer"]
-        self.train_stream = self._stream("train", shuffle=True)
-        self.val_stream = self._stream("validation", shuffle=False) if cfg.eval_every else None
         self.eos_id, self.pad_id = tok_info["eos_id"], tok_info["pad_id"]
+
+    def _make_streams(self) -> None:
+        self.train_stream = self._stream("train", shuffle=True)
+        self.val_stream = self._stream("validation", shuffle=False) if self.cfg.eval_every else None
+
+    def _fim_spec(self) -> FimSpec | None:
+        if not self.cfg.fim_rate:
+            return None
+        if not self.tok.has_fim:
+            raise ValueError("--fim-rate needs a tokenizer with <[fim-prefix]>, <[fim-suffix]>, <[fim-middle]> "
+                             "(`diffcoder tokenizer train` adds them)")
+        return FimSpec(self.cfg.fim_rate, self.tok.fim_prefix_id, self.tok.fim_suffix_id, self.tok.fim_middle_id,
+                       self.tok.eos_id)
 
     def _stream(self, split: str, shuffle: bool) -> Any:
         cfg, tok = self.cfg, self.manifest["tokenizer"]
@@ -331,7 +343,8 @@ class Trainer:
         if data.tokens == 0:
             raise ValueError(f"--data {cfg.data}: the {split} split is empty" +
                              (" (set --eval-every 0 or rebuild with --val-fraction > 0)" if split != "train" else ""))
-        return PretrainStream(data, cfg.seq_len, cfg.seed, shuffle)
+        # FIM only on the training rows: validation loss stays comparable across runs with and without it.
+        return PretrainStream(data, cfg.seq_len, cfg.seed, shuffle, self._fim_spec() if shuffle else None)
 
     # -------------------------------------------------------------- batches
     def _global_batch(self, stream: Any, start: int, count: int, step: int, u_max: float, weighted: bool,

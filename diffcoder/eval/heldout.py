@@ -1,0 +1,159 @@
+"""Exact-match code tasks cut from held-out source files: next-line completion, single-line and
+multi-line infilling.
+
+The files are the validation split of a `diffcoder data build` directory (files.jsonl), which no
+training stage reads. Tasks are drawn by a seeded RNG, so the same data directory and seed give
+the same tasks on any machine. Scoring is exact match after normalising whitespace at line ends
+(and, for completion, only the first generated line counts).
+
+Each model is decoded the way it was trained: a block-diffusion model with the block decoder
+(no shift), an AR model with `block_length=1, shift=True` (plain greedy next-token decoding).
+Infilling uses the tokenizer's FIM tokens for both (suffix-prefix-middle order).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = ("next_line", "infill_line", "infill_multi")
+# Characters of context on each side: with a ~3.6 chars/token code BPE this keeps a prompt near
+# 330 tokens, inside the 512-token training windows together with the generated tokens.
+PREFIX_CHARS, SUFFIX_CHARS = 900, 300
+GEN_TOKENS = {"next_line": 32, "infill_line": 32, "infill_multi": 64}
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    source: str  # file path, for the record
+    prefix: str
+    suffix: str  # "" for next_line
+    target: str
+
+
+def _meaningful(line: str) -> bool:
+    s = line.strip()
+    return len(s) >= 6 and not s.startswith("#") and s not in ('"""', "'''")
+
+
+def heldout_files(datadir: str | Path) -> list[Path]:
+    """Validation-split .py files of a data directory, in listing order."""
+    listing = Path(datadir) / "files.jsonl"
+    if not listing.exists():
+        raise FileNotFoundError(f"{datadir}: no files.jsonl (expected a `diffcoder data build` directory)")
+    rows = [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
+    files = [Path(r["path"]) for r in rows if r["split"] == "validation" and r["path"].endswith(".py")]
+    if not files:
+        raise ValueError(f"{datadir}: no held-out .py files (rebuild with --val-fraction > 0)")
+    return files
+
+
+def make_tasks(datadir: str | Path, n_per_kind: int = 200, seed: int = 0) -> list[Task]:
+    """n_per_kind tasks of each kind, spread over the held-out files."""
+    rng = random.Random(seed)
+    candidates: dict[str, list[Task]] = {k: [] for k in KINDS}
+    for path in heldout_files(datadir):
+        try:
+            lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for i in range(5, len(lines) - 3):
+            if not _meaningful(lines[i]):
+                continue
+            before = "\n".join(lines[:i]) + "\n"
+            prefix = before[-PREFIX_CHARS:]
+            prefix = prefix[prefix.find("\n") + 1:] if len(before) > PREFIX_CHARS else prefix
+            candidates["next_line"].append(Task("next_line", str(path), prefix, "", lines[i]))
+            after = "\n" + "\n".join(lines[i + 1:])
+            candidates["infill_line"].append(Task("infill_line", str(path), prefix, after[:SUFFIX_CHARS], lines[i]))
+            span = rng.randint(2, 4)
+            block = lines[i:i + span]
+            if len(block) == span and all(line.strip() for line in block):
+                rest = "\n" + "\n".join(lines[i + span:])
+                candidates["infill_multi"].append(
+                    Task("infill_multi", str(path), prefix, rest[:SUFFIX_CHARS], "\n".join(block)))
+    tasks = []
+    for kind in KINDS:
+        pool = candidates[kind]
+        if len(pool) < n_per_kind:
+            raise ValueError(f"{datadir}: only {len(pool)} {kind} candidates in the held-out files, "
+                             f"asked for {n_per_kind}")
+        tasks += rng.sample(pool, n_per_kind)
+    return tasks
+
+
+def _normalise(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip("\n").split("\n")).strip()
+
+
+def score(task: Task, output: str) -> bool:
+    """Exact match: completion compares its first line, infilling the whole middle."""
+    if task.kind == "next_line":
+        output = output.split("\n", 1)[0]
+    return _normalise(output) == _normalise(task.target)
+
+
+@dataclass
+class DecodeStyle:
+    """How a model is decoded: `ar` (B=1, shift, greedy) or `block` (block diffusion, no shift)."""
+
+    kind: str = "block"
+    block_length: int = 4
+    threshold: float | None = None
+
+    def kwargs(self, gen_length: int) -> dict[str, Any]:
+        if self.kind == "ar":
+            return {"block_length": 1, "shift": True, "steps": gen_length, "gen_length": gen_length}
+        if self.kind != "block":
+            raise ValueError(f"decode style must be 'ar' or 'block', not {self.kind!r}")
+        return {"block_length": self.block_length, "steps": gen_length, "gen_length": gen_length,
+                "threshold": self.threshold}
+
+
+def _prompt(tok: Any, task: Task) -> list[int]:
+    if task.kind == "next_line":
+        return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(task.prefix)
+    return tok.fim_prompt(task.prefix, task.suffix)
+
+
+def run_tasks(model: Any, tasks: list[Task], style: DecodeStyle, batch_size: int = 16) -> dict[str, Any]:
+    """Decode every task, score it; returns per-kind exact match with its standard error, tokens
+    per forward pass (batch 1 only: a batch's passes serve several rows) and wall time."""
+    from diffcoder.decode import generate
+
+    tok = model.tokenizer
+    outputs: list[dict[str, Any]] = []
+    for kind in KINDS:
+        group = [t for t in tasks if t.kind == kind]
+        kw = style.kwargs(GEN_TOKENS[kind])
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            t0 = time.perf_counter()
+            res = generate(model, [_prompt(tok, t) for t in batch], eos_id=tok.eos_id, **kw)
+            dt = time.perf_counter() - t0
+            for task, ids in zip(batch, res.tokens):
+                text = tok.decode([i for i in ids if i != tok.eos_id])
+                outputs.append({"kind": kind, "ok": score(task, text), "output": text, "target": task.target,
+                                "tokens": len(ids), "nfe": res.nfe if len(batch) == 1 else None,
+                                "seconds": dt / len(batch)})
+    return summarise(outputs) | {"style": asdict(style), "batch_size": batch_size, "records": outputs}
+
+
+def summarise(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in KINDS:
+        rows = [o for o in outputs if o["kind"] == kind]
+        if not rows:
+            continue
+        p = sum(o["ok"] for o in rows) / len(rows)
+        entry = {"n": len(rows), "exact_match": p, "stderr": math.sqrt(p * (1 - p) / len(rows)),
+                 "seconds_per_token": sum(o["seconds"] for o in rows) / max(1, sum(o["tokens"] for o in rows))}
+        if all(o["nfe"] is not None for o in rows):
+            entry["tokens_per_pass"] = sum(o["tokens"] for o in rows) / max(1, sum(o["nfe"] for o in rows))
+        out[kind] = entry
+    return out
