@@ -74,6 +74,8 @@ class DecodeArgs:
     eos_id: int | None = None
     mask_id: int | None = None
     seed: int | None = None
+    max_active_blocks: int = 1
+    block_add_threshold: float = 0.5
 
     @property
     def steps_per_block(self) -> int:
@@ -116,6 +118,16 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
         if max_positions is not None and len(p) + args.gen_length > max_positions:
             bad(f"prompt {i}: {len(p)} prompt tokens + gen_length {args.gen_length} exceed the model's context "
                 f"of {max_positions} positions; shorten the prompt or lower gen_length")
+    if not isinstance(args.max_active_blocks, int) or args.max_active_blocks < 1:
+        bad(f"max_active_blocks must be an integer >= 1, got {args.max_active_blocks!r}")
+    if args.max_active_blocks > 1:
+        if args.threshold is None:
+            bad("multi-block pipelining (max_active_blocks > 1) commits later blocks by confidence: "
+                "give a threshold too (e.g. threshold=0.9)")
+        if args.shift:
+            bad("multi-block pipelining is for block-diffusion models: it cannot be combined with shift=True")
+        if not 0.0 < float(args.block_add_threshold) <= 1.0:
+            bad(f"block_add_threshold must be in (0, 1], got {args.block_add_threshold!r}")
     for name in ("eos_id", "mask_id"):
         v = getattr(args, name)
         if v is not None and vocab_size is not None and not 0 <= v < vocab_size:
@@ -135,10 +147,11 @@ class Decoding:
                  block_length: int = 4, temperature: float = 0.0, remasking: str = "low_confidence",
                  threshold: float | None = None, shift: bool = False, eos_id: int | None = None,
                  mask_id: int | None = None, seed: int | None = None, step_events: bool = False,
-                 confidence_dtype: torch.dtype = torch.float64, runner: str = "auto") -> None:
+                 confidence_dtype: torch.dtype = torch.float64, runner: str = "auto",
+                 max_active_blocks: int = 1, block_add_threshold: float = 0.5) -> None:
         mask_id = mask_id if mask_id is not None else getattr(model, "mask_id", None)
         self.args = DecodeArgs(steps, gen_length, block_length, float(temperature), remasking, threshold, shift,
-                               eos_id, mask_id, seed)
+                               eos_id, mask_id, seed, max_active_blocks, block_add_threshold)
         cfg = model.config
         validate_args(self.args, prompts, cfg.vocab_size, cfg.max_position_embeddings)
         self.model = model
@@ -193,6 +206,10 @@ class Decoding:
         B = self.args.block_length
         commit_from = 0  # columns [commit_from, ws) are clean and not yet in the cache
         with torch.inference_mode():
+            if self.args.max_active_blocks > 1:
+                yield from self._pipelined()
+                self.result = GenerateResult(self._tokens, self.nfe, self._reasons)
+                return
             for w in range(self.n_windows):
                 if not self.rows:
                     break
@@ -252,6 +269,22 @@ class Decoding:
         """Choose a token at every masked position, commit some by confidence (release rules)."""
         a = self.args
         masked = self.masked[:, ws:we]
+        conf, x0 = self._propose(logits, masked)
+        order = torch.argsort(conf, dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                 .expand_as(order))
+        if k is not None:
+            select = ranks < k
+        else:
+            select = (ranks == 0) | (conf >= a.threshold)
+        select &= masked
+        self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
+        self.masked[:, ws:we] = masked & ~select
+        return select, conf, x0
+
+    def _propose(self, logits: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, token) at every position; confidence -inf where nothing is masked."""
+        a = self.args
         scores = logits.to(self.confidence_dtype)  # float64 by default, as the release
         if a.remasking == "low_confidence":
             log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
@@ -268,17 +301,56 @@ class Decoding:
         else:
             conf = torch.rand(masked.shape, generator=self._gen, device=masked.device, dtype=torch.float64)
         conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-        order = torch.argsort(conf, dim=-1, descending=True, stable=True)
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                 .expand_as(order))
-        if k is not None:
-            select = ranks < k
-        else:
-            select = (ranks == 0) | (conf >= a.threshold)
-        select &= masked
-        self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
-        self.masked[:, ws:we] = masked & ~select
-        return select, conf, x0
+        return conf, x0
+
+    # ------------------------------------------------------ multi-block pipelining (approximate)
+    def _pipelined(self) -> Iterator[StepEvent | BlockEvent]:
+        """D2F-style pipelining: block k+1 joins the pass once the newest active block has
+        `block_add_threshold` of its positions committed, before block k is final.
+
+        Every pass runs the active blocks [ws, we) together under the block-causal mask (a block
+        sees the current, partly masked state of the blocks before it), commits the oldest
+        block's top-1 plus every position at or above `threshold` in any active block, and
+        finishes the oldest block (fused commit pass, events, EOS) as soon as it has no mask.
+        Approximate: a later block is denoised against a context that may still change. Rows of
+        one batch share the schedule (when a block is added, when the window advances)."""
+        a = self.args
+        B, end = a.block_length, self.c + self.n_windows * a.block_length
+        w, n_active, commit_from, step = 0, 1, 0, 0
+        while self.rows and w < self.n_windows:
+            ws = self.c + w * B
+            we = min(end, ws + n_active * B)
+            logits = self._forward(ws, we, commit_from)
+            commit_from = ws
+            masked = self.masked[:, ws:we]
+            conf, x0 = self._propose(logits, masked)
+            first = conf[:, :B]
+            top1 = torch.zeros_like(masked)
+            top1[:, :B] = (first == first.max(1, keepdim=True).values) & masked[:, :B]
+            top1[:, :B] &= torch.cumsum(top1[:, :B].int(), 1) == 1  # one top-1 per row, leftmost on ties
+            select = (top1 | (conf >= a.threshold)) & masked
+            self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
+            self.masked[:, ws:we] = masked & ~select
+            if self.step_events:
+                for j in range(0, we - ws, B):
+                    yield from self._step_events(w + j // B, step, ws + j, select[:, j:j + B], conf[:, j:j + B],
+                                                 x0[:, j:j + B])
+            step += 1
+            # The oldest blocks that are now complete leave the window (each one's clean keys are
+            # written by the next pass, as in the one-block engine).
+            while n_active and self.rows and not bool(self.masked[:, ws:ws + B].any()):
+                yield from self._finish_window(w, ws)
+                w, n_active, step = w + 1, n_active - 1, 0  # its keys: written by the next pass (from commit_from)
+                ws += B
+                if w >= self.n_windows:
+                    return
+            if not self.rows:
+                return
+            n_active = max(n_active, 1)
+            newest = self.masked[:, ws + (n_active - 1) * B:ws + n_active * B]
+            done_frac = 1.0 - float(newest.float().mean(1).max())
+            if n_active < a.max_active_blocks and w + n_active < self.n_windows and done_frac >= a.block_add_threshold:
+                n_active += 1
 
     def _step_events(self, w: int, step: int, ws: int, select, conf, x0) -> Iterator[StepEvent]:
         sel, cf, tok = select.tolist(), conf.tolist(), x0.tolist()
@@ -332,12 +404,15 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, steps: int, ge
              mask_id: int | None = None, seed: int | None = None,
              on_event: Callable[[StepEvent | BlockEvent], None] | None = None,
              step_events: bool = False, confidence_dtype: torch.dtype = torch.float64,
-             runner: str = "auto") -> GenerateResult:
-    """Decode every prompt (token-id lists) with block diffusion; see `Decoding` for the rules."""
+             runner: str = "auto", max_active_blocks: int = 1, block_add_threshold: float = 0.5) -> GenerateResult:
+    """Decode every prompt (token-id lists) with block diffusion; see `Decoding` for the rules.
+
+    max_active_blocks > 1 turns on multi-block pipelining (approximate; needs a threshold)."""
     dec = Decoding(model, prompts, steps=steps, gen_length=gen_length, block_length=block_length,
                    temperature=temperature, remasking=remasking, threshold=threshold, shift=shift,
                    eos_id=eos_id, mask_id=mask_id, seed=seed, step_events=step_events,
-                   confidence_dtype=confidence_dtype, runner=runner)
+                   confidence_dtype=confidence_dtype, runner=runner, max_active_blocks=max_active_blocks,
+                   block_add_threshold=block_add_threshold)
     for event in dec:
         if on_event is not None:
             on_event(event)

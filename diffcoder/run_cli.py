@@ -28,10 +28,14 @@ def add_decoder_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shift", action="store_true", default=None, help="logits at i-1 predict token i: for "
                    "autoregressive checkpoints (use with --block-length 1)")
     g.add_argument("--seed", type=int, help="random seed for temperature > 0 / random remasking")
+    g.add_argument("--max-active-blocks", type=int, help="multi-block pipelining (approximate, needs --threshold): "
+                   "up to this many blocks are denoised at once (default 1 = off)")
+    g.add_argument("--block-add-threshold", type=float, help="pipelining: start the next block once this share "
+                   "of the newest block is committed (default 0.5)")
 
 
 DEFAULTS = dict(gen_length=128, steps=None, block_length=4, threshold=None, temperature=0.0,
-                remasking="low_confidence", shift=False, seed=None)
+                remasking="low_confidence", shift=False, seed=None, max_active_blocks=1, block_add_threshold=0.5)
 
 
 def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:

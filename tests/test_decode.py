@@ -221,6 +221,10 @@ BAD = [
     (dict(gen_length=8, steps=8, temperature=-1.0), "temperature"),
     (dict(gen_length=128, steps=128), "context"),
     (dict(gen_length=8, steps=8, eos_id=V + 3), "eos_id"),
+    (dict(gen_length=8, steps=8, max_active_blocks=2), "give a threshold"),
+    (dict(gen_length=8, steps=8, max_active_blocks=2, threshold=0.5, shift=True), "shift"),
+    (dict(gen_length=8, steps=8, max_active_blocks=0), "max_active_blocks"),
+    (dict(gen_length=8, steps=8, max_active_blocks=2, threshold=0.5, block_add_threshold=0.0), "block_add"),
 ]
 
 
@@ -264,3 +268,45 @@ def test_unknown_runner(pair):
         diffcoder.generate(model, [[3]], steps=4, gen_length=4, runner="turbo")
     with pytest.raises(ValueError, match="CUDA"):
         diffcoder.generate(model, [[3]], steps=4, gen_length=4, runner="cuda_graph")
+
+
+# ------------------------------------------------------------- multi-block pipelining
+PIPE_CASES = [c for c in cases(40, seed=9) if c["threshold"] is not None and not c["shift"]]
+
+
+@pytest.mark.parametrize("case", PIPE_CASES, ids=lambda c: f"B{c['block_length']}-G{c['gen_length']}-t{c['threshold']}")
+def test_pipelining_with_add_threshold_one_is_plain_threshold_decoding(pair, case):
+    """A block is only added once the newest one is complete, i.e. never early: the pipelined loop
+    must then decode exactly what the one-block engine does (same tokens, same passes)."""
+    model, _ = pair
+    rng = random.Random(len(case["prompt"]))
+    prompts = [case.pop("prompt")] + [rand_prompt(rng, n) for n in (3, 8)]
+    plain = diffcoder.generate(model, prompts, **case)
+    piped = diffcoder.generate(model, prompts, max_active_blocks=3, block_add_threshold=1.0, **case)
+    assert piped.tokens == plain.tokens and piped.nfe == plain.nfe
+
+
+@pytest.mark.parametrize("eos", [None, EOS])
+def test_pipelining_overlaps_blocks_and_finishes(pair, eos):
+    model, _ = pair
+    prompts = [[3, 4, 6], [7, 8, 9, 10, 11, 12, 13]]
+    kw = dict(steps=32, gen_length=32, block_length=4, threshold=0.3, eos_id=eos)
+    dec = Decoding(model, prompts, step_events=True, max_active_blocks=3, block_add_threshold=0.25, **kw)
+    events = list(dec)
+    res = dec.result
+    for row, toks in enumerate(res.tokens):
+        assert MASK not in toks
+        assert len(toks) == 32 or (eos is not None and toks[-1] == eos)
+        # Streamed block events reassemble the result, in order.
+        assert sum((e.tokens for e in events if isinstance(e, BlockEvent) and e.row == row), []) == toks
+    # Some block received commits before the block before it was final.
+    final_at = {}
+    early = False
+    for i, e in enumerate(events):
+        if isinstance(e, BlockEvent):
+            final_at.setdefault((e.row, e.block_index), i)
+        elif (e.row, e.block_index - 1) not in final_at and e.block_index > 0:
+            early = True
+    assert early
+    plain = diffcoder.generate(model, prompts, **kw)
+    assert res.nfe < plain.nfe

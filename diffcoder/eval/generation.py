@@ -26,11 +26,16 @@ class GenSpec:
     n_samples: int = 1
     seed: int = 0
     prompt_style: str = "auto"
+    max_active_blocks: int = 1
+    block_add_threshold: float = 0.5
 
     def decoder_kwargs(self) -> dict[str, Any]:
-        return {"steps": self.steps or self.gen_length, "gen_length": self.gen_length,
-                "block_length": self.block_length, "threshold": self.threshold,
-                "temperature": self.temperature, "remasking": self.remasking, "shift": self.shift}
+        kw = {"steps": self.steps or self.gen_length, "gen_length": self.gen_length,
+              "block_length": self.block_length, "threshold": self.threshold,
+              "temperature": self.temperature, "remasking": self.remasking, "shift": self.shift}
+        if self.max_active_blocks > 1:  # recorded in results.json only when pipelining is on
+            kw.update(max_active_blocks=self.max_active_blocks, block_add_threshold=self.block_add_threshold)
+        return kw
 
 
 def resolve_style(style: str, tokenizer: Any) -> str:

@@ -105,6 +105,8 @@ class DecodeStyle:
     kind: str = "block"
     block_length: int = 4
     threshold: float | None = None
+    max_active_blocks: int = 1  # > 1: multi-block pipelining (needs a threshold)
+    block_add_threshold: float = 0.5
 
     def kwargs(self, gen_length: int) -> dict[str, Any]:
         if self.kind == "ar":
@@ -112,7 +114,8 @@ class DecodeStyle:
         if self.kind != "block":
             raise ValueError(f"decode style must be 'ar' or 'block', not {self.kind!r}")
         return {"block_length": self.block_length, "steps": gen_length, "gen_length": gen_length,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "max_active_blocks": self.max_active_blocks,
+                "block_add_threshold": self.block_add_threshold}
 
 
 def _prompt(tok: Any, task: Task) -> list[int]:
