@@ -310,3 +310,5 @@ def test_pipelining_overlaps_blocks_and_finishes(pair, eos):
     assert early
     plain = diffcoder.generate(model, prompts, **kw)
     assert res.nfe < plain.nfe
+    static = diffcoder.generate(model, prompts, runner="static", max_active_blocks=3, block_add_threshold=0.25, **kw)
+    assert static.tokens == res.tokens and static.nfe == res.nfe  # the static-shape pass (CUDA graphs) too
