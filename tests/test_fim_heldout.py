@@ -74,7 +74,7 @@ def _heldout_dir(tmp_path: Path, n_files: int = 3) -> Path:
 
 
 def test_heldout_tasks_are_deterministic_and_consistent(tmp_path: Path) -> None:
-    from diffcoder.eval.heldout import KINDS, make_tasks, score
+    from diffcoder.eval.heldout import KINDS, edit_similarity, make_tasks, score
 
     d = _heldout_dir(tmp_path)
     tasks = make_tasks(d, n_per_kind=10, seed=3)
@@ -87,8 +87,10 @@ def test_heldout_tasks_are_deterministic_and_consistent(tmp_path: Path) -> None:
             assert (t.prefix + t.target + "\n") in text and t.suffix == ""
         else:  # prefix + middle + suffix is a contiguous piece of the file
             assert (t.prefix + t.target + t.suffix) in text
-        assert score(t, t.target + "  ")
-        assert not score(t, t.target + "x")
+        assert score(t, t.target + "  ") and edit_similarity(t, t.target) == 1.0
+        assert not score(t, t.target + "x") and 0.5 < edit_similarity(t, t.target + "x") < 1.0
+        # The prompt ends with the line's indentation, the target starts after it.
+        assert t.target == t.target.lstrip() and not t.prefix.endswith("\n    \n")
     nl = next(t for t in tasks if t.kind == "next_line")
     assert score(nl, nl.target + "\nanything after the first line")
     with pytest.raises(ValueError, match="only .* candidates"):
