@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import diffcoder
 
@@ -63,16 +64,40 @@ def test_missing_model_dir(tmp_path):
     assert res.returncode == 2 and "not a directory" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_default_model_is_labelled_untrained_or_shipped(tmp_path, monkeypatch):
+def test_shipped_default_model_is_the_trained_one():
+    """diffcoder-tiny ships in the package: the default of every command, no download, no stand-in."""
     from diffcoder.defaults import SHIPPED_DIR, default_model_dir
 
+    assert default_model_dir(announce=False) == SHIPPED_DIR
+    files = {p.name for p in SHIPPED_DIR.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "MODEL_CARD.md"} <= files
+    weights = list(SHIPPED_DIR.glob("*.safetensors"))
+    assert weights and sum(p.stat().st_size for p in weights) < 60e6
+    model = diffcoder.load(SHIPPED_DIR)
+    assert model.dtype == torch.bfloat16 and model.tokenizer.has_fim and model.tokenizer.has_chat_template
+    assert model.generation_defaults.get("block_length") == 4 and not model.generation_defaults.get("shift")
+    assert "diffcoder_untrained" not in model.generation_defaults
+    card = (SHIPPED_DIR / "MODEL_CARD.md").read_text()
+    for section in ("## Architecture", "## Training", "## Data and licences", "## Decoding defaults",
+                    "## Measured", "## What it cannot do"):
+        assert section in card
+
+
+def test_generate_without_model_uses_the_shipped_model():
+    res = run("generate", "--gen-length", "16", "def fibonacci(n):")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def fibonacci(n):") and len(res.stdout) > len("def fibonacci(n):")
+    assert "UNTRAINED" not in res.stderr
+
+
+def test_untrained_stand_in_when_no_model_ships(tmp_path, monkeypatch):
+    from diffcoder import defaults
+
+    monkeypatch.setattr(defaults, "SHIPPED_DIR", tmp_path / "absent")
     monkeypatch.setenv("DIFFCODER_HOME", str(tmp_path))
-    path = default_model_dir(announce=False)
-    assert (path / "config.json").exists()
-    if path != SHIPPED_DIR:
-        assert path.parent == tmp_path
-        again = diffcoder.load(default_model_dir(announce=False))
-        assert again.generation_defaults.get("diffcoder_untrained") is True
+    path = defaults.default_model_dir(announce=False)
+    assert path.parent == tmp_path and (path / "config.json").exists()
+    assert diffcoder.load(path).generation_defaults.get("diffcoder_untrained") is True
 
 
 def test_bench_decode_subcommand_prints_json_last():
