@@ -99,7 +99,8 @@ class PackedLinear:
         self.table: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.bfloat16:
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.bfloat16
+                or torch.compiler.is_compiling()):  # inductor cannot lower the prepacked op: it packs itself
             return F.linear(x, w, b)
         version = -1 if w.is_inference() else w._version  # inference tensors have no version counter
         entry = self.table.get(id(w))

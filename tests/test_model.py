@@ -161,3 +161,17 @@ def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale():
         model.model.layers[1].self_attn.linear = torch.nn.functional.linear
         assert torch.equal(updated, model(ids, attn_mask=("block_causal", 4)))
         assert not torch.equal(updated, plain)
+
+
+def test_packed_linear_falls_back_under_torch_compile():
+    """`runner="compiled_static"` on a CPU in bf16 compiles the model's step: inductor cannot lower
+    the prepacked oneDNN op (it crashed there), so PackedLinear must hand it plain F.linear."""
+    from diffcoder.model import PackedLinear
+
+    packed = PackedLinear()
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.inference_mode():
+        compiled = torch.compile(lambda a: packed(a, w, None), backend="aot_eager")(x)
+        assert torch.allclose(compiled.float(), torch.nn.functional.linear(x, w).float(), atol=1e-2)
+        assert not packed.table  # the compiled path never packed
