@@ -134,6 +134,13 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
             bad(f"{name} {v} is outside the vocabulary [0, {vocab_size})")
 
 
+def _ranks(conf: torch.Tensor) -> torch.Tensor:
+    """Rank of each position by confidence within its row (0 = most confident; ties: leftmost first)."""
+    order = torch.argsort(conf, dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order))
+
+
 def block_schedule(masked: int, steps_per_block: int) -> list[int]:
     """Tokens committed at each (non-skipped) step of a block: the release's allotment."""
     base, extra = divmod(masked, steps_per_block)
@@ -208,15 +215,14 @@ class Decoding:
         with torch.inference_mode():
             if self.args.max_active_blocks > 1:
                 yield from self._pipelined()
-                self.result = GenerateResult(self._tokens, self.nfe, self._reasons)
-                return
-            for w in range(self.n_windows):
-                if not self.rows:
-                    break
-                ws = self.c + w * B
-                yield from self._decode_window(w, ws, commit_from)
-                yield from self._finish_window(w, ws)
-                commit_from = ws
+            else:
+                for w in range(self.n_windows):
+                    if not self.rows:
+                        break
+                    ws = self.c + w * B
+                    yield from self._decode_window(w, ws, commit_from)
+                    yield from self._finish_window(w, ws)
+                    commit_from = ws
         self.result = GenerateResult(self._tokens, self.nfe, self._reasons)
 
     def _decode_window(self, w: int, ws: int, commit_from: int) -> Iterator[StepEvent]:
@@ -270,17 +276,15 @@ class Decoding:
         a = self.args
         masked = self.masked[:, ws:we]
         conf, x0 = self._propose(logits, masked)
-        order = torch.argsort(conf, dim=-1, descending=True, stable=True)
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                 .expand_as(order))
-        if k is not None:
-            select = ranks < k
-        else:
-            select = (ranks == 0) | (conf >= a.threshold)
-        select &= masked
+        ranks = _ranks(conf)
+        select = (ranks < k) if k is not None else (ranks == 0) | (conf >= a.threshold)
+        return self._apply(select & masked, x0, ws, we), conf, x0
+
+    def _apply(self, select: torch.Tensor, x0: torch.Tensor, ws: int, we: int) -> torch.Tensor:
+        """Write the selected tokens into columns [ws, we) and unmask them."""
         self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
-        self.masked[:, ws:we] = masked & ~select
-        return select, conf, x0
+        self.masked[:, ws:we] &= ~select
+        return select
 
     def _propose(self, logits: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(confidence, token) at every position; confidence -inf where nothing is masked."""
@@ -324,13 +328,9 @@ class Decoding:
             commit_from = ws
             masked = self.masked[:, ws:we]
             conf, x0 = self._propose(logits, masked)
-            first = conf[:, :B]
-            top1 = torch.zeros_like(masked)
-            top1[:, :B] = (first == first.max(1, keepdim=True).values) & masked[:, :B]
-            top1[:, :B] &= torch.cumsum(top1[:, :B].int(), 1) == 1  # one top-1 per row, leftmost on ties
-            select = (top1 | (conf >= a.threshold)) & masked
-            self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
-            self.masked[:, ws:we] = masked & ~select
+            select = conf >= a.threshold
+            select[:, :B] |= _ranks(conf[:, :B]) == 0  # the oldest block always commits its top-1
+            select = self._apply(select & masked, x0, ws, we)
             if self.step_events:
                 for j in range(0, we - ws, B):
                     yield from self._step_events(w + j // B, step, ws + j, select[:, j:j + B], conf[:, j:j + B],

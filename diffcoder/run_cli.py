@@ -58,16 +58,22 @@ def pick_device(name: str) -> str:
     return name
 
 
-def load_model(args: argparse.Namespace) -> Any:
+def load_auto(path: Any, device: str = "auto", dtype: str = "auto") -> Any:
+    """`diffcoder.load` with the CLI's choices: CUDA when present; bfloat16 on GPUs and on CPUs
+    with native bf16, else float32."""
     from . import load
-    from .defaults import default_model_dir
     from .fsutil import cpu_has_bf16
 
-    device = pick_device(args.device)
-    dtype = args.dtype
+    device = pick_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
-    model = load(args.model or default_model_dir(), device=device, dtype=dtype)
+    return load(path, device=device, dtype=dtype)
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    from .defaults import default_model_dir
+
+    model = load_auto(args.model or default_model_dir(), args.device, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: the checkpoint has no tokenizer.json; diffcoder generate needs text I/O")
     return model

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import eval_bench  # runs/common.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 STAGES = (("ar", "AR pretraining (10% FIM rows), constant LR: the pre-annealing checkpoint", "default-ar.toml"),
@@ -25,8 +27,13 @@ STAGES = (("ar", "AR pretraining (10% FIM rows), constant LR: the pre-annealing 
           ("sft", "SFT, block-diffusion objective, 1-4 random EOS per sample", "default-sft.toml"))
 GENERATION = {"gen_length": 128, "steps": 128, "block_length": 4, "shift": False}
 SPEED_TASKS = 40  # per kind, batch 1
-SPEED_MODES = {"exact (1 token/pass)": None, "threshold 0.9": (0.9, 1), "threshold 0.7": (0.7, 1),
-               "threshold 0.9 + 2-block pipelining": (0.9, 2)}
+SPEED_MODES = {"exact (1 token/pass)": {}, "threshold 0.9": {"threshold": 0.9}, "threshold 0.7": {"threshold": 0.7},
+               "threshold 0.9 + 2-block pipelining": {"threshold": 0.9, "max_active_blocks": 2}}
+
+
+def speed_modes() -> dict[str, Any]:
+    from diffcoder.eval.heldout import DecodeStyle
+    return {name: DecodeStyle("block", **kw) for name, kw in SPEED_MODES.items()}
 LICENCES = {"stdlib": ("Python standard library", "PSF-2.0"), "yaml": ("python3-yaml examples (Debian)", "MIT")}
 
 
@@ -64,47 +71,30 @@ def stage_stats(run: Path) -> dict[str, Any]:
 
 
 def measure(out: Path, run: Path, n_tasks: int, bench_limit: int | None = None) -> dict[str, Any]:
-    """Held-out exact match, HumanEval / MBPP pass@1 and the CLI's wall time, on the exported files."""
-    import diffcoder
+    """Held-out exact match, HumanEval / MBPP pass@1 and the timings, on the exported files."""
     from diffcoder.eval.heldout import DecodeStyle, make_tasks, run_tasks
+    from diffcoder.run_cli import load_auto
 
-    res: dict[str, Any] = {}
-    model = diffcoder.load(out)
-    model.prepare_for_decoding()
     tasks = make_tasks(run / "data", n_tasks, seed=0)
-    r = run_tasks(model, tasks, DecodeStyle("block"))
-    r.pop("records")
-    res["heldout"] = r
-    res.update(measure_speed(out, run, n_tasks, tasks, model))
+    res: dict[str, Any] = {"heldout": run_tasks(load_auto(out, device="cpu"), tasks, DecodeStyle("block"),
+                                                keep_records=False)}
     for bench in ("humaneval", "mbpp"):
         edir = run / "eval" / f"{bench}-shipped"
         shutil.rmtree(edir, ignore_errors=True)  # the eval resumes from an OUTDIR: start clean
-        subprocess.run([sys.executable, "-m", "diffcoder.cli", "eval", bench, "--model", str(out), "--out", str(edir),
-                        "--gen-length", "256", "--batch-size", "16", "--no-progress",
-                        *(["--limit", str(bench_limit)] if bench_limit else [])], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
-        res[bench] = json.loads((edir / "results.json").read_text())
-    return res
+        res[bench] = eval_bench(out, bench, edir, ["--gen-length", "256"], bench_limit)
+    return res | measure_speed(out, run, n_tasks)
 
 
-def measure_speed(out: Path, run: Path, n_tasks: int, tasks: list | None = None, model: Any = None) -> dict[str, Any]:
+def measure_speed(out: Path, run: Path, n_tasks: int) -> dict[str, Any]:
     """Batch-1 exact decoding against the approximate modes, and the CLI's wall time: the timing
     half of the measurements (rerun alone on a quiet machine with --remeasure-speed)."""
-    import diffcoder
-    from diffcoder.eval.heldout import KINDS, DecodeStyle, make_tasks, run_tasks
+    from diffcoder.eval.heldout import first_per_kind, make_tasks, run_tasks
+    from diffcoder.run_cli import load_auto
 
-    if model is None:
-        model = diffcoder.load(out)
-        model.prepare_for_decoding()
-    tasks = tasks if tasks is not None else make_tasks(run / "data", n_tasks, seed=0)  # same draw as measure()
-    subset = [t for k in KINDS for t in [x for x in tasks if x.kind == k][:SPEED_TASKS]]
-    res: dict[str, Any] = {}
-    for name, mode in SPEED_MODES.items():  # batch 1: tokens per pass is per row
-        style = DecodeStyle("block") if mode is None else DecodeStyle("block", threshold=mode[0],
-                                                                      max_active_blocks=mode[1])
-        r = run_tasks(model, subset, style, batch_size=1)
-        r.pop("records")
-        res[f"speed/{name}"] = r
+    model = load_auto(out, device="cpu")
+    subset = first_per_kind(make_tasks(run / "data", n_tasks, seed=0), SPEED_TASKS)  # the draw of measure()
+    res: dict[str, Any] = {f"speed/{name}": run_tasks(model, subset, style, batch_size=1, keep_records=False)
+                           for name, style in speed_modes().items()}  # batch 1: tokens per pass is per row
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "diffcoder.cli", "generate", "--model", str(out), "def fibonacci(n):"],
                           cwd=ROOT, check=True, capture_output=True, text=True)

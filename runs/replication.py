@@ -17,13 +17,16 @@ Stages:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from common import eval_bench  # runs/common.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,8 +53,9 @@ def run_pool(jobs: list[tuple[str, list[str], dict[str, str]]], parallel: int) -
             name, cmd, env = pending.pop(0)
             log(f"start {name} ({threads} thread(s))")
             full_env = os.environ | env | {"OMP_NUM_THREADS": str(threads), "THREADS": str(threads)}
-            logf = open(Path(env.get("LOG", os.devnull)), "a") if env.get("LOG") else subprocess.DEVNULL
-            running.append((name, subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=logf, stderr=subprocess.STDOUT)))
+            with open(env.get("LOG", os.devnull), "a") as logf:  # the child keeps its own copy of the handle
+                running.append((name, subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=logf,
+                                                       stderr=subprocess.STDOUT)))
         time.sleep(2)
         for name, proc in list(running):
             if proc.poll() is not None:
@@ -94,81 +98,46 @@ def stage_train(out: Path, parallel: int) -> None:
 
 
 # ------------------------------------------------------------------ eval
-def load_model(path: Path) -> Any:
-    import diffcoder
-    from diffcoder.fsutil import cpu_has_bf16
-
-    model = diffcoder.load(path, dtype="bfloat16" if cpu_has_bf16() else "float32")
-    model.prepare_for_decoding()
-    return model
-
-
-def bench_eval(model_dir: Path, bench: str, outdir: Path, ar: bool, limit: int | None) -> dict[str, Any]:
-    """pass@1 with the sandboxed harness (`diffcoder eval`), each arm with its natural decoder."""
-    flags = ["--block-length", "1", "--shift"] if ar else ["--block-length", "4"]
-    flags += ["--limit", str(limit)] if limit else []
-    cmd = [PY, "-m", "diffcoder.cli", "eval", bench, "--model", str(model_dir), "--out", str(outdir),
-           "--prompt-style", "base", "--gen-length", "128", "--steps", "128", "--batch-size", "16", "--no-progress",
-           *flags]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((outdir / "results.json").read_text())
-
-
 def stage_eval(out: Path, n_tasks: int, n_sweep: int, bench_limit: int | None = None) -> dict[str, Any]:
-    from diffcoder.eval.heldout import KINDS, DecodeStyle, make_tasks, run_tasks
+    """Every measurement, each stored under its key as soon as it is done (a rerun skips it)."""
+    import torch
+
+    from diffcoder.eval.heldout import DecodeStyle, first_per_kind, make_tasks, run_tasks
+    from diffcoder.fsutil import atomic_write_text
+    from diffcoder.run_cli import load_auto
 
     res_path = out / "replication-results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
 
-    def save() -> None:
-        from diffcoder.fsutil import atomic_write_text
-        atomic_write_text(res_path, json.dumps(results, indent=1))
+    def cached(key: str, measure: Callable[[], Any]) -> None:
+        if key not in results:
+            log(key)
+            results[key] = measure()
+            atomic_write_text(res_path, json.dumps(results, indent=1))
 
-    import torch
-
-    if "eval_threads" not in results:  # the timings below depend on it
-        results["eval_threads"] = torch.get_num_threads()
-        save()
+    cached("eval_threads", torch.get_num_threads)  # the timings below depend on it
     tasks = make_tasks(out / "data", n_tasks, seed=0)
-    sweep = [t for k in KINDS for t in [x for x in tasks if x.kind == k][:n_sweep]]
+    sweep = first_per_kind(tasks, n_sweep)
     arms = {"ar-start": ("ar", "ar"), "ar-cont": ("ar-cont", "ar"), "bd-cpt": ("cpt", "block")}
     for arm, (run, style) in arms.items():
-        key = f"heldout/{arm}"
-        if key not in results:
-            log(f"held-out tasks: {arm}")
-            r = run_tasks(load_model(out / run / "final"), tasks, DecodeStyle(style))
-            r.pop("records")
-            results[key] = r
-            save()
-    for arm, (run, style) in arms.items():
+        model = functools.cache(functools.partial(load_auto, out / run / "final", device="cpu"))  # once, if needed
+        cached(f"heldout/{arm}", lambda: run_tasks(model(), tasks, DecodeStyle(style), keep_records=False))
         if arm == "ar-start":
             continue
-        for bench in ("humaneval", "mbpp"):
-            key = f"{bench}/{arm}"
-            if key not in results:
-                log(f"{bench}: {arm}")
-                results[key] = bench_eval(out / run / "final", bench, out / "eval" / f"{bench}-{arm}", style == "ar",
-                                           bench_limit)
-                save()
-        key = f"speed/{arm}"
-        if key not in results:  # batch 1: wall time per generated token with the arm's own decoder
-            log(f"batch-1 speed: {arm}")
-            r = run_tasks(load_model(out / run / "final"), sweep, DecodeStyle(style), batch_size=1)
-            r.pop("records")
-            results[key] = r
-            save()
-    model = None
-    for tau in TAUS:
-        for mode, blocks in (("sweep", 1), ("pipeline", PIPELINE_BLOCKS)):
-            key = f"{mode}/bd-cpt/tau={tau}"
-            if key not in results:
-                log(f"{mode} tau={tau}")
-                model = model or load_model(out / "cpt" / "final")
-                r = run_tasks(model, sweep, DecodeStyle("block", threshold=tau, max_active_blocks=blocks,
-                                                        block_add_threshold=PIPELINE_ADD), batch_size=1)
-                r.pop("records")
-                results[key] = r
-                save()
+        decoder = ["--block-length", "1", "--shift"] if style == "ar" else ["--block-length", "4"]
+        for bench in ("humaneval", "mbpp"):  # each arm with its natural decoder
+            cached(f"{bench}/{arm}", lambda: eval_bench(
+                out / run / "final", bench, out / "eval" / f"{bench}-{arm}",
+                ["--prompt-style", "base", "--gen-length", "128", "--steps", "128", *decoder], bench_limit))
+        # batch 1: wall time per generated token with the arm's own decoder
+        cached(f"speed/{arm}", lambda: run_tasks(model(), sweep, DecodeStyle(style), batch_size=1, keep_records=False))
+        if arm == "bd-cpt":
+            for tau in TAUS:
+                for mode, blocks in (("sweep", 1), ("pipeline", PIPELINE_BLOCKS)):
+                    style_t = DecodeStyle("block", threshold=tau, max_active_blocks=blocks,
+                                          block_add_threshold=PIPELINE_ADD)
+                    cached(f"{mode}/bd-cpt/tau={tau}",
+                           lambda: run_tasks(model(), sweep, style_t, batch_size=1, keep_records=False))
     return results
 
 

@@ -22,6 +22,7 @@ import difflib
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,9 +142,16 @@ def _prompt(tok: Any, task: Task) -> list[int]:
     return tok.fim_prompt(task.prefix, task.suffix)
 
 
-def run_tasks(model: Any, tasks: list[Task], style: DecodeStyle, batch_size: int = 16) -> dict[str, Any]:
+def first_per_kind(tasks: list[Task], n: int) -> list[Task]:
+    """The first n tasks of each kind (a fixed subset, e.g. for batch-1 timing)."""
+    return [t for kind in KINDS for t in [x for x in tasks if x.kind == kind][:n]]
+
+
+def run_tasks(model: Any, tasks: list[Task], style: DecodeStyle, batch_size: int = 16,
+              keep_records: bool = True) -> dict[str, Any]:
     """Decode every task, score it; returns per-kind exact match with its standard error, tokens
-    per forward pass (batch 1 only: a batch's passes serve several rows) and wall time."""
+    per forward pass (batch 1 only: a batch's passes serve several rows) and wall time, plus
+    each task's output under "records" unless keep_records is False."""
     from diffcoder.decode import generate
 
     tok = model.tokenizer
@@ -162,7 +170,8 @@ def run_tasks(model: Any, tasks: list[Task], style: DecodeStyle, batch_size: int
                                 "output": text, "target": task.target,
                                 "tokens": len(ids), "nfe": res.nfe if len(batch) == 1 else None,
                                 "seconds": dt / len(batch)})
-    return summarise(outputs) | {"style": asdict(style), "batch_size": batch_size, "records": outputs}
+    summary = summarise(outputs) | {"style": asdict(style), "batch_size": batch_size}
+    return summary | {"records": outputs} if keep_records else summary
 
 
 def summarise(outputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -173,10 +182,9 @@ def summarise(outputs: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         p = sum(o["ok"] for o in rows) / len(rows)
         es = [o["es"] for o in rows]
-        es_mean = sum(es) / len(es)
-        es_sd = math.sqrt(sum((x - es_mean) ** 2 for x in es) / max(1, len(es) - 1))
+        es_sd = statistics.stdev(es) if len(es) > 1 else 0.0
         entry = {"n": len(rows), "exact_match": p, "stderr": math.sqrt(p * (1 - p) / len(rows)),
-                 "edit_similarity": es_mean, "edit_similarity_stderr": es_sd / math.sqrt(len(es)),
+                 "edit_similarity": statistics.fmean(es), "edit_similarity_stderr": es_sd / math.sqrt(len(es)),
                  "seconds_per_token": sum(o["seconds"] for o in rows) / max(1, sum(o["tokens"] for o in rows))}
         if all(o["nfe"] is not None for o in rows):
             entry["tokens_per_pass"] = sum(o["tokens"] for o in rows) / max(1, sum(o["nfe"] for o in rows))
