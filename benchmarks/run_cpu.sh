@@ -8,8 +8,14 @@ OUT=benchmarks/results/cpu
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name"; $PY benchmarks/decode.py "$@" | tee "$OUT/$name.txt" | grep -v '^{'; }
 run tiny_b1 --shape tiny --dtype float32 --prompt-len 64 --gen-length 256 --steps 256 --repeats 3
+# The compiled step (inductor, C++ wrapper, the commit rule traced in); runs of 0.1-0.2 s each,
+# so ten repeats keep the best-of from being one unlucky moment of a shared machine.
+run tiny_b1_compiled --shape tiny --dtype float32 --prompt-len 64 --gen-length 256 --steps 256 --repeats 10 \
+  --runner compiled_static
 run smol135m_bf16 --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 --batch-sizes 1,16 --repeats 3
 run smol135m_fp32 --shape smol-135m --dtype float32 --prompt-len 64 --gen-length 64 --no-baseline --repeats 2
 # One thread: no OpenMP barrier waits when another process shares the cores (see RESULTS.md).
 run smol135m_bf16_1thread --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 --batch-sizes 1,16 \
   --no-baseline --repeats 3 --threads 1
+run smol135m_bf16_compiled --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 --batch-sizes 1,16 \
+  --no-baseline --repeats 3 --runner compiled_static

@@ -21,6 +21,7 @@ docs/decoding.md) are kept exactly, its defects are not:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -141,6 +142,46 @@ def _ranks(conf: torch.Tensor) -> torch.Tensor:
                                             .expand_as(order))
 
 
+def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, temperature: float = 0.0,
+            remasking: str = "low_confidence", dtype: torch.dtype = torch.float64,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, token) at every position of the block, by the release's rules; confidence is
+    -inf where nothing is masked. Pure (no state): compiled runners trace it into the step."""
+    scores = logits.to(dtype)  # float64 by default, as the release
+    if remasking == "low_confidence":
+        log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
+    scores[..., mask_id] = float("-inf")  # never predict the mask token itself
+    if temperature > 0:
+        # Gumbel-max in float64, as the release: argmax(exp(l) / (-log U)^T)
+        g = scores.to(torch.float64)
+        u = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float64)
+        x0 = (g.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    else:
+        x0 = scores.argmax(-1)
+    if remasking == "low_confidence":  # softmax probability of the chosen token
+        conf = (scores.gather(-1, x0.unsqueeze(-1)) - log_z).exp().squeeze(-1)
+    else:
+        conf = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)
+    return torch.where(masked, conf, torch.full_like(conf, float("-inf"))), x0
+
+
+def commit_rule(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None,
+                threshold: float | None) -> torch.Tensor:
+    """Which masked positions to commit: the k most confident per row (the step's allotment), or
+    with a threshold the top-1 plus every position at or above it (the release's rules)."""
+    ranks = _ranks(conf)
+    select = (ranks < k) if k is not None else (ranks == 0) | (conf >= threshold)
+    return select & masked
+
+
+def greedy_choice(logits: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None, *, mask_id: int,
+                  threshold: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(select, confidence, token) for greedy low-confidence decoding: what a compiled runner
+    fuses into the model's step, so one compiled call replaces the pass and ~25 small ops."""
+    conf, x0 = propose(logits, masked, mask_id=mask_id, dtype=dtype)
+    return commit_rule(conf, masked, k, threshold), conf, x0
+
+
 def block_schedule(masked: int, steps_per_block: int) -> list[int]:
     """Tokens committed at each (non-skipped) step of a block: the release's allotment."""
     base, extra = divmod(masked, steps_per_block)
@@ -168,6 +209,13 @@ class Decoding:
             model.prepare_for_decoding()  # fused projections (views: free); packed weights on CPU bf16
         self.runner = make_runner(model, block_length, runner)
         self.confidence_dtype = confidence_dtype
+        # Greedy low-confidence decoding (the common case) is a pure function of the logits: a
+        # compiled runner traces it into the step (see `greedy_choice`).
+        self._fused_choice = None
+        if getattr(self.runner, "fuses_choice", False) and temperature == 0 and remasking == "low_confidence" \
+                and not shift:
+            self._fused_choice = functools.partial(greedy_choice, mask_id=mask_id, threshold=threshold,
+                                                   dtype=confidence_dtype)
         self.nfe = 0
         self._cancelled: set[int] = set()
         self._tokens: list[list[int]] = [[] for _ in prompts]
@@ -245,22 +293,38 @@ class Decoding:
                 if not bool(remaining.any()):
                     return
                 k = None
-            logits = self._forward(ws, we, commit_from if step == 0 else ws)
-            committed, conf, x0 = self._commit(logits, ws, we, k)
+            committed, conf, x0 = self._step(ws, we, commit_from if step == 0 else ws, k)
             if self.step_events:
                 yield from self._step_events(w, step, ws, committed, conf, x0)
             step += 1
+
+    def _logits_index(self, ws: int, we: int, qs: int) -> slice:
+        if self.args.shift and ws > qs:
+            return slice(ws - qs - 1, we - qs - 1)  # column i's logits come from column i - 1
+        if self.args.shift:
+            return slice(0, we - qs - 1)
+        return slice(ws - qs, we - qs)
+
+    def _step(self, ws: int, we: int, qs: int, k: torch.Tensor | None):
+        """One pass and one commit (release rules); fused into one compiled call when the runner can."""
+        a = self.args
+        masked = self.masked[:, ws:we]
+        if self._fused_choice is not None:
+            assert self.cache.length == qs
+            select, conf, x0 = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, we, a.block_length,
+                                           self._logits_index(ws, we, qs),
+                                           choice=(self._fused_choice, masked, k))
+            self.nfe += 1
+        else:
+            conf, x0 = self._propose(self._forward(ws, we, qs), masked)
+            select = commit_rule(conf, masked, k, a.threshold)
+        return self._apply(select, x0, ws, we), conf, x0
 
     def _forward(self, ws: int, we: int, qs: int) -> torch.Tensor:
         """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy."""
         a = self.args
         assert self.cache.length == qs
-        if a.shift and ws > qs:
-            idx = slice(ws - qs - 1, we - qs - 1)  # column i's logits come from column i - 1
-        elif a.shift:
-            idx = slice(0, we - qs - 1)
-        else:
-            idx = slice(ws - qs, we - qs)
+        idx = self._logits_index(ws, we, qs)
         logits = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, we, a.block_length, idx)
         self.nfe += 1
         if a.shift:
@@ -271,15 +335,6 @@ class Decoding:
                 logits = torch.cat([lead, logits], dim=1)
         return logits
 
-    def _commit(self, logits: torch.Tensor, ws: int, we: int, k: torch.Tensor | None):
-        """Choose a token at every masked position, commit some by confidence (release rules)."""
-        a = self.args
-        masked = self.masked[:, ws:we]
-        conf, x0 = self._propose(logits, masked)
-        ranks = _ranks(conf)
-        select = (ranks < k) if k is not None else (ranks == 0) | (conf >= a.threshold)
-        return self._apply(select & masked, x0, ws, we), conf, x0
-
     def _apply(self, select: torch.Tensor, x0: torch.Tensor, ws: int, we: int) -> torch.Tensor:
         """Write the selected tokens into columns [ws, we) and unmask them."""
         self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
@@ -287,25 +342,9 @@ class Decoding:
         return select
 
     def _propose(self, logits: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(confidence, token) at every position; confidence -inf where nothing is masked."""
         a = self.args
-        scores = logits.to(self.confidence_dtype)  # float64 by default, as the release
-        if a.remasking == "low_confidence":
-            log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
-        scores[..., a.mask_id] = float("-inf")  # never predict the mask token itself
-        if a.temperature > 0:
-            # Gumbel-max in float64, as the release: argmax(exp(l) / (-log U)^T)
-            g = scores.to(torch.float64)
-            u = torch.rand(g.shape, generator=self._gen, device=g.device, dtype=torch.float64)
-            x0 = (g.exp() / (-torch.log(u)) ** a.temperature).argmax(-1)
-        else:
-            x0 = scores.argmax(-1)
-        if a.remasking == "low_confidence":  # softmax probability of the chosen token
-            conf = (scores.gather(-1, x0.unsqueeze(-1)) - log_z).exp().squeeze(-1)
-        else:
-            conf = torch.rand(masked.shape, generator=self._gen, device=masked.device, dtype=torch.float64)
-        conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-        return conf, x0
+        return propose(logits, masked, mask_id=a.mask_id, temperature=a.temperature, remasking=a.remasking,
+                       dtype=self.confidence_dtype, generator=self._gen)
 
     # ------------------------------------------------------ multi-block pipelining (approximate)
     def _pipelined(self) -> Iterator[StepEvent | BlockEvent]:

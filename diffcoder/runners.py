@@ -10,6 +10,7 @@ fused commit+block step; the one-off prefill runs eagerly.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,16 +65,22 @@ class StaticRunner:
         self.use_graphs = graphs
         # torch.compile fuses the small elementwise kernels (norms, rotary, SwiGLU, residuals) that
         # otherwise dominate a 4-token pass; the graph then replays the fused kernels.
-        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        self.forward = compiled_forward(model) if compile else model.forward
+        # Without CUDA graphs a compiled step can also take the decoding rule (see
+        # decode.greedy_choice): one compiled call then does the pass and the commit choice.
+        self.fuses_choice = compile and not graphs
         self.eager = EagerRunner(model)
         self.max_query = max_query  # longer passes (the prefill) run eagerly
         self.graphs: dict[tuple, _Graph] = {}
         self.cache_id: int | None = None
 
-    def __call__(self, x, pos, key_valid, cache, qs, ws, we, block, idx):  # noqa: ANN001, ANN204 (hot path)
+    def __call__(self, x, pos, key_valid, cache, qs, ws, we, block, idx, choice=None):  # noqa: ANN001, ANN204
+        """The logits at `idx`; with `choice=(rule, masked, k)` (only when `fuses_choice`), what
+        `rule(logits, masked, k)` returns, computed inside the compiled step."""
         q = we - qs
         if q > self.max_query:
-            return self.eager(x, pos, key_valid, cache, qs, ws, we, block, idx)
+            logits = self.eager(x, pos, key_valid, cache, qs, ws, we, block, idx)
+            return logits if choice is None else choice[0](logits, choice[1], choice[2])
         if id(cache.k) != self.cache_id:  # rows left the batch: the cache was reallocated
             self.graphs.clear()
             self.cache_id = id(cache.k)
@@ -86,7 +93,10 @@ class StaticRunner:
             cols = torch.arange(cache.max_len, device=x.device)
             mask = decode_mask(cols[qs:we], cols, key_valid[:, :cache.max_len] & (cols < we), block)
             if fresh:
-                g = _Graph(None, x[:, qs:we].clone(), pos[:, qs:we].clone(), mask,
+                # Contiguous copies: their strides must not depend on the decode's length (a
+                # compiled step guards on strides and would recompile for every new length).
+                g = _Graph(None, x[:, qs:we].clone(memory_format=torch.contiguous_format),
+                           pos[:, qs:we].clone(memory_format=torch.contiguous_format), mask,
                            torch.arange(qs, we, device=x.device), None, at)
             else:
                 g.pos.copy_(pos[:, qs:we])
@@ -97,7 +107,12 @@ class StaticRunner:
             g.ids.copy_(x[:, qs:we])
         cache.write_idx = g.write_idx
         try:
-            if not self.use_graphs:
+            out = None
+            if choice is not None:
+                rule, masked, k = choice
+                out = compiled_choice_step(self.model, rule)(g.ids, g.pos, g.mask, cache, idx, masked, k)
+                self.graphs[key] = g
+            elif not self.use_graphs:
                 g.logits = self.forward(g.ids, g.pos, attn_mask=g.mask, cache=cache, logits_index=idx)
                 self.graphs[key] = g
             elif fresh:
@@ -109,7 +124,7 @@ class StaticRunner:
         finally:
             cache.write_idx = None
         cache.length = ws
-        return g.logits
+        return g.logits if out is None else out
 
     def _capture(self, g: _Graph, cache, idx: slice) -> None:  # noqa: ANN001
         def step() -> torch.Tensor:
@@ -124,6 +139,54 @@ class StaticRunner:
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph):
             g.logits = step()
+
+
+def compiled_forward(model: torch.nn.Module):  # noqa: ANN201 (a torch.compile wrapper)
+    """The model's step compiled for static shapes, built once per model and shared by every decode.
+
+    A fresh `torch.compile` per request would recompile (the compiled code is keyed by the
+    wrapper) and soon hit dynamo's recompile limit. On a CPU the step is compiled with inductor's
+    C++ wrapper (the per-pass Python that launches each fused kernel disappears: a CPU has no
+    CUDA graphs) and, in bf16, with freezing: the weights become constants that inductor
+    prepacks for oneDNN, as `PackedLinear` does in eager mode (see `_compile_options`). Frozen weights mean the compiled
+    step does not see later in-place weight updates; decoding never makes them.
+    """
+    fn = getattr(model, "_compiled_forward", None)
+    if fn is None:
+        fn = torch.compile(model.forward, dynamic=False, options=_compile_options(model))
+        model._compiled_forward = fn
+    return fn
+
+
+def compiled_choice_step(model: torch.nn.Module, rule: functools.partial):  # noqa: ANN201
+    """The model's step followed by `rule(logits, masked, k)`, compiled as one graph; one per
+    model and rule (its keyword arguments: mask id, threshold, confidence dtype)."""
+    steps = model.__dict__.setdefault("_compiled_choice_steps", {})
+    key = (rule.func, tuple(sorted(rule.keywords.items())))
+    fn = steps.get(key)
+    if fn is None:
+        def step(ids, pos, mask, cache, idx, masked, k):  # noqa: ANN001, ANN202
+            return rule(model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx), masked, k)
+
+        fn = torch.compile(step, dynamic=False, options=_compile_options(model))
+        steps[key] = fn
+    return fn
+
+
+def _compile_options(model: torch.nn.Module) -> dict:
+    # Static shapes: each (batch, query length, logits slice) is its own graph, and a server sees
+    # many batch sizes; dynamo's default of 8 graphs per function would silently fall back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if model.device.type != "cpu":
+        return {}
+    # The C++ wrapper pays off where per-pass overhead dominates (small models); its one C++ file
+    # per graph grows with the layer count and took minutes to build for 30 layers (smol-135m)
+    # for no measurable gain there, so larger models keep the Python wrapper.
+    small = sum(p.numel() * p.element_size() for p in model.parameters()) <= _CPP_WRAPPER_MAX_BYTES
+    return {"cpp_wrapper": small, "freezing": model.dtype == torch.bfloat16}
+
+
+_CPP_WRAPPER_MAX_BYTES = 64 << 20
 
 
 RUNNERS = ("auto", "eager", "static", "cuda_graph", "compiled_static", "compiled_cuda_graph")

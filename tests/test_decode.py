@@ -262,6 +262,23 @@ def test_static_shape_runner_matches_eager(pair, case):
     assert static.tokens == eager.tokens and static.nfe == eager.nfe
 
 
+def test_compiled_runner_matches_eager(pair):
+    """`runner="compiled_static"` (inductor; on a CPU with the decoding rule traced into the step)
+    decodes exactly what the eager pass does, for the k-per-step and the threshold rules, with a row
+    leaving the batch at EOS (a new batch shape) in the first."""
+    model, _ = pair
+    prompts = [[30, 33, 44, 43, 46, 60], [7, 22, 41, 9, 33, 39, 42]]  # row 0 stops in its first block
+    for kw in (dict(steps=12, gen_length=12), dict(steps=6, gen_length=12, threshold=0.5)):
+        eager = diffcoder.generate(model, prompts, runner="eager", eos_id=EOS, block_length=4, **kw)
+        dec = Decoding(model, prompts, runner="compiled_static", eos_id=EOS, block_length=4, **kw)
+        list(dec)
+        assert dec._fused_choice is not None  # the rule really ran inside the compiled step
+        assert dec.result.tokens == eager.tokens and dec.result.nfe == eager.nfe
+        assert dec.result.finish_reasons == eager.finish_reasons
+        if "threshold" not in kw:
+            assert eager.finish_reasons == ["stop", "length"]  # the batch did shrink
+
+
 def test_unknown_runner(pair):
     model, _ = pair
     with pytest.raises(ValueError, match="runner"):
