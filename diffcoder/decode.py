@@ -281,13 +281,16 @@ class Decoding:
         schedules = [block_schedule(m, a.steps_per_block) for m in counts]
         n_steps = max(len(s) for s in schedules)
         if a.threshold is None:
-            table = torch.tensor([s + [0] * (n_steps - len(s)) for s in schedules], device=self.x.device)
+            # [step, row]: each step's k is a fresh-strided [rows, 1] column whatever the block's
+            # step count (a compiled step guards on strides).
+            table = torch.tensor([s + [0] * (n_steps - len(s)) for s in schedules], device=self.x.device).T.clone(
+                memory_format=torch.contiguous_format)
         step = 0
         while True:
             if a.threshold is None:
                 if step == n_steps:
                     return
-                k = table[:, step:step + 1]
+                k = table[step].unsqueeze(1)
             else:
                 remaining = self.masked[:, ws:we].any(1)
                 if not bool(remaining.any()):

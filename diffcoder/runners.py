@@ -110,8 +110,20 @@ class StaticRunner:
             out = None
             if choice is not None:
                 rule, masked, k = choice
-                out = compiled_choice_step(self.model, rule)(g.ids, g.pos, g.mask, cache, idx, masked, k)
-                self.graphs[key] = g
+                step = compiled_choice_step(self.model, rule)
+                if fresh:
+                    out = step(g.ids, g.pos, g.mask, cache, idx, masked, k)
+                    self.graphs[key] = g
+                else:
+                    # This key already ran in this decode with every guard checked, and nothing but
+                    # the token ids, the mask and the cache contents changes between its steps: only
+                    # the guards that tell the compiled graphs apart need evaluating (a CPU pass of a
+                    # small model spends a noticeable share of its time in guard checks otherwise).
+                    try:
+                        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                            out = step(g.ids, g.pos, g.mask, cache, idx, masked, k)
+                    except RuntimeError:  # dynamo refused: the inputs need another graph after all
+                        out = step(g.ids, g.pos, g.mask, cache, idx, masked, k)
             elif not self.use_graphs:
                 g.logits = self.forward(g.ids, g.pos, attn_mask=g.mask, cache=cache, logits_index=idx)
                 self.graphs[key] = g
