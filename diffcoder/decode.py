@@ -174,12 +174,14 @@ def commit_rule(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None
     return select & masked
 
 
-def greedy_choice(logits: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None, *, mask_id: int,
-                  threshold: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(select, confidence, token) for greedy low-confidence decoding: what a compiled runner
-    fuses into the model's step, so one compiled call replaces the pass and ~25 small ops."""
+def greedy_choice(logits: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None, window: torch.Tensor, *,
+                  mask_id: int, threshold: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One greedy low-confidence step after the pass: (select, confidence, token, the window's new
+    tokens, its new mask). What a compiled runner fuses into the model's step, so that one
+    compiled call replaces the pass and the ~30 small ops of choosing and committing."""
     conf, x0 = propose(logits, masked, mask_id=mask_id, dtype=dtype)
-    return commit_rule(conf, masked, k, threshold), conf, x0
+    select = commit_rule(conf, masked, k, threshold)
+    return select, conf, x0, torch.where(select, x0, window), masked & ~select
 
 
 def block_schedule(masked: int, steps_per_block: int) -> list[int]:
@@ -312,16 +314,17 @@ class Decoding:
         """One pass and one commit (release rules); fused into one compiled call when the runner can."""
         a = self.args
         masked = self.masked[:, ws:we]
-        if self._fused_choice is not None:
-            assert self.cache.length == qs
-            select, conf, x0 = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, we, a.block_length,
-                                           self._logits_index(ws, we, qs),
-                                           choice=(self._fused_choice, masked, k))
-            self.nfe += 1
-        else:
+        if self._fused_choice is None:
             conf, x0 = self._propose(self._forward(ws, we, qs), masked)
-            select = commit_rule(conf, masked, k, a.threshold)
-        return self._apply(select, x0, ws, we), conf, x0
+            return self._apply(commit_rule(conf, masked, k, a.threshold), x0, ws, we), conf, x0
+        assert self.cache.length == qs
+        select, conf, x0, tokens, still_masked = self.runner(
+            self.x, self.pos, self.key_valid, self.cache, qs, ws, we, a.block_length, self._logits_index(ws, we, qs),
+            choice=(self._fused_choice, masked, k, self.x[:, ws:we]))
+        self.nfe += 1
+        self.x[:, ws:we] = tokens
+        self.masked[:, ws:we] = still_masked
+        return select, conf, x0
 
     def _forward(self, ws: int, we: int, qs: int) -> torch.Tensor:
         """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy."""

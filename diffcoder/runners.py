@@ -69,18 +69,19 @@ class StaticRunner:
         # Without CUDA graphs a compiled step can also take the decoding rule (see
         # decode.greedy_choice): one compiled call then does the pass and the commit choice.
         self.fuses_choice = compile and not graphs
+        self.choice_steps: dict = {}  # rule -> its compiled step (looked up once per rule, not per pass)
         self.eager = EagerRunner(model)
         self.max_query = max_query  # longer passes (the prefill) run eagerly
         self.graphs: dict[tuple, _Graph] = {}
         self.cache_id: int | None = None
 
     def __call__(self, x, pos, key_valid, cache, qs, ws, we, block, idx, choice=None):  # noqa: ANN001, ANN204
-        """The logits at `idx`; with `choice=(rule, masked, k)` (only when `fuses_choice`), what
-        `rule(logits, masked, k)` returns, computed inside the compiled step."""
+        """The logits at `idx`; with `choice=(rule, *args)` (only when `fuses_choice`), what
+        `rule(logits, *args)` returns, computed inside the compiled step."""
         q = we - qs
         if q > self.max_query:
             logits = self.eager(x, pos, key_valid, cache, qs, ws, we, block, idx)
-            return logits if choice is None else choice[0](logits, choice[1], choice[2])
+            return logits if choice is None else choice[0](logits, *choice[1:])
         if id(cache.k) != self.cache_id:  # rows left the batch: the cache was reallocated
             self.graphs.clear()
             self.cache_id = id(cache.k)
@@ -109,21 +110,11 @@ class StaticRunner:
         try:
             out = None
             if choice is not None:
-                rule, masked, k = choice
-                step = compiled_choice_step(self.model, rule)
-                if fresh:
-                    out = step(g.ids, g.pos, g.mask, cache, idx, masked, k)
-                    self.graphs[key] = g
-                else:
-                    # This key already ran in this decode with every guard checked, and nothing but
-                    # the token ids, the mask and the cache contents changes between its steps: only
-                    # the guards that tell the compiled graphs apart need evaluating (a CPU pass of a
-                    # small model spends a noticeable share of its time in guard checks otherwise).
-                    try:
-                        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                            out = step(g.ids, g.pos, g.mask, cache, idx, masked, k)
-                    except RuntimeError:  # dynamo refused: the inputs need another graph after all
-                        out = step(g.ids, g.pos, g.mask, cache, idx, masked, k)
+                step = self.choice_steps.get(choice[0])
+                if step is None:
+                    step = self.choice_steps[choice[0]] = compiled_choice_step(self.model, choice[0])
+                out = step(g.ids, g.pos, g.mask, cache, idx, *choice[1:])
+                self.graphs[key] = g
             elif not self.use_graphs:
                 g.logits = self.forward(g.ids, g.pos, attn_mask=g.mask, cache=cache, logits_index=idx)
                 self.graphs[key] = g
@@ -171,14 +162,14 @@ def compiled_forward(model: torch.nn.Module):  # noqa: ANN201 (a torch.compile w
 
 
 def compiled_choice_step(model: torch.nn.Module, rule: functools.partial):  # noqa: ANN201
-    """The model's step followed by `rule(logits, masked, k)`, compiled as one graph; one per
-    model and rule (its keyword arguments: mask id, threshold, confidence dtype)."""
+    """The model's step followed by `rule(logits, *args)`, compiled as one graph; one per model
+    and rule (its keyword arguments: mask id, threshold, confidence dtype)."""
     steps = model.__dict__.setdefault("_compiled_choice_steps", {})
     key = (rule.func, tuple(sorted(rule.keywords.items())))
     fn = steps.get(key)
     if fn is None:
-        def step(ids, pos, mask, cache, idx, masked, k):  # noqa: ANN001, ANN202
-            return rule(model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx), masked, k)
+        def step(ids, pos, mask, cache, idx, *args):  # noqa: ANN001, ANN002, ANN202
+            return rule(model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx), *args)
 
         fn = torch.compile(step, dynamic=False, options=_compile_options(model))
         steps[key] = fn
