@@ -240,7 +240,8 @@ class Decoding:
         self.c = int(full.max())  # first window column, shared by all rows
         pad = self.c - full
         self.n_windows = -(-(int(rem.max()) + G) // B)
-        T = self.c + B * self.n_windows
+        bucket = self.runner.cache_bucket  # static-shape runners: one graph serves many lengths
+        T = -(-(self.c + B * self.n_windows) // bucket) * bucket  # columns past the last window stay unused
         n = len(self.prompts)
         cols = torch.arange(T)
         x = torch.full((n, T), a.mask_id, dtype=torch.long)

@@ -21,6 +21,7 @@ from .masks import decode_mask
 class EagerRunner:
     """Eager passes over the exact columns needed; the block's mask and the rotary tables are built
     once and reused by every step (they change only when the block or the batch does)."""
+    cache_bucket = 1
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -59,6 +60,11 @@ class StaticRunner:
     """Static-shape passes; with `graphs=True` each shape is captured once as a CUDA graph and
     replayed. Without graphs (any device) it runs the same static computation eagerly, which is
     how the tests check the static path on a CPU."""
+
+    # The decode's buffers and cache are allocated in multiples of this many columns, so that
+    # sequences of different lengths share compiled graphs and captured CUDA graphs (the graphs
+    # attend over every cache column; the extra ones are masked, and strides stay the same).
+    cache_bucket = 256
 
     def __init__(self, model: torch.nn.Module, max_query: int, graphs: bool, compile: bool = False) -> None:
         self.model = model

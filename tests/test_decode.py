@@ -277,6 +277,15 @@ def test_compiled_runner_matches_eager(pair):
         assert dec.result.finish_reasons == eager.finish_reasons
         if "threshold" not in kw:
             assert eager.finish_reasons == ["stop", "length"]  # the batch did shrink
+    # Another length in the same cache bucket reuses the compiled graphs: no new compile.
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    longer = [p + [12, 13, 14, 15, 16] for p in prompts]
+    kw = dict(steps=12, gen_length=12, block_length=4, eos_id=EOS)  # the first rule: batch 2 and 1 compiled
+    eager = diffcoder.generate(model, longer, runner="eager", **kw)
+    compiled = diffcoder.generate(model, longer, runner="compiled_static", **kw)
+    assert compiled.tokens == eager.tokens and compiled.nfe == eager.nfe
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_unknown_runner(pair):
