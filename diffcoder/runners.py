@@ -64,7 +64,7 @@ class StaticRunner:
     # The decode's buffers and cache are allocated in multiples of this many columns, so that
     # sequences of different lengths share compiled graphs and captured CUDA graphs (the graphs
     # attend over every cache column; the extra ones are masked, and strides stay the same).
-    cache_bucket = 256
+    cache_bucket = 64
 
     def __init__(self, model: torch.nn.Module, max_query: int, graphs: bool, compile: bool = False) -> None:
         self.model = model
