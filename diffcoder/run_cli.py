@@ -14,6 +14,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (auto: bfloat16 on GPUs and on CPUs with bf16 instructions, else float32)")
 
 
+def add_runner_flag(p: argparse.ArgumentParser) -> None:
+    from .runners import RUNNERS
+
+    p.add_argument("--runner", default="auto", choices=RUNNERS, help="how each pass runs: auto (CUDA graph on a "
+                   "GPU, eager on a CPU), or compiled_static (torch.compile; compiles once per batch size and "
+                   "length bucket: worth it for long chats, not for one prompt)")
+
+
 def add_decoder_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoder (defaults: the checkpoint's generation_config.json, else these)")
     g.add_argument("--gen-length", type=int, help="tokens to generate; a multiple of --block-length (default 128)")
@@ -145,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else tok.encode(prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
-    kw = decoder_kwargs(args, model)
+    kw = {**decoder_kwargs(args, model), "runner": args.runner}
     stream_decode(model, ids, kw, args.show_steps, echo="" if args.chat else prompt)
     return 0
 
@@ -153,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     model = load_model(args)
     tok = model.tokenizer
-    kw = decoder_kwargs(args, model)
+    kw = {**decoder_kwargs(args, model), "runner": args.runner}
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -190,6 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "step committed, with its confidence) to stderr")
     add_model_flags(g)
     add_decoder_flags(g)
+    add_runner_flag(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive terminal chat with history (reads lines from stdin when piped)",
@@ -198,4 +207,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--show-steps", action="store_true", help="print the denoising order of each answer to stderr")
     add_model_flags(c)
     add_decoder_flags(c)
+    add_runner_flag(c)
     c.set_defaults(func=cmd_chat)

@@ -21,7 +21,7 @@ def test_help_lists_every_flag():
     for cmd in ("generate", "chat"):
         out = run(cmd, "--help").stdout
         for flag in ("--model", "--steps", "--gen-length", "--block-length", "--threshold", "--temperature",
-                     "--remasking", "--shift", "--seed", "--show-steps"):
+                     "--remasking", "--shift", "--seed", "--show-steps", "--runner"):
             assert flag in out, (cmd, flag)
 
 
@@ -46,6 +46,17 @@ def test_chat_reads_turns_from_a_pipe(tiny_model_dir):
     res = run("chat", "--model", str(tiny_model_dir), "--gen-length", "8", stdin="hi\n/reset\nagain\n")
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("forward passes") == 2
+
+
+def test_chat_with_the_compiled_runner_says_what_eager_says(tiny_model_dir):
+    """`--runner compiled_static` from the terminal: two turns of different lengths (the second
+    reuses the first's graphs through the length bucket), the same answers as the eager runner."""
+    args = ["chat", "--model", str(tiny_model_dir), "--gen-length", "8", "--dtype", "float32"]
+    eager = run(*args, stdin="hi\nagain\n")
+    compiled = run(*args, "--runner", "compiled_static", stdin="hi\nagain\n")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout.strip() and compiled.stdout == eager.stdout
+    assert compiled.stderr.count("forward passes") == 2
 
 
 @pytest.mark.parametrize("args,match", [
