@@ -181,7 +181,13 @@ def greedy_choice(logits: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | 
     compiled call replaces the pass and the ~30 small ops of choosing and committing."""
     conf, x0 = propose(logits, masked, mask_id=mask_id, dtype=dtype)
     select = commit_rule(conf, masked, k, threshold)
-    return select, conf, x0, torch.where(select, x0, window), masked & ~select
+    return select, conf, x0, *committed_window(select, x0, window, masked)
+
+
+def committed_window(select: torch.Tensor, x0: torch.Tensor, window: torch.Tensor,
+                     masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window's tokens and mask once the selected positions are committed."""
+    return torch.where(select, x0, window), masked & ~select
 
 
 def block_schedule(masked: int, steps_per_block: int) -> list[int]:
@@ -318,22 +324,24 @@ class Decoding:
         if self._fused_choice is None:
             conf, x0 = self._propose(self._forward(ws, we, qs), masked)
             return self._apply(commit_rule(conf, masked, k, a.threshold), x0, ws, we), conf, x0
-        assert self.cache.length == qs
-        select, conf, x0, tokens, still_masked = self.runner(
-            self.x, self.pos, self.key_valid, self.cache, qs, ws, we, a.block_length, self._logits_index(ws, we, qs),
-            choice=(self._fused_choice, masked, k, self.x[:, ws:we]))
-        self.nfe += 1
-        self.x[:, ws:we] = tokens
-        self.masked[:, ws:we] = still_masked
+        select, conf, x0, tokens, still_masked = self._pass(ws, we, qs, (self._fused_choice, masked, k,
+                                                                          self.x[:, ws:we]))
+        self._write(ws, we, tokens, still_masked)
         return select, conf, x0
 
-    def _forward(self, ws: int, we: int, qs: int) -> torch.Tensor:
-        """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy."""
-        a = self.args
+    def _pass(self, ws: int, we: int, qs: int, choice: tuple | None = None):  # noqa: ANN202
+        """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy;
+        the logits at the window, or what the choice rule makes of them (see StaticRunner)."""
         assert self.cache.length == qs
-        idx = self._logits_index(ws, we, qs)
-        logits = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, we, a.block_length, idx)
+        out = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, we, self.args.block_length,
+                          self._logits_index(ws, we, qs), choice)
         self.nfe += 1
+        return out
+
+    def _forward(self, ws: int, we: int, qs: int) -> torch.Tensor:
+        """The pass's logits, with shift mode's leading column restored."""
+        a = self.args
+        logits = self._pass(ws, we, qs)
         if a.shift:
             if ws > qs:
                 self.lead_logits = logits[:, :1].clone()  # constant while this block is decoded
@@ -344,9 +352,12 @@ class Decoding:
 
     def _apply(self, select: torch.Tensor, x0: torch.Tensor, ws: int, we: int) -> torch.Tensor:
         """Write the selected tokens into columns [ws, we) and unmask them."""
-        self.x[:, ws:we] = torch.where(select, x0, self.x[:, ws:we])
-        self.masked[:, ws:we] &= ~select
+        self._write(ws, we, *committed_window(select, x0, self.x[:, ws:we], self.masked[:, ws:we]))
         return select
+
+    def _write(self, ws: int, we: int, tokens: torch.Tensor, still_masked: torch.Tensor) -> None:
+        self.x[:, ws:we] = tokens
+        self.masked[:, ws:we] = still_masked
 
     def _propose(self, logits: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args

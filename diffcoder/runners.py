@@ -31,7 +31,8 @@ class EagerRunner:
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor, cache, qs: int, ws: int,
-                 we: int, block: int, idx: slice) -> torch.Tensor:
+                 we: int, block: int, idx: slice, choice: tuple | None = None):  # noqa: ANN204
+        """The logits at `idx`, or with `choice=(rule, *args)` what `rule(logits, *args)` returns."""
         if self._mask_key is None or self._mask_key[:2] != (qs, we) or self._mask_key[2] is not key_valid:
             cols = torch.arange(we, device=x.device)
             mask = decode_mask(cols[qs:we], cols, key_valid[:, :we], block)
@@ -41,8 +42,9 @@ class EagerRunner:
             self._rope = self.model.rotary(pos, self.model.dtype)
             self._rope_src = pos
         cos, sin = self._rope
-        return self.model(x[:, qs:we], pos[:, qs:we], attn_mask=self._mask, cache=cache, keep=ws - qs,
-                          logits_index=idx, rope=(cos[:, :, qs:we], sin[:, :, qs:we]))
+        logits = self.model(x[:, qs:we], pos[:, qs:we], attn_mask=self._mask, cache=cache, keep=ws - qs,
+                            logits_index=idx, rope=(cos[:, :, qs:we], sin[:, :, qs:we]))
+        return logits if choice is None else choice[0](logits, *choice[1:])
 
 
 @dataclass
@@ -71,11 +73,11 @@ class StaticRunner:
         self.use_graphs = graphs
         # torch.compile fuses the small elementwise kernels (norms, rotary, SwiGLU, residuals) that
         # otherwise dominate a 4-token pass; the graph then replays the fused kernels.
-        self.forward = compiled_forward(model) if compile else model.forward
+        self.compile = compile
         # Without CUDA graphs a compiled step can also take the decoding rule (see
         # decode.greedy_choice): one compiled call then does the pass and the commit choice.
         self.fuses_choice = compile and not graphs
-        self.choice_steps: dict = {}  # rule -> its compiled step (looked up once per rule, not per pass)
+        self.steps: dict = {}  # rule (None: logits only) -> its step function, looked up once per rule
         self.eager = EagerRunner(model)
         self.max_query = max_query  # longer passes (the prefill) run eagerly
         self.graphs: dict[tuple, _Graph] = {}
@@ -86,8 +88,8 @@ class StaticRunner:
         `rule(logits, *args)` returns, computed inside the compiled step."""
         q = we - qs
         if q > self.max_query:
-            logits = self.eager(x, pos, key_valid, cache, qs, ws, we, block, idx)
-            return logits if choice is None else choice[0](logits, *choice[1:])
+            return self.eager(x, pos, key_valid, cache, qs, ws, we, block, idx, choice)
+        rule, args = (None, ()) if choice is None else (choice[0], choice[1:])
         if id(cache.k) != self.cache_id:  # rows left the batch: the cache was reallocated
             self.graphs.clear()
             self.cache_id = id(cache.k)
@@ -114,78 +116,76 @@ class StaticRunner:
             g.ids.copy_(x[:, qs:we])
         cache.write_idx = g.write_idx
         try:
-            out = None
-            if choice is not None:
-                step = self.choice_steps.get(choice[0])
-                if step is None:
-                    step = self.choice_steps[choice[0]] = compiled_choice_step(self.model, choice[0])
-                out = step(g.ids, g.pos, g.mask, cache, idx, *choice[1:])
-                self.graphs[key] = g
-            elif not self.use_graphs:
-                g.logits = self.forward(g.ids, g.pos, attn_mask=g.mask, cache=cache, logits_index=idx)
-                self.graphs[key] = g
-            elif fresh:
-                self._capture(g, cache, idx)
-                self.graphs[key] = g
-                g.graph.replay()
+            if not self.use_graphs:
+                out = self._step(rule)(g.ids, g.pos, g.mask, cache, idx, *args)
             else:
+                if fresh:
+                    self._capture(g, cache, idx)
                 g.graph.replay()
+                out = g.logits
+            self.graphs[key] = g
         finally:
             cache.write_idx = None
         cache.length = ws
-        return g.logits if out is None else out
+        return out
+
+    def _step(self, rule: functools.partial | None):  # noqa: ANN202
+        fn = self.steps.get(rule)
+        if fn is None:
+            fn = self.steps[rule] = compiled_step(self.model, rule) if self.compile else static_step(self.model, rule)
+        return fn
 
     def _capture(self, g: _Graph, cache, idx: slice) -> None:  # noqa: ANN001
-        def step() -> torch.Tensor:
-            return self.forward(g.ids, g.pos, attn_mask=g.mask, cache=cache, logits_index=idx)
+        step = self._step(None)
+
+        def run() -> torch.Tensor:
+            return step(g.ids, g.pos, g.mask, cache, idx)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):  # warm-up (compile, allocator, kernels); rewrites the same keys each time
-                step()
+                run()
         torch.cuda.current_stream().wait_stream(side)
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph):
-            g.logits = step()
+            g.logits = run()
 
 
-def compiled_forward(model: torch.nn.Module):  # noqa: ANN201 (a torch.compile wrapper)
-    """The model's step compiled for static shapes, built once per model and shared by every decode.
+def static_step(model: torch.nn.Module, rule: functools.partial | None = None):  # noqa: ANN201
+    """The static-shape pass as a function of its buffers: the logits at `idx`, or with a rule
+    what `rule(logits, *args)` returns."""
+    def step(ids, pos, mask, cache, idx, *args):  # noqa: ANN001, ANN002, ANN202
+        logits = model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx)
+        return logits if rule is None else rule(logits, *args)
+
+    return step
+
+
+def compiled_step(model: torch.nn.Module, rule: functools.partial | None = None):  # noqa: ANN201
+    """`static_step` compiled for static shapes, built once per model and rule (its keyword
+    arguments: mask id, threshold, confidence dtype) and shared by every decode.
 
     A fresh `torch.compile` per request would recompile (the compiled code is keyed by the
     wrapper) and soon hit dynamo's recompile limit. On a CPU the step is compiled with inductor's
     C++ wrapper (the per-pass Python that launches each fused kernel disappears: a CPU has no
     CUDA graphs) and, in bf16, with freezing: the weights become constants that inductor
-    prepacks for oneDNN, as `PackedLinear` does in eager mode (see `_compile_options`). Frozen weights mean the compiled
-    step does not see later in-place weight updates; decoding never makes them.
+    prepacks for oneDNN, as `PackedLinear` does in eager mode (see `_compile_options`). Frozen
+    weights mean the compiled step does not see later in-place weight updates; decoding never
+    makes them.
     """
-    fn = getattr(model, "_compiled_forward", None)
-    if fn is None:
-        fn = torch.compile(model.forward, dynamic=False, options=_compile_options(model))
-        model._compiled_forward = fn
-    return fn
-
-
-def compiled_choice_step(model: torch.nn.Module, rule: functools.partial):  # noqa: ANN201
-    """The model's step followed by `rule(logits, *args)`, compiled as one graph; one per model
-    and rule (its keyword arguments: mask id, threshold, confidence dtype)."""
-    steps = model.__dict__.setdefault("_compiled_choice_steps", {})
-    key = (rule.func, tuple(sorted(rule.keywords.items())))
+    steps = model.__dict__.setdefault("_compiled_steps", {})
+    key = None if rule is None else (rule.func, tuple(sorted(rule.keywords.items())))
     fn = steps.get(key)
     if fn is None:
-        def step(ids, pos, mask, cache, idx, *args):  # noqa: ANN001, ANN002, ANN202
-            return rule(model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx), *args)
-
-        fn = torch.compile(step, dynamic=False, options=_compile_options(model))
-        steps[key] = fn
+        # Static shapes: each (batch, query length, logits slice) is its own graph, and a server
+        # sees many batch sizes; dynamo's default of 8 graphs per function would fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        fn = steps[key] = torch.compile(static_step(model, rule), dynamic=False, options=_compile_options(model))
     return fn
 
 
 def _compile_options(model: torch.nn.Module) -> dict:
-    # Static shapes: each (batch, query length, logits slice) is its own graph, and a server sees
-    # many batch sizes; dynamo's default of 8 graphs per function would silently fall back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if model.device.type != "cpu":
         return {}
     # The C++ wrapper pays off where per-pass overhead dominates (small models); its one C++ file
