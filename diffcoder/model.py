@@ -28,29 +28,33 @@ class KVCache:
     New keys are always written at [length, length + q); only `keep` of them are made part
     of the cache by advancing `length`. Everything past `length` is scratch: the noisy
     block's keys land there and are overwritten by the next call (static shapes, no cat).
+
+    One tensor per layer, not one stacked tensor: a compiled step writes each layer's keys in
+    place into its own input, whereas in-place writes into views of one shared tensor made
+    inductor copy the whole cache back on every pass.
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.length = 0
         # Static mode: when set, new keys go to these columns and attention spans all columns.
         self.write_idx: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (rows that finished stop costing compute)."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
 
 
 class RMSNorm(nn.Module):
@@ -87,27 +91,45 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-class PackedLinear:
-    """F.linear with weights reordered once into oneDNN's blocked layout (CPU, inference only).
+_PACKED_WEIGHTS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (version, oneDNN-blocked copy)
 
-    Packs lazily per weight tensor and repacks when the tensor was modified in place (its
-    version counter moved), so weight updates are never served stale; with autograd enabled it
-    falls back to F.linear.
+
+def _linear_prepacked(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through a oneDNN-blocked copy of `w`, made once per weight and remade when the
+    weight was modified in place (its version counter moved), so updates are never served stale."""
+    version = -1 if w.is_inference() else w._version  # inference tensors have no version counter
+    entry = _PACKED_WEIGHTS.get(w)
+    if entry is None or entry[0] != version:
+        entry = _PACKED_WEIGHTS[w] = (version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 4))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], b, "none", [], "")
+
+
+@torch.library.custom_op("diffcoder::prepacked_linear", mutates_args=())
+def prepacked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`_linear_prepacked` as an op that torch.compile keeps opaque: inductor cannot lower the
+    prepacked oneDNN op itself, and with its own packing (freezing) the compiled smol-135m step
+    still ran plain unpacked matmuls (seen in a profile), at about half the prepacked speed."""
+    return _linear_prepacked(x, w, b)
+
+
+@prepacked_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+class PackedLinear:
+    """F.linear with bf16 weights reordered once into oneDNN's blocked layout (CPU, inference only).
+
+    Bit-identical to F.linear; with autograd enabled it is plain F.linear. Eagerly it calls the
+    packed kernel directly; under torch.compile it emits the opaque `prepacked_linear` op.
     """
 
-    def __init__(self) -> None:
-        self.table: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
-
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.bfloat16
-                or torch.compiler.is_compiling()):  # inductor cannot lower the prepacked op: it packs itself
+        if torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.bfloat16:
             return F.linear(x, w, b)
-        version = -1 if w.is_inference() else w._version  # inference tensors have no version counter
-        entry = self.table.get(id(w))
-        if entry is None or entry[0] is not w or entry[1] != version:
-            entry = (w, version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 4))
-            self.table[id(w)] = entry
-        return torch.ops.mkldnn._linear_pointwise(x, entry[2], b, "none", [], "")
+        if torch.compiler.is_compiling():
+            return torch.ops.diffcoder.prepacked_linear(x, w, b)
+        return _linear_prepacked(x, w, b)
 
 
 def _fuse_rows(modules: list[nn.Module], attr: str) -> torch.Tensor:
@@ -163,10 +185,10 @@ class Attention(nn.Module):
             ks, vs = cache.k[layer], cache.v[layer]
         elif cache is not None:
             start = cache.length
-            cache.k[layer, :, :, start:start + q] = ks
-            cache.v[layer, :, :, start:start + q] = vs
-            ks = cache.k[layer, :, :, :start + q]
-            vs = cache.v[layer, :, :, :start + q]
+            cache.k[layer][:, :, start:start + q] = ks
+            cache.v[layer][:, :, start:start + q] = vs
+            ks = cache.k[layer][:, :, :start + q]
+            vs = cache.v[layer][:, :, :start + q]
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim), self.o_proj.weight,
                            self.o_proj.bias)

@@ -169,10 +169,8 @@ def compiled_step(model: torch.nn.Module, rule: functools.partial | None = None)
     A fresh `torch.compile` per request would recompile (the compiled code is keyed by the
     wrapper) and soon hit dynamo's recompile limit. On a CPU the step is compiled with inductor's
     C++ wrapper (the per-pass Python that launches each fused kernel disappears: a CPU has no
-    CUDA graphs) and, in bf16, with freezing: the weights become constants that inductor
-    prepacks for oneDNN, as `PackedLinear` does in eager mode (see `_compile_options`). Frozen
-    weights mean the compiled step does not see later in-place weight updates; decoding never
-    makes them.
+    CUDA graphs); in bf16 its matmuls stay the prepacked oneDNN ones of eager mode (the opaque
+    `model.prepacked_linear` op).
     """
     steps = model.__dict__.setdefault("_compiled_steps", {})
     key = None if rule is None else (rule.func, tuple(sorted(rule.keywords.items())))
@@ -192,7 +190,7 @@ def _compile_options(model: torch.nn.Module) -> dict:
     # per graph grows with the layer count and took minutes to build for 30 layers (smol-135m)
     # for no measurable gain there, so larger models keep the Python wrapper.
     small = sum(p.numel() * p.element_size() for p in model.parameters()) <= _CPP_WRAPPER_MAX_BYTES
-    return {"cpp_wrapper": small, "freezing": model.dtype == torch.bfloat16}
+    return {"cpp_wrapper": small}
 
 
 _CPP_WRAPPER_MAX_BYTES = 64 << 20
