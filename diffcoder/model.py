@@ -104,15 +104,17 @@ def _linear_prepacked(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) 
     return torch.ops.mkldnn._linear_pointwise(x, entry[1], b, "none", [], "")
 
 
-@torch.library.custom_op("diffcoder::prepacked_linear", mutates_args=())
-def prepacked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """`_linear_prepacked` as an op that torch.compile keeps opaque: inductor cannot lower the
-    prepacked oneDNN op itself, and with its own packing (freezing) the compiled smol-135m step
-    still ran plain unpacked matmuls (seen in a profile), at about half the prepacked speed."""
-    return _linear_prepacked(x, w, b)
+# `_linear_prepacked` as an op that torch.compile keeps opaque: inductor cannot lower the prepacked
+# oneDNN op itself, and with its own packing (freezing) the compiled smol-135m step still ran plain
+# unpacked matmuls (seen in a profile), at about half the prepacked speed. Defined with
+# torch.library.Library rather than the custom_op decorator, whose Python wrapper costs a sizeable
+# share of a 4-row matmul (a smol-135m pass makes 121 of these calls).
+_OPS = torch.library.Library("diffcoder", "DEF")
+_OPS.define("prepacked_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
+_OPS.impl("prepacked_linear", _linear_prepacked, "CPU")
 
 
-@prepacked_linear.register_fake
+@torch.library.register_fake("diffcoder::prepacked_linear", lib=_OPS)
 def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
@@ -121,7 +123,7 @@ class PackedLinear:
     """F.linear with bf16 weights reordered once into oneDNN's blocked layout (CPU, inference only).
 
     Bit-identical to F.linear; with autograd enabled it is plain F.linear. Eagerly it calls the
-    packed kernel directly; under torch.compile it emits the opaque `prepacked_linear` op.
+    packed kernel directly; under torch.compile it emits the opaque op `diffcoder::prepacked_linear`.
     """
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

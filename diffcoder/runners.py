@@ -170,7 +170,7 @@ def compiled_step(model: torch.nn.Module, rule: functools.partial | None = None)
     wrapper) and soon hit dynamo's recompile limit. On a CPU the step is compiled with inductor's
     C++ wrapper (the per-pass Python that launches each fused kernel disappears: a CPU has no
     CUDA graphs); in bf16 its matmuls stay the prepacked oneDNN ones of eager mode (the opaque
-    `model.prepacked_linear` op).
+    `diffcoder::prepacked_linear` op).
     """
     steps = model.__dict__.setdefault("_compiled_steps", {})
     key = None if rule is None else (rule.func, tuple(sorted(rule.keywords.items())))
