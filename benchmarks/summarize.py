@@ -43,8 +43,8 @@ def main(argv: list[str]) -> None:
     paths = [Path(a) for a in argv]
     cmds = commands(paths)
     print("| run | hardware | model | dtype | runner | batch | tok/s | passes/s | passes/token | % of bandwidth "
-          "limit | first block ms | baseline tok/s | speed-up | command |")
-    print("|" + "---|" * 14)
+          "limit | matmuls alone, % of limit | first block ms | baseline tok/s | speed-up | command |")
+    print("|" + "---|" * 15)
     for p in paths:
         d = last_json(p)
         if d is None or "ours" not in d:
@@ -53,16 +53,16 @@ def main(argv: list[str]) -> None:
         for key, r in d["ours"].items():
             base = d.get("baseline") if key == "batch1" else None
             speed = f"{d['speedup']:.2f}x" if base else ""
+            base_tps = f"{base['tokens_per_s']:.1f}" if base else ""
+            alone = r.get("matmul_only_bandwidth_fraction")  # absent in runs that predate it
+            alone = "" if alone is None else f"{100 * alone:.0f}%"
             print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {d['runner']} | {key[5:]} | "
                   f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
-                  f"{100 * r['bandwidth_fraction']:.0f}% | {1e3 * r['time_to_first_block_s']:.0f} | "
-                  f"{base['tokens_per_s']:.1f} | {speed} | `{cmd}` |" if base else
-                  f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {d['runner']} | {key[5:]} | "
-                  f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
-                  f"{100 * r['bandwidth_fraction']:.0f}% | {1e3 * r['time_to_first_block_s']:.0f} | | | `{cmd}` |")
+                  f"{100 * r['bandwidth_fraction']:.0f}% | {alone} | {1e3 * r['time_to_first_block_s']:.0f} | "
+                  f"{base_tps} | {speed} | `{cmd}` |")
         if "batch_scaling" in d:
             print(f"| {p.stem} | | | | | scaling | {d['batch_scaling']:.2f}x (largest batch / batch 1 tokens/s) "
-                  f"| | | | | | | |")
+                  f"| | | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -118,3 +118,5 @@ def test_bench_decode_subcommand_prints_json_last():
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["tokens_identical"] is True and summary["ours"]["batch1"]["tokens"] == 8
+    assert summary["ours"]["batch1"]["matmul_only_bandwidth_fraction"] > 0
+    assert "its matmuls alone (4 rows)" in res.stdout
