@@ -28,4 +28,11 @@ bench sdc8b_batch --shape $SHAPE --device $DEVICE --dtype $DTYPE --prompt-len 64
   --batch-sizes 1,4,16 --no-baseline --repeats 1
 bench sdc8b_thr09 --shape $SHAPE --device $DEVICE --dtype $DTYPE --prompt-len 64 --gen-length $GEN \
   --threshold 0.9 --no-baseline --repeats 1
+# Last, so that a slow compile cannot cost the rows above: the compiled step inside the CUDA graph
+# (the runner closest to the passes/s target; its batch-16 row regressed in the first H100 run,
+# possibly through the whole-cache copy that per-layer KV tensors removed since).
+if [ "$DEVICE" = cuda ]; then
+  bench sdc8b_compiled_cuda_graph --shape $SHAPE --device $DEVICE --dtype $DTYPE --prompt-len 64 --gen-length $GEN \
+    --runner compiled_cuda_graph --no-baseline --batch-sizes 1,16 --repeats 2
+fi
 echo "done: $(wc -l < "$OUT/gpu_results.jsonl") benchmark lines in $OUT/gpu_results.jsonl"
