@@ -220,8 +220,7 @@ class Decoding:
         # Greedy low-confidence decoding (the common case) is a pure function of the logits: a
         # compiled runner traces it into the step (see `greedy_choice`).
         self._fused_choice = None
-        if getattr(self.runner, "fuses_choice", False) and temperature == 0 and remasking == "low_confidence" \
-                and not shift:
+        if self.runner.fuses_choice and temperature == 0 and remasking == "low_confidence" and not shift:
             self._fused_choice = functools.partial(greedy_choice, mask_id=mask_id, threshold=threshold,
                                                    dtype=confidence_dtype)
         self.nfe = 0

@@ -278,6 +278,10 @@ class DiffCoderLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def parameter_bytes(self) -> int:
+        """Bytes of the parameters as `parameters()` lists them (tied weights once)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "DiffCoderLM":
         """Deterministic random initialisation (normal(0, std), norms at 1)."""
         gen = torch.Generator().manual_seed(seed)
@@ -297,8 +301,7 @@ class DiffCoderLM(nn.Module):
         project's CPU). Packing keeps a second, blocked copy of the weights, so it is skipped when
         the weights exceed `max_packed_bytes`."""
         self.fuse_projections()
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        if (self.device.type == "cpu" and self.dtype == torch.bfloat16 and weight_bytes <= max_packed_bytes
+        if (self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.parameter_bytes() <= max_packed_bytes
                 and torch.backends.mkldnn.is_available() and self._fused
                 and not isinstance(self.linear, PackedLinear)):
             packed = PackedLinear()

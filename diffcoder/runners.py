@@ -22,6 +22,7 @@ class EagerRunner:
     """Eager passes over the exact columns needed; the block's mask and the rotary tables are built
     once and reused by every step (they change only when the block or the batch does)."""
     cache_bucket = 1
+    fuses_choice = False  # a choice rule runs after the pass, as plain eager ops
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -189,7 +190,7 @@ def _compile_options(model: torch.nn.Module) -> dict:
     # The C++ wrapper pays off where per-pass overhead dominates (small models); its one C++ file
     # per graph grows with the layer count and took minutes to build for 30 layers (smol-135m)
     # for no measurable gain there, so larger models keep the Python wrapper.
-    small = sum(p.numel() * p.element_size() for p in model.parameters()) <= _CPP_WRAPPER_MAX_BYTES
+    small = model.parameter_bytes() <= _CPP_WRAPPER_MAX_BYTES
     return {"cpp_wrapper": small}
 
 
