@@ -145,14 +145,18 @@ def _fuse_rows(modules: list[nn.Module], attr: str) -> torch.Tensor:
     return fused
 
 
-def folds_query_groups(n_heads: int, n_kv: int, x: torch.Tensor) -> bool:
-    """Whether attention folds each KV head's group of query heads into one query (GQA).
+# Per device type: whether inference attention folds each KV head's group of query heads into one
+# query (GQA). CPU: SDPA's per-(batch, head) overhead dominates a 4-token decode query; folded, the
+# SDPA calls were faster at batch 16 and about even at batch 1, with bit-identical results
+# (tests/test_model.py). CUDA: the plain call takes SDPA's math path (GQA with a mask), the folded
+# one a fused kernel; `benchmarks/decode.py --fold-query-groups` measures both (RESULTS.md).
+FOLD_QUERY_GROUPS: dict[str, bool] = {"cpu": True, "cuda": False}
 
-    On a CPU, SDPA's per-(batch, head) overhead dominates a 4-token decode query: folded, the SDPA
-    calls were faster at batch 16 and about even at batch 1, with bit-identical results
-    (tests/test_model.py). Inference only (training keeps the plain call) and CPU only: on a GPU
-    folding would change which SDPA kernel runs, and that has not been measured."""
-    return n_kv != n_heads and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+def folds_query_groups(n_heads: int, n_kv: int, x: torch.Tensor) -> bool:
+    """Whether attention folds query-head groups for this input (GQA, inference, FOLD_QUERY_GROUPS).
+    Training keeps the plain call."""
+    return n_kv != n_heads and FOLD_QUERY_GROUPS.get(x.device.type, False) and not torch.is_grad_enabled()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -17,3 +17,21 @@ def test_decode_matmuls_are_every_weight_a_pass_reads_but_the_norms(fused: bool)
     assert mms[-1][1] is model.lm_head.weight
     rate = matmul_only_passes_per_s(model, rows=4, repeats=1)
     assert rate > 0 and rate != float("inf")
+
+
+def test_fold_query_groups_flag_is_recorded_and_restored(monkeypatch, capsys):
+    """--fold-query-groups sets the device's folding policy for the run only, and the JSON and the
+    command record what the run used (including torch/inductor settings from the environment)."""
+    from diffcoder.bench.decode import main
+    from diffcoder.model import FOLD_QUERY_GROUPS
+
+    monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "0")
+    before = dict(FOLD_QUERY_GROUPS)
+    flags = ["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
+             "--no-baseline"]
+    for choice, want in (("off", False), ("on", True), ("auto", before["cpu"])):
+        out = main([*flags, "--fold-query-groups", choice])
+        assert out["fold_query_groups"] is want
+        assert FOLD_QUERY_GROUPS == before
+        assert out["command"].startswith("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 python benchmarks/decode.py")
+    assert f"query-group folding {want}" in capsys.readouterr().out

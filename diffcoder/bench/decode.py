@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from ..config import PRESETS, ModelConfig
-from ..model import DiffCoderLM
+from ..model import FOLD_QUERY_GROUPS, DiffCoderLM
 from ..runners import RUNNERS
 
 
@@ -210,15 +211,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best is reported)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fold-query-groups", default="auto", choices=["auto", "on", "off"],
+                   help="GQA attention with each KV head's query heads folded into one query (auto: the "
+                        "device's default in diffcoder.model.FOLD_QUERY_GROUPS)")
     return p.parse_args(argv)
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The benchmark's command, with any torch/inductor settings it ran under taken from the
+    environment (TORCHINDUCTOR_*, TORCH_*; not the cache and install locations, which inductor
+    itself sets), so that a results row can be rerun as printed."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k.startswith(("TORCHINDUCTOR_", "TORCH_")) and not k.endswith(("_DIR", "_HOME", "_PATH"))]
+    return " ".join([*env, "python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+@contextlib.contextmanager
+def query_group_folding(device_type: str, choice: str) -> Iterator[bool]:
+    """FOLD_QUERY_GROUPS for `device_type` set to `choice` (auto: left as is) while the benchmark runs."""
+    prev = FOLD_QUERY_GROUPS.get(device_type)
+    if choice != "auto":
+        FOLD_QUERY_GROUPS[device_type] = choice == "on"
+    try:
+        yield FOLD_QUERY_GROUPS.get(device_type, False)
+    finally:
+        if prev is None:
+            FOLD_QUERY_GROUPS.pop(device_type, None)
+        else:
+            FOLD_QUERY_GROUPS[device_type] = prev
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    with query_group_folding(device.type, args.fold_query_groups) as fold:
+        return run_benchmark(args, device, fold, argv)
+
+
+def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
+                  argv: list[str] | None = None) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.model:
         from ..checkpoint import load
@@ -242,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hw = hardware_name(device)
     print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"model: {label}, {cfg.num_parameters / 1e6:.1f}M params, {args.dtype}, {wbytes / 1e6:.1f} MB read per pass"
-          f" -> limit {bandwidth / wbytes:.1f} passes/s")
+          f" -> limit {bandwidth / wbytes:.1f} passes/s; runner {args.runner}, query-group folding {fold}")
     ours_kw = {k: v for k, v in kw.items() if k != "mask_id"}
     # Warm-up: one untimed run per batch size with the timed settings, so that compiled runners
     # compile here (their graphs are specialised to the batch size and the cache length).
@@ -275,8 +309,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth, "prompt_len": args.prompt_len,
         "gen_length": args.gen_length, "block_length": args.block_length, "steps": kw["steps"],
         "threshold": args.threshold, "runner": args.runner, "confidence_dtype": args.confidence_dtype,
+        "fold_query_groups": fold,
         "ours": {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in results.items()},
-        "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(argv),
     }
     b1 = results.get("batch1")
     if len(batch_sizes) > 1 and b1:
