@@ -23,17 +23,16 @@ bench() {  # name, max seconds, then benchmark flags
   if [ "$t" -lt 30 ]; then echo "== $name: skipped (budget spent)"; return; fi
   echo "== $name ($((SECONDS - START)) s in, timeout $t s): benchmarks/decode.py $*"
   timeout "$t" $PY benchmarks/decode.py "$@" > "$OUT/$name.txt" 2>&1
-  grep -v '^{' "$OUT/$name.txt" | tail -n 12
+  grep -v -e '^{' -e '^USDT' "$OUT/$name.txt" | tail -n 45
   tail -n 1 "$OUT/$name.txt" | $PY -c "import json,sys; d=json.loads(sys.stdin.read()); d['name']='$name'; \
 d['command']='python benchmarks/decode.py $*'; print(json.dumps(d))" >> "$OUT/gpu_results.jsonl" 2>/dev/null \
     || echo "{\"name\": \"$name\", \"error\": \"no JSON line\"}" >> "$OUT/gpu_results.jsonl"
 }
 COMMON="--shape $SHAPE --device $DEVICE --dtype $DTYPE --prompt-len 64 --gen-length $GEN"
-# 1. The compiled step inside a CUDA graph with the query-head groups folded (SDPA can then take a
-#    fused kernel instead of the math path, which also copies each layer's keys per query group):
-#    the runner closest to the passes/s target.
+# 1. The compiled step inside a CUDA graph, the runner closest to the passes/s target, with a
+#    kernel-by-kernel profile of one decode (what the pass spends besides its matmuls).
 COMPILED=compiled_static; [ "$DEVICE" = cuda ] && COMPILED=compiled_cuda_graph
-bench sdc8b_compiled_fold_b1 200 $COMMON --runner $COMPILED --fold-query-groups on --no-baseline --repeats 2
+bench sdc8b_compiled_b1 200 $COMMON --runner $COMPILED --no-baseline --repeats 2 --profile 30
 # 2. The default runner (CUDA graph, uncompiled) against the release-approach baseline, with and
 #    without folding: the speed-up row, and the folding A/B at batch 1 and 16.
 bench sdc8b_b1 120 $COMMON --batch-sizes 1,16 --repeats 2
@@ -46,9 +45,11 @@ if [ "$t" -ge 30 ]; then
   timeout "$t" $PY -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -n 20
 fi
-# 4. The compiled step at batch 16 (its first H100 run regressed there: the unfolded math path
-#    copies every layer's keys per query group), and the compiled folding A/B at batch 1.
+# 4. Folding the query-head groups (SDPA then takes a fused kernel instead of the math path, which
+#    repeats every layer's cached keys per query head): the compiled step at batch 16, where it
+#    gained in the second lease (off by default on CUDA, see docs/devlog.md, session 5).
 bench sdc8b_compiled_fold_b16 200 $COMMON --runner $COMPILED --fold-query-groups on --batch-sizes 16 \
   --no-baseline --repeats 2
-bench sdc8b_compiled_nofold_b1 200 $COMMON --runner $COMPILED --fold-query-groups off --no-baseline --repeats 2
+bench sdc8b_compiled_nofold_b16 200 $COMMON --runner $COMPILED --fold-query-groups off --batch-sizes 16 \
+  --no-baseline --repeats 2
 echo "done in $((SECONDS - START)) s: $(wc -l < "$OUT/gpu_results.jsonl") benchmark lines in $OUT/gpu_results.jsonl"

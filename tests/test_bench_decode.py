@@ -35,3 +35,20 @@ def test_fold_query_groups_flag_is_recorded_and_restored(monkeypatch, capsys):
         assert FOLD_QUERY_GROUPS == before
         assert out["command"].startswith("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 python benchmarks/decode.py")
     assert f"query-group folding {want}" in capsys.readouterr().out
+
+
+def test_profile_lists_the_largest_ops_per_pass():
+    from diffcoder.bench.decode import main
+
+    out = main(["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
+                "--no-baseline", "--batch-sizes", "1,2", "--profile", "40"])
+    for key in ("batch1", "batch2"):
+        prof = out["ours"][key]["profile"]
+        assert prof["clock"] == "cpu" and prof["passes"] == out["ours"][key]["nfe"]
+        ops = prof["ops"]
+        assert 0 < len(ops) <= 40 and all(op["name"] and op["calls_per_pass"] > 0 for op in ops)
+        assert [op["ms_per_pass"] for op in ops] == sorted((op["ms_per_pass"] for op in ops), reverse=True)
+        assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
+        # every pass makes a matmul per weight: the profile must see them among its 40 largest ops
+        names = [op["name"] for op in ops]
+        assert any(n in ("aten::addmm", "aten::mm", "aten::linear") for n in names), names

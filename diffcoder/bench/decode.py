@@ -152,6 +152,33 @@ def matmul_only_passes_per_s(model: DiffCoderLM, rows: int, repeats: int = 5) ->
     return 1.0 / best
 
 
+def profile_decode(model: DiffCoderLM, prompts: list[list[int]], kw: dict[str, Any], top: int) -> dict[str, Any]:
+    """Where one decode's time goes, op by op (kernels too, on a GPU, including those a CUDA graph
+    replays): self time on the device (GPU) or on the CPU, per pass, averaged over the decode's
+    passes (the prefill is one of them), the `top` largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        nfe = run_ours(model, prompts, kw)["nfe"]
+    rows = [((e.self_device_time_total if on_gpu else e.self_cpu_time_total), e.key, e.count)
+            for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[0] > 0), reverse=True)
+    total_us = sum(r[0] for r in rows)
+    return {"clock": "device" if on_gpu else "cpu", "passes": nfe, "total_ms_per_pass": total_us / 1e3 / nfe,
+            "ops": [{"name": name, "ms_per_pass": us / 1e3 / nfe, "share": us / total_us, "calls_per_pass": n / nfe}
+                    for us, name, n in rows[:top]]}
+
+
+def print_profile(prof: dict[str, Any]) -> None:
+    print(f"       profile: {prof['total_ms_per_pass']:.3f} ms of {prof['clock']} self time per pass "
+          f"(mean of {prof['passes']} passes, the prefill included); largest:")
+    for op in prof["ops"]:
+        print(f"         {op['ms_per_pass']:8.3f} ms {100 * op['share']:5.1f}% {op['calls_per_pass']:7.1f} calls  "
+              f"{op['name'][:100]}")
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -211,6 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best is reported)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="after timing, profile one decode per batch size and print its TOP largest ops "
+                        "(self time per pass; on a GPU the kernels, CUDA-graph replays included)")
     p.add_argument("--fold-query-groups", default="auto", choices=["auto", "on", "off"],
                    help="GQA attention with each KV head's query heads folded into one query (auto: the "
                         "device's default in diffcoder.model.FOLD_QUERY_GROUPS)")
@@ -304,6 +334,9 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
               f"  {100 * best['bandwidth_fraction']:.0f}% of bandwidth limit")
         print(f"       its matmuls alone ({b * args.block_length} rows): {best['matmul_only_passes_per_s']:8.1f}"
               f" passes/s  {100 * best['matmul_only_bandwidth_fraction']:.0f}% of bandwidth limit")
+        if args.profile > 0:
+            best["profile"] = profile_decode(model, prompts[:b], ours_kw, args.profile)
+            print_profile(best["profile"])
     summary: dict[str, Any] = {
         "hardware": hw, "device": device.type, "model": label, "dtype": args.dtype, "params": cfg.num_parameters,
         "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth, "prompt_len": args.prompt_len,
