@@ -9,6 +9,7 @@ import pytest
 
 from diffcoder.cli import main
 from diffcoder.eval.benchmarks import load_benchmark
+from diffcoder.eval.generation import GenSpec
 from diffcoder.eval.passk import mean_pass_at_k, pass_at_k
 from diffcoder.eval.prompts import extract_code, instruct_sample, truncate, HUMANEVAL_STOPS
 from diffcoder.eval.sandbox import SandboxUnavailable, detect_isolation
@@ -149,6 +150,17 @@ def test_model_path_generates_resumably(sandbox: None, tmp_path: Path, tiny_mode
     assert main(args) == 0
     assert _rows(out / "samples.jsonl") == samples
     assert len(_rows(out / "per_problem.jsonl")) == 2
+
+
+def test_runner_flag_gives_the_same_samples_and_is_recorded(sandbox: None, tmp_path: Path,
+                                                           tiny_model_dir: Path) -> None:
+    args = ["eval", "humaneval", "--model", str(tiny_model_dir), "--limit", "2", "--gen-length", "16", "--steps", "8",
+            "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--no-execute", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert main([*args, "--out", str(tmp_path / "static"), "--runner", "static"]) == 0
+    assert _rows(tmp_path / "static" / "samples.jsonl") == _rows(tmp_path / "auto" / "samples.jsonl")
+    assert GenSpec(runner="static").decoder_kwargs()["runner"] == "static"
+    assert "runner" not in GenSpec().decoder_kwargs()  # default runs keep their recorded settings unchanged
 
 
 def test_resume_refuses_results_of_other_samples(sandbox: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -13,7 +13,7 @@ EVAL_GEN_LENGTH = 512  # HumanEval/MBPP solutions need more room than `generate`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..run_cli import add_decoder_flags, add_model_flags
+    from ..run_cli import add_decoder_flags, add_model_flags, add_runner_flag
 
     p = sub.add_parser(
         "eval", help="evaluate a model (or samples) on HumanEval, MBPP, MBPP+ or HumanEval-Infilling",
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="base: complete the code prompt; instruct: chat template and code-block "
                    "extraction; auto: instruct when the tokenizer has a chat template")
     add_decoder_flags(p)
+    add_runner_flag(p)
     p.add_argument("--limit", type=int, help="only the first N problems (quick checks)")
     x = p.add_argument_group("execution")
     x.add_argument("--workers", type=int, default=2, help="programs run in parallel (default 2)")
@@ -141,7 +142,8 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
                    threshold=kw["threshold"], temperature=kw["temperature"], remasking=kw["remasking"],
                    shift=bool(kw["shift"]), batch_size=args.batch_size, n_samples=args.n_samples,
                    seed=kw["seed"] or 0, prompt_style=args.prompt_style,
-                   max_active_blocks=kw["max_active_blocks"], block_add_threshold=kw["block_add_threshold"])
+                   max_active_blocks=kw["max_active_blocks"], block_add_threshold=kw["block_add_threshold"],
+                   runner=args.runner)
     if args.n_samples > 1 and spec.temperature == 0 and spec.remasking != "random":
         print("note: --n-samples > 1 with temperature 0 gives identical samples; pass --temperature",
               file=sys.stderr)

@@ -28,6 +28,7 @@ class GenSpec:
     prompt_style: str = "auto"
     max_active_blocks: int = 1
     block_add_threshold: float = 0.5
+    runner: str = "auto"  # how each pass runs (diffcoder.runners); recorded when not the default
 
     def decoder_kwargs(self) -> dict[str, Any]:
         kw = {"steps": self.steps or self.gen_length, "gen_length": self.gen_length,
@@ -35,6 +36,8 @@ class GenSpec:
               "temperature": self.temperature, "remasking": self.remasking, "shift": self.shift}
         if self.max_active_blocks > 1:  # recorded in results.json only when pipelining is on
             kw.update(max_active_blocks=self.max_active_blocks, block_add_threshold=self.block_add_threshold)
+        if self.runner != "auto":  # exact modes decode the same tokens; bf16 kernels may round differently
+            kw["runner"] = self.runner
         return kw
 
 

@@ -36,8 +36,13 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     batch_window_s: float = 0.01
+    runner: str = "auto"  # how each pass runs (diffcoder.runners.RUNNERS)
 
     def __post_init__(self) -> None:
+        from diffcoder.runners import RUNNERS
+
+        if self.runner not in RUNNERS:
+            raise ValueError(f"--runner must be one of {', '.join(RUNNERS)} (got {self.runner!r})")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1 (got {self.max_batch})")
         if self.max_queue < 1:
@@ -51,7 +56,10 @@ class ServeConfig:
 
 
 def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None) -> FastAPI:
+    from diffcoder.runners import make_runner
+
     cfg = config or ServeConfig()
+    make_runner(model, 1, cfg.runner)  # a runner this device cannot run fails now, not in every request
     info = ModelInfo.from_model(model, model_name)
     holder: dict[str, Scheduler] = {}
     metrics = Metrics(
@@ -68,6 +76,7 @@ def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None
             max_queue=cfg.max_queue,
             batch_window_s=cfg.batch_window_s,
             on_batch=metrics.record_batch,
+            runner=cfg.runner,
         )
         holder["s"] = sched
         app.state.scheduler = sched

@@ -7,6 +7,8 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from diffcoder.run_cli import add_runner_flag
+
     p = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API with a live denoising playground",
@@ -36,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: the checkpoint's)")
+    add_runner_flag(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run_serve)
@@ -61,6 +64,7 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         batch_window_s=args.batch_window_ms / 1000,
+        runner=args.runner,
     )
     model_dir = args.model or str(diffcoder.default_model_dir())
     if not os.path.isdir(model_dir):

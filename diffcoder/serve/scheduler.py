@@ -130,9 +130,11 @@ class Scheduler:
         max_queue: int = 64,
         batch_window_s: float = 0.01,
         on_batch: Callable[[BatchStats], None] | None = None,
+        runner: str = "auto",
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
+        self.runner = runner
         self.model = model
         self.eos_id = eos_id
         self.max_batch = max_batch
@@ -273,6 +275,7 @@ class Scheduler:
             prompts,
             eos_id=self.eos_id,
             step_events=any(j.want_steps for j in jobs),
+            runner=self.runner,
             **jobs[0].key.decoder_kwargs(),
         )
         live = set(range(len(prompts)))
