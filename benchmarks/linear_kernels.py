@@ -4,8 +4,11 @@ For the projection shapes of one smol-135m layer, times y = x W^T for several ro
 (4 = a block, 8 = the fused commit pass, 64 = batch 16 x B 4) with: F.linear in bf16, oneDNN
 prepacked weights (what `PackedLinear` in diffcoder/model.py uses, packed for 4 rows or for M
 rows), and F.linear in float32 for reference. Prints one JSON line per (M, method) with the weight
-bandwidth it reaches (weight bytes / time), and last a JSON summary with the machine's measured
-copy bandwidth for scale.
+bandwidth it reaches (weight bytes / time) and the method's cost per call on a tiny 64 x 64 weight
+(`call_us_64x64`: its fixed cost, paid once per matmul), and last a JSON summary with the
+machine's measured copy bandwidth for scale. The layer's weights (7 MB) are reused call after
+call, so they come from the caches here; in a decode pass each weight comes from memory (see
+`decode.py`'s "matmuls alone").
 
     .venv/bin/python benchmarks/linear_kernels.py [--threads 2] [--rows 4,8,64]
 """
@@ -42,6 +45,20 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / t / 1e9  # read + write
 
 
+def call_cost(method: str, rows: int, repeats: int) -> float:
+    """Seconds per call on a 64 x 64 weight (8 KB, in cache): what a method costs besides moving
+    weights. A smol-135m pass makes 121 matmul calls, so this is paid 121 times per pass."""
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    x = torch.randn(rows, 64).to(torch.bfloat16)
+    if method.startswith("oneDNN packed for "):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, int(method.split()[3]))
+        return timed(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
+    if "fp32" in method:
+        w32, x32 = w.float(), x.float()
+        return timed(lambda: F.linear(x32, w32), repeats)
+    return timed(lambda: F.linear(x, w), repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -70,7 +87,8 @@ def main() -> None:
             for name, fns in methods.items():
                 t = timed(lambda: [fns[k](xs[k]) for k in weights], args.repeats)
                 row = {"rows": m, "method": name, "layer_us": round(1e6 * t, 1),
-                       "weight_GBps": round((wbytes * (2 if "fp32" in name else 1)) / t / 1e9, 2)}
+                       "weight_GBps": round((wbytes * (2 if "fp32" in name else 1)) / t / 1e9, 2),
+                       "call_us_64x64": round(1e6 * call_cost(name, m, args.repeats), 1)}
                 results.append(row)
                 print(json.dumps(row))
     best = {m: min((r for r in results if r["rows"] == m), key=lambda r: r["layer_us"])["method"]
