@@ -32,6 +32,7 @@ def test_fold_query_groups_flag_is_recorded_and_restored(monkeypatch, capsys):
     for choice, want in (("off", False), ("on", True), ("auto", before["cpu"])):
         out = main([*flags, "--fold-query-groups", choice])
         assert out["fold_query_groups"] is want
+        assert out["weight_read_passes_per_s"] > 0 and out["weight_read_bandwidth_fraction"] > 0
         assert FOLD_QUERY_GROUPS == before
         assert out["command"].startswith("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 python benchmarks/decode.py")
     assert f"query-group folding {want}" in capsys.readouterr().out

@@ -179,6 +179,25 @@ def print_profile(prof: dict[str, Any]) -> None:
               f"{op['name'][:100]}")
 
 
+def weight_read_passes_per_s(model: DiffCoderLM, repeats: int = 5) -> float:
+    """Passes/s if a pass did nothing but read each of its matmul weights once, one op per weight
+    (a float32 sum over the weight's bytes): the ceiling for any pass made of one kernel per
+    matmul on this machine, below the single-buffer bandwidth by the cost of many separate,
+    smaller reads."""
+    flat = [w.detach().reshape(-1) for _, w in decode_matmuls(model)]
+    views = [f.view(torch.float32) if f.numel() % 2 == 0 and f.element_size() == 2 else f for f in flat]
+    best = float("inf")
+    for i in range(repeats + 1):
+        sync(model.device)
+        t = time.perf_counter()
+        for v in views:
+            v.sum()
+        sync(model.device)
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return 1.0 / best
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -312,6 +331,9 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     # compile here (their graphs are specialised to the batch size and the cache length).
     for b in batch_sizes:
         run_ours(model, prompts[:b], ours_kw)
+    read_rate = weight_read_passes_per_s(model)  # after the warm-up: the weights as decoding uses them
+    print(f"reading each matmul weight once, one op per weight: {read_rate:8.1f} passes/s  "
+          f"{100 * wbytes * read_rate / bandwidth:.0f}% of bandwidth limit")
     results: dict[str, Any] = {}
     hf, base_kw, base_runs = None, {**kw, "threshold": args.threshold}, []
     if not args.no_baseline:
@@ -342,7 +364,8 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
         "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth, "prompt_len": args.prompt_len,
         "gen_length": args.gen_length, "block_length": args.block_length, "steps": kw["steps"],
         "threshold": args.threshold, "runner": args.runner, "confidence_dtype": args.confidence_dtype,
-        "fold_query_groups": fold,
+        "fold_query_groups": fold, "weight_read_passes_per_s": read_rate,
+        "weight_read_bandwidth_fraction": wbytes * read_rate / bandwidth,
         "ours": {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in results.items()},
         "command": command_line(argv),
     }
