@@ -179,13 +179,22 @@ def print_profile(prof: dict[str, Any]) -> None:
               f"{op['name'][:100]}")
 
 
+def _as_float32_bytes(flat: torch.Tensor) -> torch.Tensor:
+    """The same bytes as float32 where they can be reinterpreted so (the fastest sum), else as they are."""
+    if flat.element_size() == 2 and flat.numel() % 2 == 0:
+        try:
+            return flat.view(torch.float32)
+        except RuntimeError:  # storage offset not aligned to 4 bytes
+            pass
+    return flat
+
+
 def weight_read_passes_per_s(model: DiffCoderLM, repeats: int = 5) -> float:
     """Passes/s if a pass did nothing but read each of its matmul weights once, one op per weight
     (a float32 sum over the weight's bytes): the ceiling for any pass made of one kernel per
     matmul on this machine, below the single-buffer bandwidth by the cost of many separate,
     smaller reads."""
-    flat = [w.detach().reshape(-1) for _, w in decode_matmuls(model)]
-    views = [f.view(torch.float32) if f.numel() % 2 == 0 and f.element_size() == 2 else f for f in flat]
+    views = [_as_float32_bytes(w.detach().reshape(-1)) for _, w in decode_matmuls(model)]
     best = float("inf")
     for i in range(repeats + 1):
         sync(model.device)
