@@ -29,10 +29,11 @@ d['command']='python benchmarks/decode.py $*'; print(json.dumps(d))" >> "$OUT/gp
     || echo "{\"name\": \"$name\", \"error\": \"no JSON line\"}" >> "$OUT/gpu_results.jsonl"
 }
 COMMON="--shape $SHAPE --device $DEVICE --dtype $DTYPE --prompt-len 64 --gen-length $GEN"
-# 1. The compiled step inside a CUDA graph, the runner closest to the passes/s target, with a
-#    kernel-by-kernel profile of one decode (what the pass spends besides its matmuls).
+# 1. The compiled step inside a CUDA graph, the runner closest to the passes/s target, side by side
+#    with the release-approach baseline, and a kernel-by-kernel profile of one decode (what the
+#    pass spends besides its matmuls).
 COMPILED=compiled_static; [ "$DEVICE" = cuda ] && COMPILED=compiled_cuda_graph
-bench sdc8b_compiled_b1 200 $COMMON --runner $COMPILED --no-baseline --repeats 2 --profile 30
+bench sdc8b_compiled_b1 240 $COMMON --runner $COMPILED --repeats 2 --profile 30
 # 2. The default runner (CUDA graph, uncompiled) against the release-approach baseline, with and
 #    without folding: the speed-up row, and the folding A/B at batch 1 and 16.
 bench sdc8b_b1 120 $COMMON --batch-sizes 1,16 --repeats 2
