@@ -86,3 +86,19 @@ def train_data_dir(tmp_path_factory: pytest.TempPathFactory, train_tokenizer_dir
     src = Path(sysconfig.get_paths()["stdlib"]) / "json"
     build_pretrain([src], train_tokenizer_dir, out, val_fraction=0.2, progress=False)
     return out
+
+
+@pytest.fixture
+def runners_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The `runner` argument of every decode started while the test runs, in order."""
+    import diffcoder.decode
+
+    used: list[str] = []
+    make = diffcoder.decode.make_runner
+
+    def spy(model, block, runner="auto"):  # noqa: ANN001, ANN202
+        used.append(runner)
+        return make(model, block, runner)
+
+    monkeypatch.setattr(diffcoder.decode, "make_runner", spy)
+    return used

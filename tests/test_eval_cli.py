@@ -152,12 +152,14 @@ def test_model_path_generates_resumably(sandbox: None, tmp_path: Path, tiny_mode
     assert len(_rows(out / "per_problem.jsonl")) == 2
 
 
-def test_runner_flag_gives_the_same_samples_and_is_recorded(sandbox: None, tmp_path: Path,
-                                                           tiny_model_dir: Path) -> None:
+def test_runner_flag_gives_the_same_samples_and_is_recorded(sandbox: None, tmp_path: Path, tiny_model_dir: Path,
+                                                           runners_used: list[str]) -> None:
     args = ["eval", "humaneval", "--model", str(tiny_model_dir), "--limit", "2", "--gen-length", "16", "--steps", "8",
             "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--no-execute", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert set(runners_used) == {"auto"}
     assert main([*args, "--out", str(tmp_path / "static"), "--runner", "static"]) == 0
+    assert set(runners_used) == {"auto", "static"}
     assert _rows(tmp_path / "static" / "samples.jsonl") == _rows(tmp_path / "auto" / "samples.jsonl")
     assert GenSpec(runner="static").decoder_kwargs()["runner"] == "static"
     assert "runner" not in GenSpec().decoder_kwargs()  # default runs keep their recorded settings unchanged

@@ -379,7 +379,7 @@ def test_requests_with_different_settings_each_get_their_own_settings(server, mo
         assert r.json()["choices"][0]["text"] == want
 
 
-def test_runner_flag_decodes_the_same_text_and_bad_runners_fail_at_startup(model):
+def test_runner_flag_decodes_the_same_text_and_bad_runners_fail_at_startup(model, runners_used):
     """--runner static (the CUDA-graph runner's static-shape pass, run eagerly on a CPU) serves
     exactly what the engine decodes; a runner the device cannot run, or an unknown one, fails
     before the server starts."""
@@ -388,6 +388,7 @@ def test_runner_flag_decodes_the_same_text_and_bad_runners_fail_at_startup(model
     with BackgroundServer(app) as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         r = c.completions.create(model=MODEL, prompt=[prompt, "x = "], max_tokens=12, extra_body={"steps": 12})
+    assert runners_used and set(runners_used) == {"static"}  # the server's decodes ran the runner it was given
     for choice, p in zip(sorted(r.choices, key=lambda ch: ch.index), [prompt, "x = "]):
         assert choice.text == engine_text(model, model.tokenizer.encode(p), 12)[0]
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
