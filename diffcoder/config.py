@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# How each model pass can run (see diffcoder/runners.py). Defined here, where nothing imports torch,
+# so that the CLI can offer the names without paying torch's start-up in `diffcoder --help`.
+RUNNERS = ("auto", "eager", "static", "cuda_graph", "compiled_static", "compiled_cuda_graph")
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "StableDiffcoderForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 

@@ -15,7 +15,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_runner_flag(p: argparse.ArgumentParser) -> None:
-    from .runners import RUNNERS
+    from .config import RUNNERS
 
     p.add_argument("--runner", default="auto", choices=RUNNERS, help="how each pass runs: auto (CUDA graph on a "
                    "GPU, eager on a CPU), or compiled_static (torch.compile; compiles once per batch size and "

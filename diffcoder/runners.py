@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import RUNNERS
 from .masks import decode_mask
+
+__all__ = ["RUNNERS", "EagerRunner", "StaticRunner", "make_runner"]
 
 
 class EagerRunner:
@@ -197,7 +200,6 @@ def _compile_options(model: torch.nn.Module) -> dict:
 _CPP_WRAPPER_MAX_BYTES = 64 << 20
 
 
-RUNNERS = ("auto", "eager", "static", "cuda_graph", "compiled_static", "compiled_cuda_graph")
 
 
 def make_runner(model: torch.nn.Module, block: int, runner: str = "auto") -> EagerRunner | StaticRunner:

@@ -25,6 +25,13 @@ def test_help_lists_every_flag():
             assert flag in out, (cmd, flag)
 
 
+def test_building_the_parser_does_not_import_torch():
+    """`diffcoder --help` (and every flag list) stays free of torch's start-up time."""
+    code = "import sys; from diffcoder.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout + res.stderr
+
+
 def test_generate_streams_the_same_tokens_as_the_api(tiny_model_dir):
     res = run("generate", "--model", str(tiny_model_dir), "--gen-length", "16", "--steps", "8", "--dtype",
               "float32", "--show-steps", "def add(a, b):")
