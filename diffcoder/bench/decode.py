@@ -42,18 +42,23 @@ def hardware_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+def best_seconds(fn: Any, device: torch.device, repeats: int, warmup: int = 0) -> float:
+    """The fastest of `repeats` timed calls of `fn` (after `warmup` untimed ones), device synced."""
+    best = float("inf")
+    for i in range(warmup + repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
 def measure_bandwidth(device: torch.device, nbytes: int) -> float:
     """Best-of-5 read bandwidth in bytes/s (summing a large buffer reads each byte once)."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        buf.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    del buf
-    return nbytes / best
+    return nbytes / best_seconds(buf.sum, device, repeats=5)
 
 
 def sync(device: torch.device) -> None:
@@ -139,17 +144,13 @@ def matmul_only_passes_per_s(model: DiffCoderLM, rows: int, repeats: int = 5) ->
     shortfall splits into what the matmul kernels leave and what the rest of the pass adds."""
     device, mms = model.device, decode_matmuls(model)
     inputs = {w.shape[1]: torch.randn(1, rows, w.shape[1], device=device, dtype=model.dtype) for _, w in mms}
-    best = float("inf")
-    with torch.inference_mode():
-        for i in range(repeats + 1):  # the first sweep warms up (and packs weights if not yet packed)
-            sync(device)
-            t = time.perf_counter()
-            for fn, w in mms:
-                fn(inputs[w.shape[1]], w, None)
-            sync(device)
-            if i:
-                best = min(best, time.perf_counter() - t)
-    return 1.0 / best
+
+    def sweep() -> None:
+        for fn, w in mms:
+            fn(inputs[w.shape[1]], w, None)
+
+    with torch.inference_mode():  # the warm-up sweep also packs weights not packed yet
+        return 1.0 / best_seconds(sweep, device, repeats, warmup=1)
 
 
 def profile_decode(model: DiffCoderLM, prompts: list[list[int]], kw: dict[str, Any], top: int) -> dict[str, Any]:
@@ -195,16 +196,12 @@ def weight_read_passes_per_s(model: DiffCoderLM, repeats: int = 5) -> float:
     matmul on this machine, below the single-buffer bandwidth by the cost of many separate,
     smaller reads."""
     views = [_as_float32_bytes(w.detach().reshape(-1)) for _, w in decode_matmuls(model)]
-    best = float("inf")
-    for i in range(repeats + 1):
-        sync(model.device)
-        t = time.perf_counter()
+
+    def sweep() -> None:
         for v in views:
             v.sum()
-        sync(model.device)
-        if i:
-            best = min(best, time.perf_counter() - t)
-    return 1.0 / best
+
+    return 1.0 / best_seconds(sweep, model.device, repeats, warmup=1)
 
 
 def peak_memory(device: torch.device) -> int:
@@ -287,16 +284,14 @@ def command_line(argv: list[str] | None) -> str:
 @contextlib.contextmanager
 def query_group_folding(device_type: str, choice: str) -> Iterator[bool]:
     """FOLD_QUERY_GROUPS for `device_type` set to `choice` (auto: left as is) while the benchmark runs."""
-    prev = FOLD_QUERY_GROUPS.get(device_type)
+    saved = dict(FOLD_QUERY_GROUPS)
     if choice != "auto":
         FOLD_QUERY_GROUPS[device_type] = choice == "on"
     try:
         yield FOLD_QUERY_GROUPS.get(device_type, False)
     finally:
-        if prev is None:
-            FOLD_QUERY_GROUPS.pop(device_type, None)
-        else:
-            FOLD_QUERY_GROUPS[device_type] = prev
+        FOLD_QUERY_GROUPS.clear()
+        FOLD_QUERY_GROUPS.update(saved)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
