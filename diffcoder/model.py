@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .masks import block_causal_allowed, causal_allowed
 
@@ -120,15 +121,21 @@ def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 
 class PackedLinear:
-    """F.linear with bf16 weights reordered once into oneDNN's blocked layout (CPU, inference only).
+    """F.linear with bf16 weights packed once for the CPU kernels (CPU, inference only).
 
-    Bit-identical to F.linear; with autograd enabled it is plain F.linear. Eagerly it calls the
-    packed kernel directly; under torch.compile it emits the opaque op `diffcoder::prepacked_linear`.
+    Decode-sized calls run our AMX kernel (diffcoder/kernels; same products, fp32 sums in another
+    order, so within one bf16 rounding of F.linear), larger ones oneDNN's prepacked kernel
+    (bit-identical to F.linear); DIFFCODER_CPU_MATMUL=onednn makes every call the latter. With
+    autograd enabled it is plain F.linear. Eagerly it calls the kernels directly; under
+    torch.compile it emits the opaque op `diffcoder::prepacked_linear`.
     """
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.bfloat16:
             return F.linear(x, w, b)
+        amx = kernels.amx_for(x.numel() // x.shape[-1])  # shapes are static under torch.compile too
+        if amx is not None:
+            return amx.packed_linear(x, w, b)  # a C++ op: no Python between the graph and the kernel
         if torch.compiler.is_compiling():
             return torch.ops.diffcoder.prepacked_linear(x, w, b)
         return _linear_prepacked(x, w, b)
@@ -300,14 +307,16 @@ class DiffCoderLM(nn.Module):
         return self
 
     def prepare_for_decoding(self, max_packed_bytes: int = 4 << 30) -> "DiffCoderLM":
-        """Fuse projections; on a CPU in bf16, also use oneDNN-prepacked weights (bit-identical
-        results, no per-call weight reorder: measured ~1.4-2x faster 4-token matmuls on this
-        project's CPU). Packing keeps a second, blocked copy of the weights, so it is skipped when
+        """Fuse projections; on a CPU in bf16, also use packed weights (`PackedLinear`: no per-call
+        weight reorder, and the AMX kernel for decode-sized calls). Packing keeps a second copy of
+        the weights (a third once a prefill also packs them for oneDNN), so it is skipped when
         the weights exceed `max_packed_bytes`."""
         self.fuse_projections()
         if (self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.parameter_bytes() <= max_packed_bytes
                 and torch.backends.mkldnn.is_available() and self._fused
                 and not isinstance(self.linear, PackedLinear)):
+            if kernels.CPU_MATMUL["kernel"] != "onednn":
+                kernels.amx_ops()  # build or load it now, not inside a compiled step's trace
             packed = PackedLinear()
             for module in [self, *self.model.layers.modules()]:
                 if hasattr(module, "linear"):

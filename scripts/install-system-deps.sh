@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# System packages the test suite needs: bubblewrap (the evaluation sandbox) and Debian's
-# chromium (the playground's browser test). Installed only when missing, only as root with
+# System packages the test suite needs: bubblewrap (the evaluation sandbox), Debian's
+# chromium (the playground's browser test) and g++ (the AMX matmul kernel, diffcoder/kernels). Installed only when missing, only as root with
 # apt-get available; elsewhere the tests that need them say what is missing and skip.
 set -u
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: missing system packages (${need[*]}); install them for the sandbox/browser tests" >&2

@@ -53,3 +53,21 @@ def test_profile_lists_the_largest_ops_per_pass():
         # every pass makes a matmul per weight: the profile must see them among its 40 largest ops
         names = [op["name"] for op in ops]
         assert any(n in ("aten::addmm", "aten::mm", "aten::linear") for n in names), names
+
+
+def test_cpu_matmul_flag_picks_the_kernel_for_the_run_and_the_limit_is_the_fastest_reader():
+    """--cpu-matmul sets the bf16 kernel policy for the run only and the JSON says which kernel the
+    decode steps used; the bandwidth limit is the fastest of the ways the script read 1 GiB."""
+    from diffcoder import kernels
+    from diffcoder.bench.decode import main
+
+    flags = ["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--gen-length", "8", "--prompt-len", "8",
+             "--repeats", "1", "--no-baseline"]
+    has_amx = kernels.amx_unsupported_reason() is None
+    for choice, want in (("onednn", "onednn"), ("auto", "amx" if has_amx else "onednn")):
+        out = main([*flags, "--cpu-matmul", choice])
+        assert out["cpu_matmul"] == want and kernels.CPU_MATMUL["kernel"] == "auto"
+        readers = out["bandwidth_readers"]
+        assert out["bandwidth_bytes_per_s"] == max(readers.values())
+        assert set(readers) == ({"float32 sum", "AMX kernel"} if has_amx else {"float32 sum"})
+    assert main([*flags[:4], "--dtype", "float32", *flags[6:]])["cpu_matmul"] is None

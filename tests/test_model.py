@@ -141,9 +141,13 @@ def test_fused_projections_are_exact_views(kw, tmp_path):
         assert (again(ids) - model(ids)).abs().max().item() < 1e-12
 
 
-def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale():
+def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale(monkeypatch):
+    """With oneDNN for every call (DIFFCODER_CPU_MATMUL=onednn) packed weights change nothing;
+    the AMX kernel's own checks are in test_kernels.py."""
+    from diffcoder import kernels
     from diffcoder.model import PackedLinear
 
+    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
     model = make(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -163,13 +167,16 @@ def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale():
         assert not torch.equal(updated, plain)
 
 
-def test_packed_linear_under_torch_compile_is_the_opaque_prepacked_op():
+def test_packed_linear_under_torch_compile_is_the_opaque_prepacked_op(monkeypatch):
     """`runner="compiled_static"` on a CPU in bf16 compiles the model's step. Inductor cannot lower
     the prepacked oneDNN op (it crashed there), and its own packing left the weights unpacked (plain
     matmuls, about half the speed), so PackedLinear emits the opaque `prepacked_linear` op: the same
-    kernel as eager, bit-identical to F.linear, and it sees in-place weight updates."""
+    kernel as eager, bit-identical to F.linear, and it sees in-place weight updates. (Calls of up to
+    kernels.AMX_MAX_ROWS rows go to the AMX kernel where there is one: test_kernels.py.)"""
+    from diffcoder import kernels
     from diffcoder.model import _PACKED_WEIGHTS, PackedLinear
 
+    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN not available in this torch build")
     packed = PackedLinear()

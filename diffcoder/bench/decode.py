@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from ..config import PRESETS, ModelConfig
+from ..kernels import CPU_MATMUL, KERNELS, amx_for, amx_ops, amx_unsupported_reason
 from ..model import FOLD_QUERY_GROUPS, DiffCoderLM
 from ..runners import RUNNERS
 
@@ -55,10 +56,21 @@ def best_seconds(fn: Any, device: torch.device, repeats: int, warmup: int = 0) -
     return best
 
 
-def measure_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Best-of-5 read bandwidth in bytes/s (summing a large buffer reads each byte once)."""
+def measure_bandwidth(device: torch.device, nbytes: int) -> dict[str, float]:
+    """Best-of-5 read bandwidth in bytes/s of each way we have to read a buffer of `nbytes` once:
+    a float32 sum, and on a CPU with AMX our matmul kernel streaming the same bytes as one weight
+    (with one input row; its software prefetching reads faster than the sum on this project's
+    VM). The limit a benchmark divides by is the fastest of them."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    return nbytes / best_seconds(buf.sum, device, repeats=5)
+    rates = {"float32 sum": nbytes / best_seconds(buf.sum, device, repeats=5)}
+    if device.type == "cpu" and amx_unsupported_reason() is None and (ops := amx_ops()) is not None:
+        k_pairs = 512  # the buffer read as AMX panels of 16 columns x 1024 features
+        panels = buf.view(torch.bfloat16).view(-1, k_pairs, 16, 2)
+        x = torch.zeros(1, 2 * k_pairs, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            rates["AMX kernel"] = nbytes / best_seconds(
+                lambda: ops.amx_linear(x, panels, panels.shape[0] * 16, None), device, repeats=5, warmup=1)
+    return rates
 
 
 def sync(device: torch.device) -> None:
@@ -269,6 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fold-query-groups", default="auto", choices=["auto", "on", "off"],
                    help="GQA attention with each KV head's query heads folded into one query (auto: the "
                         "device's default in diffcoder.model.FOLD_QUERY_GROUPS)")
+    p.add_argument("--cpu-matmul", default="auto", choices=list(KERNELS),
+                   help="bf16 matmul kernel on a CPU: our AMX kernel for decode-sized calls (auto: where it "
+                        "works) or oneDNN for all; see diffcoder/kernels")
     return p.parse_args(argv)
 
 
@@ -298,8 +313,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    with query_group_folding(device.type, args.fold_query_groups) as fold:
-        return run_benchmark(args, device, fold, argv)
+    saved_kernel = CPU_MATMUL["kernel"]
+    CPU_MATMUL["kernel"] = args.cpu_matmul
+    try:
+        with query_group_folding(device.type, args.fold_query_groups) as fold:
+            return run_benchmark(args, device, fold, argv)
+    finally:
+        CPU_MATMUL["kernel"] = saved_kernel
+
+
+def cpu_matmul_kernel(model: DiffCoderLM) -> str | None:
+    """Which kernel a decode step's bf16 matmuls run on (None: not the CPU bf16 path)."""
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        return None
+    return "amx" if amx_for(4) is not None else "onednn"
 
 
 def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
@@ -325,9 +352,13 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
               threshold=args.threshold, mask_id=model.mask_id, runner=args.runner,
               confidence_dtype=getattr(torch, args.confidence_dtype))
     wbytes = weight_bytes_per_pass(model)
-    bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cpu" else 4 << 30)
+    readers = measure_bandwidth(device, 1 << 30 if device.type == "cpu" else 4 << 30)
+    bandwidth = max(readers.values())
     hw = hardware_name(device)
-    print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    matmul_kernel = cpu_matmul_kernel(model)
+    print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s (fastest of: "
+          + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in readers.items()) + ")"
+          + (f"; decode matmuls on {matmul_kernel}" if matmul_kernel else ""))
     print(f"model: {label}, {cfg.num_parameters / 1e6:.1f}M params, {args.dtype}, {wbytes / 1e6:.1f} MB read per pass"
           f" -> limit {bandwidth / wbytes:.1f} passes/s; runner {args.runner}, query-group folding {fold}")
     ours_kw = {k: v for k, v in kw.items() if k != "mask_id"}
@@ -365,10 +396,11 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
             print_profile(best["profile"])
     summary: dict[str, Any] = {
         "hardware": hw, "device": device.type, "model": label, "dtype": args.dtype, "params": cfg.num_parameters,
-        "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth, "prompt_len": args.prompt_len,
+        "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_readers": readers, "prompt_len": args.prompt_len,
         "gen_length": args.gen_length, "block_length": args.block_length, "steps": kw["steps"],
         "threshold": args.threshold, "runner": args.runner, "confidence_dtype": args.confidence_dtype,
-        "fold_query_groups": fold, "weight_read_passes_per_s": read_rate,
+        "fold_query_groups": fold, "cpu_matmul": matmul_kernel, "weight_read_passes_per_s": read_rate,
         "weight_read_bandwidth_fraction": wbytes * read_rate / bandwidth,
         "ours": {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in results.items()},
         "command": command_line(argv),

@@ -1,0 +1,149 @@
+"""Native CPU kernels, compiled on first use and cached per machine.
+
+One so far: `amx_linear.cpp`, bf16 y = x W^T for up to `AMX_MAX_ROWS` rows on CPUs with AMX,
+the shape of every matmul in a decode pass (a block of 4 tokens, 8 in the fused commit pass, 4
+per sequence in a batch). `diffcoder.model.PackedLinear` routes such calls here and larger ones
+(a prefill) to oneDNN. It is built with torch.utils.cpp_extension (g++ and ninja) into
+`$DIFFCODER_HOME/kernels/` the first time a process needs it (about 20 s, once); a machine where
+that fails, or whose CPU lacks AMX, keeps oneDNN, with one warning.
+
+Which kernel runs is `CPU_MATMUL["kernel"]`: "auto" (AMX where it works), "amx" (an error if
+it does not) or "onednn" (bit-identical to F.linear); it starts from $DIFFCODER_CPU_MATMUL.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..defaults import cache_root
+
+SOURCE = Path(__file__).with_name("amx_linear.cpp")
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+                 "-fopenmp"]
+# The library is compiled for these: loading it on a CPU without them could die on an illegal
+# instruction, so they are checked before anything is loaded.
+REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+# Up to 64 rows the AMX kernel beat oneDNN's prepacked kernel streaming a smol-135m pass's weights;
+# at 128 rows oneDNN was ahead (benchmarks/linear_kernels.py --streamed).
+AMX_MAX_ROWS = 64
+KERNELS = ("auto", "amx", "onednn")
+CPU_MATMUL = {"kernel": os.environ.get("DIFFCODER_CPU_MATMUL", "auto")}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def amx_unsupported_reason() -> str | None:
+    """Why the AMX kernel cannot run here, or None if it can be tried."""
+    import platform
+
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def library_path() -> Path:
+    """Where this source, these flags and this torch build compile to (a new file when any changes)."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(),
+                                     torch.__version__.encode(), sys.version.encode()])).hexdigest()[:16]
+    return cache_root() / "kernels" / f"amx_linear-{key}.so"
+
+
+def _build(target: Path) -> None:
+    """Compile into a private directory, then move the library into place atomically (two
+    processes compiling at once both succeed, one file wins)."""
+    from torch.utils import cpp_extension
+
+    try:  # the `ninja` wheel's binary, for an environment whose bin directory is not on PATH
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except (ImportError, AttributeError):
+        pass  # a ninja on PATH may still do
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print("diffcoder: compiling the AMX matmul kernel (once per machine, about 20 s)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        name = "diffcoder_amx_" + target.stem.rsplit("-", 1)[1]
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+                           extra_ldflags=["-fopenmp"], build_directory=tmp, is_python_module=False, verbose=False)
+        staged = Path(tmp) / "staged.so"
+        shutil.copy2(Path(tmp) / f"{name}.so", staged)
+        os.replace(staged, target)
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile, which traces the ops without running them."""
+
+    @torch.library.register_fake("diffcoder_cpu::packed_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("diffcoder_cpu::amx_linear")
+    def _(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], out_features))
+
+
+_LOADED: dict[str, Any] = {}  # "ops": the namespace, or None, once loading was tried
+
+
+def amx_ops() -> Any | None:
+    """The `torch.ops.diffcoder_cpu` namespace once its library is loaded, or None where the AMX
+    kernel is unavailable (the reason is warned once). A plain dict rather than functools.cache,
+    so that torch.compile reads the loaded namespace instead of tracing into the loader."""
+    if "ops" not in _LOADED:
+        _LOADED["ops"] = _load_amx_ops()
+    return _LOADED["ops"]
+
+
+def _load_amx_ops() -> Any | None:
+    reason = amx_unsupported_reason()
+    if reason is None:
+        target = library_path()
+        try:
+            if target.exists():
+                torch.ops.load_library(str(target))
+            else:
+                _build(target)  # cpp_extension.load has loaded it into this process
+            if torch.ops.diffcoder_cpu.amx_ready():
+                _register_fakes()
+                return torch.ops.diffcoder_cpu
+            reason = "the OS refused AMX state to this process"
+        except Exception as exc:  # noqa: BLE001 - any build or load failure means: keep oneDNN
+            lines = str(exc).strip().splitlines() or [""]
+            first_error = next((ln for ln in lines if "error:" in ln), lines[-1])
+            reason = f"it did not build or load ({type(exc).__name__}: {first_error.strip()[:300]})"
+    warnings.warn(f"diffcoder: the AMX matmul kernel is not used: {reason}; bf16 matmuls use oneDNN",
+                  RuntimeWarning, stacklevel=3)
+    return None
+
+
+def amx_for(rows: int) -> Any | None:
+    """The AMX ops if a bf16 matmul of `rows` input rows should run on them under the current
+    policy, else None (the caller uses oneDNN)."""
+    kernel = CPU_MATMUL["kernel"]
+    if kernel not in KERNELS:
+        raise ValueError(f"CPU matmul kernel {kernel!r} (DIFFCODER_CPU_MATMUL) is not one of {', '.join(KERNELS)}")
+    if kernel == "onednn" or rows > AMX_MAX_ROWS:
+        return None
+    ops = amx_ops()
+    if ops is None and kernel == "amx":
+        raise RuntimeError("DIFFCODER_CPU_MATMUL=amx, but the AMX kernel is unavailable here (see the warning "
+                           "above); use auto or onednn")
+    return ops

@@ -1,0 +1,154 @@
+"""The AMX matmul kernel (diffcoder/kernels): its results, its weight cache, how PackedLinear
+routes to it, and the fallback to oneDNN wherever it cannot run."""
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffcoder import kernels
+from diffcoder.model import PackedLinear
+
+
+@pytest.fixture(scope="module")
+def amx():
+    reason = kernels.amx_unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"AMX kernel: {reason}")
+    ops = kernels.amx_ops()
+    assert ops is not None, "this CPU has AMX, so the kernel must build and load (see the warning)"
+    return ops
+
+
+def within_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """y agrees with the float64 product rounded to bf16 up to one bf16 step (fp32 sums in any
+    order stay well inside that; a wrong layout, a lost row or column, or a missing bias does not)."""
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    step = ref.abs().to(torch.bfloat16).double() * 2.0**-7 + 1e-30
+    return y.shape == ref.shape and bool(((y.double() - ref).abs() <= step).all())
+
+
+@pytest.mark.parametrize("rows,out_features,in_features,bias", [
+    (1, 16, 32, False), (4, 960, 576, False), (8, 576, 1536, True), (16, 37, 100, True),
+    (17, 49, 33, False), (64, 40, 64, True), (100, 24, 160, False),
+])
+def test_amx_linear_matches_the_exact_product_within_bf16_rounding(amx, rows, out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(2, rows, in_features, generator=gen).to(torch.bfloat16)
+    w = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    b = torch.randn(out_features, generator=gen).to(torch.bfloat16) if bias else None
+    y = amx.amx_linear(x, amx.pack_amx(w), out_features, b)
+    assert y.dtype == torch.bfloat16 and within_one_bf16_rounding(y, x, w, b)
+    # a strided input (a slice of wider rows) gives the same bits as its contiguous copy
+    strided = torch.cat([x, x[..., :8]], dim=-1)[..., :in_features]
+    assert not strided.is_contiguous() and torch.equal(amx.amx_linear(strided, amx.pack_amx(w), out_features, b), y)
+
+
+def test_amx_linear_rejects_mismatched_inputs_with_a_clear_message(amx):
+    w = torch.randn(32, 64).to(torch.bfloat16)
+    packed = amx.pack_amx(w)
+    with pytest.raises(RuntimeError, match="features but the weight was packed for"):
+        amx.amx_linear(torch.randn(4, 96).to(torch.bfloat16), packed, 32, None)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        amx.amx_linear(torch.randn(4, 64), packed, 32, None)
+    with pytest.raises(RuntimeError, match="does not match the packed weight"):
+        amx.amx_linear(torch.randn(4, 64).to(torch.bfloat16), packed, 64, None)
+
+
+def test_packed_weights_follow_in_place_updates_new_storage_and_freed_weights(amx):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=gen).to(torch.bfloat16)
+    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
+    first = amx.packed_linear(x, w, None)
+    assert torch.equal(first, amx.amx_linear(x, amx.pack_amx(w), 48, None))
+    with torch.no_grad():
+        w.mul_(3.0)  # in place: the version counter moves
+    assert torch.equal(amx.packed_linear(x, w, None), amx.amx_linear(x, amx.pack_amx(w), 48, None))
+    assert not torch.equal(amx.packed_linear(x, w, None), first)
+    w.data = torch.randn(48, 64, generator=gen).to(torch.bfloat16)  # new storage, same tensor object
+    assert torch.equal(amx.packed_linear(x, w, None), amx.amx_linear(x, amx.pack_amx(w), 48, None))
+    live = amx.packed_weights()
+    del w
+    gc.collect()
+    amx.packed_linear(x, torch.randn(16, 64).to(torch.bfloat16), None)  # adding an entry drops dead ones
+    assert amx.packed_weights() <= live
+
+
+def test_packed_linear_routes_decode_sized_calls_to_amx_and_the_rest_to_onednn(amx, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 64, generator=gen).to(torch.bfloat16)
+    small = torch.randn(1, 8, 64, generator=gen).to(torch.bfloat16)
+    large = torch.randn(1, kernels.AMX_MAX_ROWS + 1, 64, generator=gen).to(torch.bfloat16)
+    linear = PackedLinear()
+    with torch.inference_mode():
+        assert torch.equal(linear(small, w, None), amx.packed_linear(small, w, None))
+        assert torch.equal(linear(large, w, None), F.linear(large, w))  # oneDNN: bit-identical
+        monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
+        assert torch.equal(linear(small, w, None), F.linear(small, w))
+        monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "mkl")
+        with pytest.raises(ValueError, match="is not one of auto, amx, onednn"):
+            linear(small, w, None)
+
+
+def test_a_compiled_step_calls_the_amx_kernel_and_sees_weight_updates(amx):
+    linear = PackedLinear()
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 32, generator=gen).to(torch.bfloat16)
+    x = torch.randn(3, 32, generator=gen).to(torch.bfloat16)
+    step = torch.compile(lambda a: linear(torch.relu(a), w, None) * 2.0, dynamic=False)
+    with torch.inference_mode():
+        assert torch.equal(step(x), amx.packed_linear(torch.relu(x), w, None) * 2.0)
+    with torch.no_grad():
+        w.mul_(3.0)
+    with torch.inference_mode():
+        assert torch.equal(step(x), amx.packed_linear(torch.relu(x), w, None) * 2.0)
+
+
+def test_a_bf16_model_on_amx_agrees_with_onednn(amx, monkeypatch):
+    """The whole model wired through the kernel: same logits as the oneDNN path up to bf16 rounding
+    noise (a wrong weight or a swapped projection would be far off)."""
+    from test_model import make
+
+    model = make(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(4))
+    before = amx.packed_weights()
+    with torch.inference_mode():
+        model.prepare_for_decoding()
+        on_amx = model(ids, attn_mask=("block_causal", 4)).float()
+        monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
+        on_onednn = model(ids, attn_mask=("block_causal", 4)).float()
+    assert amx.packed_weights() >= before + 2 * len(model.model.layers)  # the AMX path really ran
+    assert (on_amx - on_onednn).abs().max().item() < 0.05 * on_onednn.abs().max().item()
+
+
+def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch):
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})
+    with pytest.warns(RuntimeWarning, match="this CPU lacks amx_tile"):
+        assert kernels.amx_for(4) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.amx_for(4) is None  # decided once: no second warning
+    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "amx")
+    with pytest.raises(RuntimeError, match="DIFFCODER_CPU_MATMUL=amx, but the AMX kernel is unavailable"):
+        kernels.amx_for(4)
+    w = torch.randn(8, 32).to(torch.bfloat16)
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "auto")
+    with torch.inference_mode():
+        assert torch.equal(PackedLinear()(x, w, None), F.linear(x, w))
+
+
+def test_a_kernel_that_does_not_compile_falls_back_and_says_why(tmp_path, monkeypatch):
+    if kernels.amx_unsupported_reason() is not None:
+        pytest.skip("the build is only attempted on CPUs with AMX")
+    broken = tmp_path / "amx_linear.cpp"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    with pytest.warns(RuntimeWarning, match="did not build or load.*error"):
+        assert kernels.amx_ops() is None
+    assert not kernels.library_path().exists()  # nothing half-built left where a later run would load it
