@@ -56,13 +56,14 @@ def main(argv: list[str]) -> None:
         cmd = d.get("command") or cmds.get(p.stem, "")
         if not cmd.startswith(ENV.get(p.stem, "")):
             cmd = ENV[p.stem] + cmd
+        runner = d["runner"] + (f", {d['cpu_matmul']} matmuls" if d.get("cpu_matmul") else "")
         for key, r in d["ours"].items():
             base = d.get("baseline") if key == "batch1" else None
             speed = f"{d['speedup']:.2f}x" if base else ""
             base_tps = f"{base['tokens_per_s']:.1f}" if base else ""
             alone = r.get("matmul_only_bandwidth_fraction")  # absent in runs that predate it
             alone = "" if alone is None else f"{100 * alone:.0f}%"
-            print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {d['runner']} | {key[5:]} | "
+            print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {runner} | {key[5:]} | "
                   f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
                   f"{100 * r['bandwidth_fraction']:.0f}% | {alone} | {1e3 * r['time_to_first_block_s']:.0f} | "
                   f"{base_tps} | {speed} | `{cmd}` |")

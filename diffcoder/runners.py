@@ -188,18 +188,13 @@ def compiled_step(model: torch.nn.Module, rule: functools.partial | None = None)
 
 
 def _compile_options(model: torch.nn.Module) -> dict:
-    if model.device.type != "cpu":
-        return {}
-    # The C++ wrapper pays off where per-pass overhead dominates (small models); its one C++ file
-    # per graph grows with the layer count and took minutes to build for 30 layers (smol-135m)
-    # for no measurable gain there, so larger models keep the Python wrapper.
-    small = model.parameter_bytes() <= _CPP_WRAPPER_MAX_BYTES
-    return {"cpp_wrapper": small}
-
-
-_CPP_WRAPPER_MAX_BYTES = 64 << 20
-
-
+    # On a CPU, inductor's C++ wrapper: the per-pass Python that launches each fused kernel and
+    # extern op disappears (a CPU has no CUDA graphs to hide it). Its one C++ file per graph grows
+    # with the layer count: a 30-layer step's first compile takes minutes (inductor caches it on
+    # disk for later processes). That used to buy nothing on smol-135m, while its matmuls were
+    # Python-implemented ops; with the AMX kernel a C++ op, it was the faster wrapper in each of
+    # three alternating pairs of batch-1 runs (devlog, session 6).
+    return {"cpp_wrapper": True} if model.device.type == "cpu" else {}
 
 
 def make_runner(model: torch.nn.Module, block: int, runner: str = "auto") -> EagerRunner | StaticRunner:

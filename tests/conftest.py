@@ -20,7 +20,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     # The untrained default model is cached under DIFFCODER_HOME: keep tests off the user's cache.
+    # The compiled AMX kernel is named by a hash of its source, flags and torch build, so sharing
+    # the user's copy is safe, and it spares every test session a 10-20 s compile.
+    from diffcoder.defaults import cache_root
+
+    os.environ.setdefault("DIFFCODER_KERNELS_DIR", str(cache_root() / "kernels"))
     os.environ.setdefault("DIFFCODER_HOME", str(tmp_path_factory.mktemp("diffcoder_home")))
+    # Build or load it here, once, rather than inside whichever test (or test subprocess with a
+    # timeout) first decodes in bf16 on an AMX CPU.
+    from diffcoder import kernels
+
+    if kernels.amx_unsupported_reason() is None:
+        kernels.amx_ops()
 
 
 # ----------------------------------------------------------------- real pretrained checkpoint

@@ -4,7 +4,7 @@ One so far: `amx_linear.cpp`, bf16 y = x W^T for up to `AMX_MAX_ROWS` rows on CP
 the shape of every matmul in a decode pass (a block of 4 tokens, 8 in the fused commit pass, 4
 per sequence in a batch). `diffcoder.model.PackedLinear` routes such calls here and larger ones
 (a prefill) to oneDNN. It is built with torch.utils.cpp_extension (g++ and ninja) into
-`$DIFFCODER_HOME/kernels/` the first time a process needs it (about 20 s, once); a machine where
+`$DIFFCODER_HOME/kernels/` (or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it (about 20 s, once); a machine where
 that fails, or whose CPU lacks AMX, keeps oneDNN, with one warning.
 
 Which kernel runs is `CPU_MATMUL["kernel"]`: "auto" (AMX where it works), "amx" (an error if
@@ -31,8 +31,9 @@ COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
 # The library is compiled for these: loading it on a CPU without them could die on an illegal
 # instruction, so they are checked before anything is loaded.
 REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-# Up to 64 rows the AMX kernel beat oneDNN's prepacked kernel streaming a smol-135m pass's weights;
-# at 128 rows oneDNN was ahead (benchmarks/linear_kernels.py --streamed).
+# Streaming a smol-135m pass's weights (benchmarks/linear_kernels.py --streamed) the AMX kernel is
+# well ahead of oneDNN's prepacked kernel up to 32 rows, about even at 64 (either way across runs)
+# and behind at 128.
 AMX_MAX_ROWS = 64
 KERNELS = ("auto", "amx", "onednn")
 CPU_MATMUL = {"kernel": os.environ.get("DIFFCODER_CPU_MATMUL", "auto")}
@@ -63,7 +64,7 @@ def library_path() -> Path:
     """Where this source, these flags and this torch build compile to (a new file when any changes)."""
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(),
                                      torch.__version__.encode(), sys.version.encode()])).hexdigest()[:16]
-    return cache_root() / "kernels" / f"amx_linear-{key}.so"
+    return Path(os.environ.get("DIFFCODER_KERNELS_DIR") or cache_root() / "kernels") / f"amx_linear-{key}.so"
 
 
 def _build(target: Path) -> None:
