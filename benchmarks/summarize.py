@@ -47,8 +47,8 @@ def main(argv: list[str]) -> None:
     paths = [Path(a) for a in argv]
     cmds = commands(paths)
     print("| run | hardware | model | dtype | runner | batch | tok/s | passes/s | passes/token | % of bandwidth "
-          "limit | matmuls alone, % of limit | first block ms | baseline tok/s | speed-up | command |")
-    print("|" + "---|" * 15)
+          "limit | matmuls alone, % of limit | reading each weight once, % of limit | first block ms | baseline tok/s | speed-up | command |")
+    print("|" + "---|" * 16)
     for p in paths:
         d = last_json(p)
         if d is None or "ours" not in d:
@@ -63,13 +63,15 @@ def main(argv: list[str]) -> None:
             base_tps = f"{base['tokens_per_s']:.1f}" if base else ""
             alone = r.get("matmul_only_bandwidth_fraction")  # absent in runs that predate it
             alone = "" if alone is None else f"{100 * alone:.0f}%"
+            read = d.get("weight_read_bandwidth_fraction")  # the same for every batch size of a run
+            read = "" if read is None else f"{100 * read:.0f}%"
             print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {runner} | {key[5:]} | "
                   f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
-                  f"{100 * r['bandwidth_fraction']:.0f}% | {alone} | {1e3 * r['time_to_first_block_s']:.0f} | "
+                  f"{100 * r['bandwidth_fraction']:.0f}% | {alone} | {read} | {1e3 * r['time_to_first_block_s']:.0f} | "
                   f"{base_tps} | {speed} | `{cmd}` |")
         if "batch_scaling" in d:
             print(f"| {p.stem} | | | | | scaling | {d['batch_scaling']:.2f}x (largest batch / batch 1 tokens/s) "
-                  f"| | | | | | | | |")
+                  f"| | | | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -188,13 +188,24 @@ def compiled_step(model: torch.nn.Module, rule: functools.partial | None = None)
 
 
 def _compile_options(model: torch.nn.Module) -> dict:
-    # On a CPU, inductor's C++ wrapper: the per-pass Python that launches each fused kernel and
-    # extern op disappears (a CPU has no CUDA graphs to hide it). Its one C++ file per graph grows
-    # with the layer count: a 30-layer step's first compile takes minutes (inductor caches it on
-    # disk for later processes). That used to buy nothing on smol-135m, while its matmuls were
-    # Python-implemented ops; with the AMX kernel a C++ op, it was the faster wrapper in each of
-    # three alternating pairs of batch-1 runs (devlog, session 6).
-    return {"cpp_wrapper": True} if model.device.type == "cpu" else {}
+    """On a CPU, inductor's C++ wrapper where it pays: it removes the per-pass Python that launches
+    each fused kernel and extern op (a CPU has no CUDA graphs to hide it), but its one C++ file per
+    graph grows with the layer count, and a 30-layer step's first compile takes minutes (inductor
+    caches it on disk for later processes). Small models always gain. For smol-135m it gained
+    nothing while the bf16 matmuls were Python-implemented ops (oneDNN's, which the C++ wrapper
+    calls back into Python for); with them on the AMX kernel, a C++ op, it was the faster wrapper
+    in each of three alternating pairs of batch-1 runs (devlog, session 6)."""
+    if model.device.type != "cpu":
+        return {}
+    from .kernels import amx_for
+    from .model import PackedLinear
+
+    small = model.parameter_bytes() <= _CPP_WRAPPER_MAX_BYTES
+    matmuls_in_cpp = not isinstance(getattr(model, "linear", None), PackedLinear) or amx_for(4) is not None
+    return {"cpp_wrapper": small or matmuls_in_cpp}
+
+
+_CPP_WRAPPER_MAX_BYTES = 64 << 20
 
 
 def make_runner(model: torch.nn.Module, block: int, runner: str = "auto") -> EagerRunner | StaticRunner:
