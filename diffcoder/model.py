@@ -126,8 +126,8 @@ class PackedLinear:
     Decode-sized calls run our AMX kernel (diffcoder/kernels; same products, fp32 sums in another
     order, so within one bf16 rounding of F.linear), larger ones oneDNN's prepacked kernel
     (bit-identical to F.linear); DIFFCODER_CPU_MATMUL=onednn makes every call the latter. With
-    autograd enabled it is plain F.linear. Eagerly it calls the kernels directly; under
-    torch.compile it emits the opaque op `diffcoder::prepacked_linear`.
+    autograd enabled it is plain F.linear. Under torch.compile it emits opaque ops that run the
+    same kernels: `diffcoder_cpu::packed_linear` (C++) or `diffcoder::prepacked_linear`.
     """
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

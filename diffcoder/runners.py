@@ -201,8 +201,8 @@ def _compile_options(model: torch.nn.Module) -> dict:
     from .model import PackedLinear
 
     small = model.parameter_bytes() <= _CPP_WRAPPER_MAX_BYTES
-    matmuls_in_cpp = not isinstance(getattr(model, "linear", None), PackedLinear) or amx_for(4) is not None
-    return {"cpp_wrapper": small or matmuls_in_cpp}
+    matmuls_on_amx = isinstance(getattr(model, "linear", None), PackedLinear) and amx_for(4) is not None
+    return {"cpp_wrapper": small or matmuls_on_amx}
 
 
 _CPP_WRAPPER_MAX_BYTES = 64 << 20

@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     # The untrained default model is cached under DIFFCODER_HOME: keep tests off the user's cache.
     # The compiled AMX kernel is named by a hash of its source, flags and torch build, so sharing
-    # the user's copy is safe, and it spares every test session a 10-20 s compile.
+    # the user's copy is safe, and it spares every test session a fresh compile.
     from diffcoder.defaults import cache_root
 
     os.environ.setdefault("DIFFCODER_KERNELS_DIR", str(cache_root() / "kernels"))

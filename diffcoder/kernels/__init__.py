@@ -4,8 +4,9 @@ One so far: `amx_linear.cpp`, bf16 y = x W^T for up to `AMX_MAX_ROWS` rows on CP
 the shape of every matmul in a decode pass (a block of 4 tokens, 8 in the fused commit pass, 4
 per sequence in a batch). `diffcoder.model.PackedLinear` routes such calls here and larger ones
 (a prefill) to oneDNN. It is built with torch.utils.cpp_extension (g++ and ninja) into
-`$DIFFCODER_HOME/kernels/` (or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it (about 20 s, once); a machine where
-that fails, or whose CPU lacks AMX, keeps oneDNN, with one warning.
+`$DIFFCODER_HOME/kernels/` (or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it
+(once, under a minute); a machine where that fails, or whose CPU lacks AMX, keeps oneDNN, with
+one warning.
 
 Which kernel runs is `CPU_MATMUL["kernel"]`: "auto" (AMX where it works), "amx" (an error if
 it does not) or "onednn" (bit-identical to F.linear); it starts from $DIFFCODER_CPU_MATMUL.
@@ -79,7 +80,7 @@ def _build(target: Path) -> None:
     except (ImportError, AttributeError):
         pass  # a ninja on PATH may still do
     target.parent.mkdir(parents=True, exist_ok=True)
-    print("diffcoder: compiling the AMX matmul kernel (once per machine, about 20 s)", file=sys.stderr)
+    print("diffcoder: compiling the AMX matmul kernel (once per machine, under a minute)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         name = "diffcoder_amx_" + target.stem.rsplit("-", 1)[1]
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
