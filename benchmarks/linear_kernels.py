@@ -78,8 +78,8 @@ def kernel_methods(weights: list[torch.Tensor], rows: int) -> dict[str, list]:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in weights]
         methods[f"oneDNN packed for {hint} rows"] = [
             (lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")) for p in packed]
-    if kernels.amx_ops() is not None:
-        ops = kernels.amx_ops()
+    ops = kernels.amx_ops()
+    if ops is not None:
         packed = [ops.pack_amx(w) for w in weights]
         methods[AMX] = [(lambda x, p=p, n=w.shape[0]: ops.amx_linear(x, p, n, None)) for p, w in zip(packed, weights)]
     return methods

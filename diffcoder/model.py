@@ -141,6 +141,14 @@ class PackedLinear:
         return _linear_prepacked(x, w, b)
 
 
+def decode_matmul_kernel(model: nn.Module) -> str | None:
+    """The kernel a prepared model's decode-step matmuls run on: "amx" or "onednn" where they go
+    through `PackedLinear` (CPU, bf16), None where they are plain F.linear."""
+    if not isinstance(getattr(model, "linear", None), PackedLinear):
+        return None
+    return "amx" if kernels.amx_for(4) is not None else "onednn"
+
+
 def _fuse_rows(modules: list[nn.Module], attr: str) -> torch.Tensor:
     """Concatenate the modules' `attr` tensors along dim 0 and rebind each as a view of the result."""
     fused = torch.cat([getattr(m, attr).detach() for m in modules])

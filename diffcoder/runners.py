@@ -197,12 +197,10 @@ def _compile_options(model: torch.nn.Module) -> dict:
     in each of three alternating pairs of batch-1 runs (devlog, session 6)."""
     if model.device.type != "cpu":
         return {}
-    from .kernels import amx_for
-    from .model import PackedLinear
+    from .model import decode_matmul_kernel
 
     small = model.parameter_bytes() <= _CPP_WRAPPER_MAX_BYTES
-    matmuls_on_amx = isinstance(getattr(model, "linear", None), PackedLinear) and amx_for(4) is not None
-    return {"cpp_wrapper": small or matmuls_on_amx}
+    return {"cpp_wrapper": small or decode_matmul_kernel(model) == "amx"}
 
 
 _CPP_WRAPPER_MAX_BYTES = 64 << 20

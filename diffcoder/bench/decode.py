@@ -20,12 +20,13 @@ import resource
 import sys
 import time
 from typing import Any, Iterator
+from unittest import mock
 
 import torch
 
 from ..config import PRESETS, ModelConfig
-from ..kernels import CPU_MATMUL, KERNELS, amx_for, amx_ops, amx_unsupported_reason
-from ..model import FOLD_QUERY_GROUPS, DiffCoderLM
+from ..kernels import CPU_MATMUL, KERNELS, amx_ops, amx_unsupported_reason
+from ..model import FOLD_QUERY_GROUPS, DiffCoderLM, decode_matmul_kernel
 from ..runners import RUNNERS
 
 
@@ -299,34 +300,18 @@ def command_line(argv: list[str] | None) -> str:
 @contextlib.contextmanager
 def query_group_folding(device_type: str, choice: str) -> Iterator[bool]:
     """FOLD_QUERY_GROUPS for `device_type` set to `choice` (auto: left as is) while the benchmark runs."""
-    saved = dict(FOLD_QUERY_GROUPS)
-    if choice != "auto":
-        FOLD_QUERY_GROUPS[device_type] = choice == "on"
-    try:
+    with mock.patch.dict(FOLD_QUERY_GROUPS, {} if choice == "auto" else {device_type: choice == "on"}):
         yield FOLD_QUERY_GROUPS.get(device_type, False)
-    finally:
-        FOLD_QUERY_GROUPS.clear()
-        FOLD_QUERY_GROUPS.update(saved)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    saved_kernel = CPU_MATMUL["kernel"]
-    CPU_MATMUL["kernel"] = args.cpu_matmul
-    try:
-        with query_group_folding(device.type, args.fold_query_groups) as fold:
-            return run_benchmark(args, device, fold, argv)
-    finally:
-        CPU_MATMUL["kernel"] = saved_kernel
-
-
-def cpu_matmul_kernel(model: DiffCoderLM) -> str | None:
-    """Which kernel a decode step's bf16 matmuls run on (None: not the CPU bf16 path)."""
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
-        return None
-    return "amx" if amx_for(4) is not None else "onednn"
+    # The policies hold for this run only (patch.dict restores them).
+    with mock.patch.dict(CPU_MATMUL, kernel=args.cpu_matmul), \
+            query_group_folding(device.type, args.fold_query_groups) as fold:
+        return run_benchmark(args, device, fold, argv)
 
 
 def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
@@ -355,7 +340,8 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     readers = measure_bandwidth(device, 1 << 30 if device.type == "cpu" else 4 << 30)
     bandwidth = max(readers.values())
     hw = hardware_name(device)
-    matmul_kernel = cpu_matmul_kernel(model)
+    model.prepare_for_decoding()  # what every decode does first (idempotent); packs bf16 weights on a CPU
+    matmul_kernel = decode_matmul_kernel(model)
     print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s (fastest of: "
           + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in readers.items()) + ")"
           + (f"; decode matmuls on {matmul_kernel}" if matmul_kernel else ""))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..defaults import cache_root
+from ..fsutil import cpu_flags
 
 SOURCE = Path(__file__).with_name("amx_linear.cpp")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
@@ -40,24 +41,14 @@ KERNELS = ("auto", "amx", "onednn")
 CPU_MATMUL = {"kernel": os.environ.get("DIFFCODER_CPU_MATMUL", "auto")}
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def amx_unsupported_reason() -> str | None:
     """Why the AMX kernel cannot run here, or None if it can be tried."""
     import platform
 
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    flags = cpu_flags()
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 

@@ -39,7 +39,7 @@ class ServeConfig:
     runner: str = "auto"  # how each pass runs (diffcoder.runners.RUNNERS)
 
     def __post_init__(self) -> None:
-        from diffcoder.runners import RUNNERS
+        from diffcoder.config import RUNNERS
 
         if self.runner not in RUNNERS:
             raise ValueError(f"--runner must be one of {', '.join(RUNNERS)} (got {self.runner!r})")
