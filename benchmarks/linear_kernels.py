@@ -61,7 +61,7 @@ def call_cost(method: str, rows: int, repeats: int) -> float:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, int(method.split()[3]))
         return timed(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
     if method == AMX:
-        return timed(lambda: kernels.amx_ops().packed_linear(x, w, None), repeats)
+        return timed(lambda: kernels.native_ops().packed_linear(x, w, None), repeats)
     if "fp32" in method:
         w32, x32 = w.float(), x.float()
         return timed(lambda: F.linear(x32, w32), repeats)
@@ -78,7 +78,7 @@ def kernel_methods(weights: list[torch.Tensor], rows: int) -> dict[str, list]:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in weights]
         methods[f"oneDNN packed for {hint} rows"] = [
             (lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")) for p in packed]
-    ops = kernels.amx_ops()
+    ops = kernels.native_ops()
     if ops is not None:
         packed = [ops.pack_amx(w) for w in weights]
         methods[AMX] = [(lambda x, p=p, n=w.shape[0]: ops.amx_linear(x, p, n, None)) for p, w in zip(packed, weights)]

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import kernels
 from .runners import make_runner
 
 REMASKING = ("low_confidence", "random")
@@ -147,6 +148,11 @@ def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, tempera
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, token) at every position of the block, by the release's rules; confidence is
     -inf where nothing is masked. Pure (no state): compiled runners trace it into the step."""
+    if temperature == 0 and remasking == "low_confidence" and dtype == torch.float64:
+        native = kernels.confidence_ops(logits)
+        if native is not None:  # the same rule in one pass over the logits (diffcoder/kernels/confidence.cpp)
+            conf, x0 = native.greedy_confidence(logits, mask_id)
+            return torch.where(masked, conf, torch.full_like(conf, float("-inf"))), x0
     scores = logits.to(dtype)  # float64 by default, as the release
     if remasking == "low_confidence":
         log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included

@@ -320,11 +320,12 @@ class DiffCoderLM(nn.Module):
         the weights (a third once a prefill also packs them for oneDNN), so it is skipped when
         the weights exceed `max_packed_bytes`."""
         self.fuse_projections()
+        if self.device.type == "cpu" and (kernels.CPU_MATMUL["kernel"] != "onednn" and self.dtype == torch.bfloat16
+                                          or kernels.CPU_CONFIDENCE["kernel"] != "torch"):
+            kernels.native_ops()  # build or load the native kernels now, not inside a compiled step's trace
         if (self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.parameter_bytes() <= max_packed_bytes
                 and torch.backends.mkldnn.is_available() and self._fused
                 and not isinstance(self.linear, PackedLinear)):
-            if kernels.CPU_MATMUL["kernel"] != "onednn":
-                kernels.amx_ops()  # build or load it now, not inside a compiled step's trace
             packed = PackedLinear()
             for module in [self, *self.model.layers.modules()]:
                 if hasattr(module, "linear"):

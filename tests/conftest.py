@@ -31,7 +31,7 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     from diffcoder import kernels
 
     if kernels.amx_unsupported_reason() is None:
-        kernels.amx_ops()
+        kernels.native_ops()
 
 
 # ----------------------------------------------------------------- real pretrained checkpoint

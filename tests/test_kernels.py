@@ -1,5 +1,6 @@
-"""The AMX matmul kernel (diffcoder/kernels): its results, its weight cache, how PackedLinear
-routes to it, and the fallback to oneDNN wherever it cannot run."""
+"""The native CPU kernels (diffcoder/kernels): the AMX matmul (its results, its weight cache, how
+PackedLinear routes to it), the greedy confidence op against torch's ops, and the fallback
+wherever they cannot run."""
 from __future__ import annotations
 
 import gc
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcoder import kernels
+from diffcoder.decode import propose
 from diffcoder.model import PackedLinear
 
 
@@ -18,7 +20,7 @@ def amx():
     reason = kernels.amx_unsupported_reason()
     if reason is not None:
         pytest.skip(f"AMX kernel: {reason}")
-    ops = kernels.amx_ops()
+    ops = kernels.native_ops()
     assert ops is not None, "this CPU has AMX, so the kernel must build and load (see the warning)"
     return ops
 
@@ -124,6 +126,70 @@ def test_a_bf16_model_on_amx_agrees_with_onednn(amx, monkeypatch):
     assert (on_amx - on_onednn).abs().max().item() < 0.05 * on_onednn.abs().max().item()
 
 
+def torch_propose(logits: torch.Tensor, masked: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from unittest import mock
+
+    with mock.patch.dict(kernels.CPU_CONFIDENCE, {"kernel": "torch"}):
+        return propose(logits, masked, mask_id=mask_id)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab,mask_id", [(49152, 5), (1000, 0), (1000, 999), (17, 16), (1, 0)])
+def test_greedy_confidence_agrees_with_torchs_float64_ops(amx, dtype, vocab, mask_id):
+    """Same tokens; float64 confidences equal up to the order of the float64 additions (a few ulps).
+    Logits past 16-wide chunks, the mask token at either end, and a vocabulary of one (the chosen
+    token is then the mask token, whose confidence is 0) are all covered."""
+    gen = torch.Generator().manual_seed(vocab + mask_id)
+    logits = (torch.randn(3, 4, vocab, generator=gen) * 4).to(dtype)
+    logits[0, 0, mask_id] = 1e4  # the largest logit is the mask token's: it counts in the softmax only
+    masked = torch.rand(3, 4, generator=gen) > 0.25
+    conf, x0 = propose(logits, masked, mask_id=mask_id)
+    ref_conf, ref_x0 = torch_propose(logits, masked, mask_id)
+    assert conf.dtype == torch.float64 and torch.equal(x0, ref_x0)
+    assert torch.equal(torch.isinf(conf), torch.isinf(ref_conf))
+    finite = ~torch.isinf(ref_conf)
+    assert torch.allclose(conf[finite], ref_conf[finite], rtol=1e-13, atol=0)
+
+
+def test_greedy_confidence_follows_torch_on_ties_infinities_and_nans(amx):
+    logits = torch.zeros(5, 40)
+    logits[0, [7, 9]] = 5.0  # a tie: the first index wins
+    logits[1, 3] = float("nan")  # NaN is the maximum, the confidence NaN
+    logits[2, 5] = float("nan")  # NaN at the mask token: not chosen, still NaN confidence
+    logits[3] = float("-inf")  # nothing beats -inf: index 0
+    logits[4, 11] = float("inf")
+    masked = torch.ones(5, dtype=torch.bool)
+    conf, x0 = propose(logits, masked, mask_id=5)
+    ref_conf, ref_x0 = torch_propose(logits, masked, 5)
+    assert x0.tolist() == ref_x0.tolist() == [7, 3, 0, 0, 11]
+    assert torch.equal(conf.isnan(), ref_conf.isnan()) and conf.isnan().tolist() == [False, True, True, True, True]
+    assert conf[0].item() == pytest.approx(ref_conf[0].item(), rel=1e-15)
+
+
+def test_a_compiled_step_calls_the_confidence_op(amx):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 300, generator=gen).to(torch.bfloat16)
+    masked = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    step = torch.compile(lambda lg, m: propose(lg * 2, m, mask_id=7), dynamic=False)
+    conf, x0 = step(logits, masked)
+    ref_conf, ref_x0 = amx.greedy_confidence(logits * 2, 7)
+    assert torch.equal(x0, ref_x0)
+    assert torch.equal(conf, torch.where(masked, ref_conf, torch.full_like(ref_conf, float("-inf"))))
+
+
+def test_the_confidence_policy_is_checked_and_can_switch_the_op_off(amx, monkeypatch):
+    logits = torch.randn(2, 50).to(torch.bfloat16)
+    assert kernels.confidence_ops(logits) is amx
+    assert kernels.confidence_ops(logits.double()) is None  # float64 logits: torch's ops
+    monkeypatch.setitem(kernels.CPU_CONFIDENCE, "kernel", "torch")
+    assert kernels.confidence_ops(logits) is None
+    monkeypatch.setitem(kernels.CPU_CONFIDENCE, "kernel", "fast")
+    with pytest.raises(ValueError, match="DIFFCODER_CPU_CONFIDENCE"):
+        kernels.confidence_ops(logits)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        amx.greedy_confidence(logits.double(), 0)
+
+
 def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "_LOADED", {})
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})
@@ -140,6 +206,7 @@ def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch):
     monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "auto")
     with torch.inference_mode():
         assert torch.equal(PackedLinear()(x, w, None), F.linear(x, w))
+    assert kernels.confidence_ops(x) is None  # confidences fall back to torch's ops as well
 
 
 def test_a_kernel_that_does_not_compile_falls_back_and_says_why(tmp_path, monkeypatch):
@@ -147,8 +214,8 @@ def test_a_kernel_that_does_not_compile_falls_back_and_says_why(tmp_path, monkey
         pytest.skip("the build is only attempted on CPUs with AMX")
     broken = tmp_path / "amx_linear.cpp"
     broken.write_text("this is not C++;\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "SOURCES", (broken,))
     monkeypatch.setattr(kernels, "_LOADED", {})
     with pytest.warns(RuntimeWarning, match="did not build or load.*error"):
-        assert kernels.amx_ops() is None
+        assert kernels.native_ops() is None
     assert not kernels.library_path().exists()  # nothing half-built left where a later run would load it

@@ -25,7 +25,7 @@ from unittest import mock
 import torch
 
 from ..config import PRESETS, ModelConfig
-from ..kernels import CPU_MATMUL, KERNELS, amx_ops, amx_unsupported_reason
+from ..kernels import CPU_MATMUL, KERNELS, amx_unsupported_reason, native_ops
 from ..model import FOLD_QUERY_GROUPS, DiffCoderLM, decode_matmul_kernel
 from ..runners import RUNNERS
 
@@ -64,7 +64,7 @@ def measure_bandwidth(device: torch.device, nbytes: int) -> dict[str, float]:
     VM). The limit a benchmark divides by is the fastest of them."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     rates = {"float32 sum": nbytes / best_seconds(buf.sum, device, repeats=5)}
-    if device.type == "cpu" and amx_unsupported_reason() is None and (ops := amx_ops()) is not None:
+    if device.type == "cpu" and amx_unsupported_reason() is None and (ops := native_ops()) is not None:
         k_pairs = 512  # the buffer read as AMX panels of 16 columns x 1024 features
         panels = buf.view(torch.bfloat16).view(-1, k_pairs, 16, 2)
         x = torch.zeros(1, 2 * k_pairs, dtype=torch.bfloat16)

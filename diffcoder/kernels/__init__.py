@@ -1,15 +1,19 @@
-"""Native CPU kernels, compiled on first use and cached per machine.
+"""Native CPU kernels, compiled on first use and cached per machine, one library of two sources:
 
-One so far: `amx_linear.cpp`, bf16 y = x W^T for up to `AMX_MAX_ROWS` rows on CPUs with AMX,
-the shape of every matmul in a decode pass (a block of 4 tokens, 8 in the fused commit pass, 4
-per sequence in a batch). `diffcoder.model.PackedLinear` routes such calls here and larger ones
-(a prefill) to oneDNN. It is built with torch.utils.cpp_extension (g++ and ninja) into
-`$DIFFCODER_HOME/kernels/` (or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it
-(once, under a minute); a machine where that fails, or whose CPU lacks AMX, keeps oneDNN, with
-one warning.
+- `amx_linear.cpp`: bf16 y = x W^T for up to `AMX_MAX_ROWS` rows on CPUs with AMX, the shape of
+  every matmul in a decode pass (a block of 4 tokens, 8 in the fused commit pass, 4 per sequence
+  in a batch). `diffcoder.model.PackedLinear` routes such calls here and larger ones (a prefill)
+  to oneDNN. Which kernel runs is `CPU_MATMUL["kernel"]`: "auto" (AMX where it works), "amx" (an
+  error if it does not) or "onednn" (bit-identical to F.linear); it starts from
+  $DIFFCODER_CPU_MATMUL.
+- `confidence.cpp`: the release's greedy low-confidence proposal (argmax without the mask token,
+  its float64 softmax probability) in one pass over each position's logits, for
+  `diffcoder.decode.propose`. `CPU_CONFIDENCE["kernel"]` ("auto" or "torch", from
+  $DIFFCODER_CPU_CONFIDENCE) switches it off.
 
-Which kernel runs is `CPU_MATMUL["kernel"]`: "auto" (AMX where it works), "amx" (an error if
-it does not) or "onednn" (bit-identical to F.linear); it starts from $DIFFCODER_CPU_MATMUL.
+The library is built with torch.utils.cpp_extension (g++ and ninja) into `$DIFFCODER_HOME/kernels/`
+(or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it (once, under a minute); a machine
+where that fails, or whose CPU lacks AMX, keeps oneDNN and torch's ops, with one warning.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 from ..defaults import cache_root
 from ..fsutil import cpu_flags
 
-SOURCE = Path(__file__).with_name("amx_linear.cpp")
+SOURCES = (Path(__file__).with_name("amx_linear.cpp"), Path(__file__).with_name("confidence.cpp"))
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
                  "-fopenmp"]
 # The library is compiled for these: loading it on a CPU without them could die on an illegal
@@ -39,10 +43,12 @@ REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl",
 AMX_MAX_ROWS = 64
 KERNELS = ("auto", "amx", "onednn")
 CPU_MATMUL = {"kernel": os.environ.get("DIFFCODER_CPU_MATMUL", "auto")}
+CONFIDENCE_KERNELS = ("auto", "torch")
+CPU_CONFIDENCE = {"kernel": os.environ.get("DIFFCODER_CPU_CONFIDENCE", "auto")}
 
 
 def amx_unsupported_reason() -> str | None:
-    """Why the AMX kernel cannot run here, or None if it can be tried."""
+    """Why the native kernels cannot run here, or None if they can be tried."""
     import platform
 
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -54,9 +60,9 @@ def amx_unsupported_reason() -> str | None:
 
 def library_path() -> Path:
     """Where this source, these flags and this torch build compile to (a new file when any changes)."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(COMPILE_FLAGS).encode(),
                                      torch.__version__.encode(), sys.version.encode()])).hexdigest()[:16]
-    return Path(os.environ.get("DIFFCODER_KERNELS_DIR") or cache_root() / "kernels") / f"amx_linear-{key}.so"
+    return Path(os.environ.get("DIFFCODER_KERNELS_DIR") or cache_root() / "kernels") / f"cpu_kernels-{key}.so"
 
 
 def _build(target: Path) -> None:
@@ -71,10 +77,10 @@ def _build(target: Path) -> None:
     except (ImportError, AttributeError):
         pass  # a ninja on PATH may still do
     target.parent.mkdir(parents=True, exist_ok=True)
-    print("diffcoder: compiling the AMX matmul kernel (once per machine, under a minute)", file=sys.stderr)
+    print("diffcoder: compiling the native CPU kernels (once per machine, under a minute)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        name = "diffcoder_amx_" + target.stem.rsplit("-", 1)[1]
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+        name = "diffcoder_cpu_" + target.stem.rsplit("-", 1)[1]
+        cpp_extension.load(name=name, sources=[str(src) for src in SOURCES], extra_cflags=COMPILE_FLAGS,
                            extra_ldflags=["-fopenmp"], build_directory=tmp, is_python_module=False, verbose=False)
         staged = Path(tmp) / "staged.so"
         shutil.copy2(Path(tmp) / f"{name}.so", staged)
@@ -92,20 +98,26 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], out_features))
 
+    @torch.library.register_fake("diffcoder_cpu::greedy_confidence")
+    def _(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (logits.new_empty(logits.shape[:-1], dtype=torch.float64),
+                logits.new_empty(logits.shape[:-1], dtype=torch.long))
+
 
 _LOADED: dict[str, Any] = {}  # "ops": the namespace, or None, once loading was tried
 
 
-def amx_ops() -> Any | None:
-    """The `torch.ops.diffcoder_cpu` namespace once its library is loaded, or None where the AMX
-    kernel is unavailable (the reason is warned once). A plain dict rather than functools.cache,
-    so that torch.compile reads the loaded namespace instead of tracing into the loader."""
+def native_ops() -> Any | None:
+    """The `torch.ops.diffcoder_cpu` namespace once its library is loaded, or None where the
+    native kernels are unavailable (the reason is warned once). A plain dict rather than
+    functools.cache, so that torch.compile reads the loaded namespace instead of tracing into the
+    loader."""
     if "ops" not in _LOADED:
-        _LOADED["ops"] = _load_amx_ops()
+        _LOADED["ops"] = _load_native_ops()
     return _LOADED["ops"]
 
 
-def _load_amx_ops() -> Any | None:
+def _load_native_ops() -> Any | None:
     reason = amx_unsupported_reason()
     if reason is None:
         target = library_path()
@@ -122,8 +134,8 @@ def _load_amx_ops() -> Any | None:
             lines = str(exc).strip().splitlines() or [""]
             first_error = next((ln for ln in lines if "error:" in ln), lines[-1])
             reason = f"it did not build or load ({type(exc).__name__}: {first_error.strip()[:300]})"
-    warnings.warn(f"diffcoder: the AMX matmul kernel is not used: {reason}; bf16 matmuls use oneDNN",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(f"diffcoder: the native CPU kernels are not used: {reason}; bf16 matmuls use oneDNN, "
+                  "confidences torch's ops", RuntimeWarning, stacklevel=3)
     return None
 
 
@@ -135,8 +147,20 @@ def amx_for(rows: int) -> Any | None:
         raise ValueError(f"CPU matmul kernel {kernel!r} (DIFFCODER_CPU_MATMUL) is not one of {', '.join(KERNELS)}")
     if kernel == "onednn" or rows > AMX_MAX_ROWS:
         return None
-    ops = amx_ops()
+    ops = native_ops()
     if ops is None and kernel == "amx":
         raise RuntimeError("DIFFCODER_CPU_MATMUL=amx, but the AMX kernel is unavailable here (see the warning "
                            "above); use auto or onednn")
     return ops
+
+
+def confidence_ops(logits: torch.Tensor) -> Any | None:
+    """The native ops if the greedy float64 confidences of these logits should run on them under
+    the current policy, else None (the caller uses torch's ops)."""
+    kernel = CPU_CONFIDENCE["kernel"]
+    if kernel not in CONFIDENCE_KERNELS:
+        raise ValueError(f"CPU confidence kernel {kernel!r} (DIFFCODER_CPU_CONFIDENCE) is not one of "
+                         f"{', '.join(CONFIDENCE_KERNELS)}")
+    if kernel == "torch" or logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return native_ops()
