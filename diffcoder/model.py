@@ -224,8 +224,13 @@ class Attention(nn.Module):
             # The query heads that share a KV head become rows of one query (the mask was repeated
             # to match, see hidden_states): a few larger SDPA calls instead of many tiny ones.
             # Each row's softmax sees the same keys in the same order, so the result is bit-identical.
-            out = F.scaled_dot_product_attention(qs.reshape(b, self.n_kv, -1, self.head_dim), ks, vs,
-                                                 attn_mask=mask).reshape(b, self.n_heads, q, self.head_dim)
+            folded = qs.reshape(b, self.n_kv, -1, self.head_dim)
+            native = kernels.attention_ops(folded, mask)
+            if native is not None:  # a decode step on a CPU in bf16 (diffcoder/kernels/attention.cpp)
+                out = native.decode_attention(folded, ks, vs, mask, self.head_dim ** -0.5)
+            else:
+                out = F.scaled_dot_product_attention(folded, ks, vs, attn_mask=mask)
+            out = out.reshape(b, self.n_heads, q, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim), self.o_proj.weight,
@@ -320,8 +325,7 @@ class DiffCoderLM(nn.Module):
         the weights (a third once a prefill also packs them for oneDNN), so it is skipped when
         the weights exceed `max_packed_bytes`."""
         self.fuse_projections()
-        if self.device.type == "cpu" and (kernels.CPU_MATMUL["kernel"] != "onednn" and self.dtype == torch.bfloat16
-                                          or kernels.CPU_CONFIDENCE["kernel"] != "torch"):
+        if self.device.type == "cpu":
             kernels.native_ops()  # build or load the native kernels now, not inside a compiled step's trace
         if (self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.parameter_bytes() <= max_packed_bytes
                 and torch.backends.mkldnn.is_available() and self._fused

@@ -190,6 +190,80 @@ def test_the_confidence_policy_is_checked_and_can_switch_the_op_off(amx, monkeyp
         amx.greedy_confidence(logits.double(), 0)
 
 
+def reference_attention(q, k, v, mask):  # noqa: ANN001, ANN201
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+
+
+@pytest.mark.parametrize("batch,heads,rows,keys,dim,mask_shape", [
+    (1, 3, 12, 128, 64, "batch"),  # a smol-135m decode step: 3 query heads folded onto each KV head
+    (16, 3, 24, 128, 64, "batch"),  # batch 16's fused commit pass: 8 tokens x 3 heads (two lane groups)
+    (2, 2, 5, 37, 32, "head"),  # a mask per head, keys not a multiple of 16
+    (2, 1, 17, 300, 128, "none"),
+    (3, 2, 8, 40, 16, "row"),  # one mask row shared by every query row
+])
+def test_decode_attention_agrees_with_sdpa_to_bf16_rounding(amx, batch, heads, rows, keys, dim, mask_shape):
+    gen = torch.Generator().manual_seed(batch * 100 + rows)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen).to(torch.bfloat16) for n in (rows, keys, keys))
+    mask = {"batch": lambda: torch.rand(batch, 1, rows, keys, generator=gen) > 0.3,
+            "head": lambda: torch.rand(batch, heads, rows, keys, generator=gen) > 0.3,
+            "row": lambda: torch.rand(batch, 1, 1, keys, generator=gen) > 0.3,
+            "none": lambda: None}[mask_shape]()
+    if mask is not None:
+        mask[..., keys // 2:] = False  # a static cache's unused tail: skipped, must still be excluded
+        mask[..., 0] = True
+    out = amx.decode_attention(q, k, v, mask, dim ** -0.5)
+    ref = reference_attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert (out.float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item() + 1e-3
+
+
+def test_decode_attention_reads_strided_caches_and_zeroes_rows_that_see_nothing(amx):
+    gen = torch.Generator().manual_seed(8)
+    cache_k = torch.randn(2, 3, 50, 64, generator=gen).to(torch.bfloat16)
+    cache_v = torch.randn(2, 3, 50, 64, generator=gen).to(torch.bfloat16)
+    k, v = cache_k[:, :, :20], cache_v[:, :, :20]  # the dynamic cache's view of its first 20 columns
+    q = torch.randn(2, 3, 6, 64, generator=gen).to(torch.bfloat16)
+    mask = torch.ones(2, 1, 6, 20, dtype=torch.bool)
+    mask[1, 0, 2] = False  # this row may see no key: zeros, as SDPA gives
+    out = amx.decode_attention(q, k, v, mask, 0.125)
+    ref = reference_attention(q, k.contiguous(), v.contiguous(), mask)
+    assert not k.is_contiguous() and torch.equal(out[1, :, 2], torch.zeros(3, 64, dtype=torch.bfloat16))
+    assert (out.float() - ref).abs().max().item() < 0.02
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        amx.decode_attention(q[..., :24], k[..., :24], v[..., :24], mask, 0.125)
+    with pytest.raises(RuntimeError, match="must be boolean"):
+        amx.decode_attention(q, k, v, mask.float(), 0.125)
+
+
+def test_a_bf16_model_attends_natively_in_a_decode_step_and_agrees_with_sdpa(amx, monkeypatch):
+    """Routing: a bf16 model's cached steps fold their query heads and take the native op (up to
+    ATTENTION_MAX_ROWS rows; longer prefills stay on SDPA); same logits as SDPA up to bf16 noise."""
+    from test_model import make
+
+    model = make(seed=5).to(torch.bfloat16)  # 4 query heads over 2 KV heads
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(6))
+    step = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(7))
+
+    def decode_step() -> torch.Tensor:
+        cache = model.new_cache(3, 16)
+        model(ids, attn_mask=("block_causal", 4), cache=cache)
+        return model(step, attn_mask=("block_causal", 4), cache=cache, keep=0).float()
+
+    calls = []
+    real = kernels.attention_ops
+    monkeypatch.setattr(kernels, "attention_ops", lambda q, m: calls.append(q.shape[-2]) or real(q, m))
+    with torch.inference_mode():
+        native = decode_step()
+        monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "torch")
+        sdpa = decode_step()
+    assert set(calls) == {2 * 12, 2 * 4}  # folded rows: the 12-token prefill's and the step's
+    long = torch.zeros(1, 2, kernels.ATTENTION_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
+    monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "auto")
+    assert real(long, None) is None and real(long[:, :, :4], None) is amx  # a long prefill stays on SDPA
+    assert (native - sdpa).abs().max().item() < 0.05 * sdpa.abs().max().item()
+    assert not torch.equal(native, sdpa)  # the native op really ran (its sums round differently)
+
+
 def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "_LOADED", {})
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})

@@ -6,6 +6,10 @@
   to oneDNN. Which kernel runs is `CPU_MATMUL["kernel"]`: "auto" (AMX where it works), "amx" (an
   error if it does not) or "onednn" (bit-identical to F.linear); it starts from
   $DIFFCODER_CPU_MATMUL.
+- `attention.cpp`: a decode step's attention (bf16, up to `ATTENTION_MAX_ROWS` query rows with
+  the query heads folded onto their KV head) for `diffcoder.model.Attention`; SDPA's CPU kernel
+  costs several times more at that size. `CPU_ATTENTION["kernel"]` ("auto" or "torch", from
+  $DIFFCODER_CPU_ATTENTION) switches it off.
 - `confidence.cpp`: the release's greedy low-confidence proposal (argmax without the mask token,
   its float64 softmax probability) in one pass over each position's logits, for
   `diffcoder.decode.propose`. `CPU_CONFIDENCE["kernel"]` ("auto" or "torch", from
@@ -31,7 +35,7 @@ import torch
 from ..defaults import cache_root
 from ..fsutil import cpu_flags
 
-SOURCES = (Path(__file__).with_name("amx_linear.cpp"), Path(__file__).with_name("confidence.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("amx_linear.cpp", "confidence.cpp", "attention.cpp"))
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
                  "-fopenmp"]
 # The library is compiled for these: loading it on a CPU without them could die on an illegal
@@ -43,8 +47,10 @@ REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl",
 AMX_MAX_ROWS = 64
 KERNELS = ("auto", "amx", "onednn")
 CPU_MATMUL = {"kernel": os.environ.get("DIFFCODER_CPU_MATMUL", "auto")}
-CONFIDENCE_KERNELS = ("auto", "torch")
+SWITCHES = ("auto", "torch")  # the choices of the attention and confidence policies
 CPU_CONFIDENCE = {"kernel": os.environ.get("DIFFCODER_CPU_CONFIDENCE", "auto")}
+CPU_ATTENTION = {"kernel": os.environ.get("DIFFCODER_CPU_ATTENTION", "auto")}
+ATTENTION_MAX_ROWS = 64  # a decode step's folded query rows; a prefill's attention stays on SDPA
 
 
 def amx_unsupported_reason() -> str | None:
@@ -97,6 +103,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("diffcoder_cpu::amx_linear")
     def _(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("diffcoder_cpu::decode_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape)
 
     @torch.library.register_fake("diffcoder_cpu::greedy_confidence")
     def _(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +164,26 @@ def amx_for(rows: int) -> Any | None:
     return ops
 
 
+def _switch(policy: dict[str, str], env: str) -> bool:
+    kernel = policy["kernel"]
+    if kernel not in SWITCHES:
+        raise ValueError(f"{kernel!r} ({env}) is not one of {', '.join(SWITCHES)}")
+    return kernel == "auto"
+
+
 def confidence_ops(logits: torch.Tensor) -> Any | None:
     """The native ops if the greedy float64 confidences of these logits should run on them under
     the current policy, else None (the caller uses torch's ops)."""
-    kernel = CPU_CONFIDENCE["kernel"]
-    if kernel not in CONFIDENCE_KERNELS:
-        raise ValueError(f"CPU confidence kernel {kernel!r} (DIFFCODER_CPU_CONFIDENCE) is not one of "
-                         f"{', '.join(CONFIDENCE_KERNELS)}")
-    if kernel == "torch" or logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float32):
+    if (not _switch(CPU_CONFIDENCE, "DIFFCODER_CPU_CONFIDENCE") or logits.device.type != "cpu"
+            or logits.dtype not in (torch.bfloat16, torch.float32)):
+        return None
+    return native_ops()
+
+
+def attention_ops(q: torch.Tensor, mask: torch.Tensor | None) -> Any | None:
+    """The native ops if this folded decode query [batch, kv heads, rows, head dim] should attend
+    on them under the current policy, else None (the caller uses SDPA)."""
+    if (not _switch(CPU_ATTENTION, "DIFFCODER_CPU_ATTENTION") or q.device.type != "cpu" or q.dtype != torch.bfloat16
+            or q.shape[-2] > ATTENTION_MAX_ROWS or q.shape[-1] % 16 or (mask is not None and mask.dtype != torch.bool)):
         return None
     return native_ops()
