@@ -57,6 +57,7 @@ def main(argv: list[str]) -> None:
         if not cmd.startswith(ENV.get(p.stem, "")):
             cmd = ENV[p.stem] + cmd
         runner = d["runner"] + (f", {d['cpu_matmul']} matmuls" if d.get("cpu_matmul") else "")
+        runner += "".join(f", native {op}" for op in d.get("native_ops", []))  # absent in older runs
         for key, r in d["ours"].items():
             base = d.get("baseline") if key == "batch1" else None
             speed = f"{d['speedup']:.2f}x" if base else ""

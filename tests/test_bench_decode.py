@@ -70,4 +70,21 @@ def test_cpu_matmul_flag_picks_the_kernel_for_the_run_and_the_limit_is_the_faste
         readers = out["bandwidth_readers"]
         assert out["bandwidth_bytes_per_s"] == max(readers.values())
         assert set(readers) == ({"float32 sum", "AMX kernel"} if has_amx else {"float32 sum"})
-    assert main([*flags[:4], "--dtype", "float32", *flags[6:]])["cpu_matmul"] is None
+    float32 = main([*flags[:4], "--dtype", "float32", *flags[6:]])
+    assert float32["cpu_matmul"] is None
+    assert float32["native_ops"] == (["confidence"] if has_amx else [])  # native attention: bf16 only
+
+
+def test_cpu_attention_and_confidence_flags_switch_the_native_ops_for_the_run_only():
+    from diffcoder import kernels
+    from diffcoder.bench.decode import main
+
+    if kernels.amx_unsupported_reason() is not None:
+        pytest.skip("the native ops need a CPU with AMX")
+    flags = ["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--gen-length", "8", "--prompt-len", "8",
+             "--repeats", "1", "--no-baseline"]
+    assert main(flags)["native_ops"] == ["attention", "confidence"]
+    assert main([*flags, "--cpu-attention", "torch"])["native_ops"] == ["confidence"]
+    assert main([*flags, "--cpu-confidence", "torch", "--cpu-attention", "torch"])["native_ops"] == []
+    assert main([*flags, "--confidence-dtype", "float32"])["native_ops"] == ["attention"]
+    assert kernels.CPU_ATTENTION["kernel"] == kernels.CPU_CONFIDENCE["kernel"] == "auto"

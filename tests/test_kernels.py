@@ -35,7 +35,7 @@ def within_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
 
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [
     (1, 16, 32, False), (4, 960, 576, False), (8, 576, 1536, True), (16, 37, 100, True),
-    (17, 49, 33, False), (64, 40, 64, True), (100, 24, 160, False),
+    (17, 49, 33, False), (24, 576, 576, True), (64, 40, 64, True), (100, 24, 160, False),
 ])
 def test_amx_linear_matches_the_exact_product_within_bf16_rounding(amx, rows, out_features, in_features, bias):
     gen = torch.Generator().manual_seed(rows * 1000 + out_features)

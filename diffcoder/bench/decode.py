@@ -25,7 +25,8 @@ from unittest import mock
 import torch
 
 from ..config import PRESETS, ModelConfig
-from ..kernels import CPU_MATMUL, KERNELS, amx_unsupported_reason, native_ops
+from ..kernels import (CPU_ATTENTION, CPU_CONFIDENCE, CPU_MATMUL, KERNELS, SWITCHES, amx_unsupported_reason,
+                       attention_ops, confidence_ops, native_ops)
 from ..model import FOLD_QUERY_GROUPS, DiffCoderLM, decode_matmul_kernel
 from ..runners import RUNNERS
 
@@ -223,6 +224,21 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def native_ops_used(model: DiffCoderLM, fold: bool, confidence_dtype: torch.dtype) -> list[str]:
+    """Which of the native CPU ops besides the matmuls (diffcoder/kernels) a decode of this model
+    runs, asked of the same routing functions the model and the decoder call."""
+    cfg = model.config
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    step_query = torch.empty(1, cfg.num_key_value_heads, 4 * groups, cfg.head_dim, dtype=model.dtype, device=model.device)
+    logits = torch.empty(1, 1, dtype=model.dtype, device=model.device)
+    used = []
+    if fold and groups > 1 and attention_ops(step_query, None) is not None:
+        used.append("attention")
+    if confidence_dtype == torch.float64 and confidence_ops(logits) is not None:
+        used.append("confidence")
+    return used
+
+
 def run_ours(model: DiffCoderLM, prompts: list[list[int]], kw: dict[str, Any]) -> dict[str, Any]:
     from ..decode import BlockEvent, Decoding
 
@@ -285,6 +301,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-matmul", default="auto", choices=list(KERNELS),
                    help="bf16 matmul kernel on a CPU: our AMX kernel for decode-sized calls (auto: where it "
                         "works) or oneDNN for all; see diffcoder/kernels")
+    p.add_argument("--cpu-attention", default="auto", choices=list(SWITCHES),
+                   help="decode-step attention on a CPU in bf16: our native op (auto: where it works) or SDPA")
+    p.add_argument("--cpu-confidence", default="auto", choices=list(SWITCHES),
+                   help="greedy float64 confidences on a CPU: our native op (auto: where it works) or torch's ops")
     return p.parse_args(argv)
 
 
@@ -310,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           ("cpu" if args.device == "auto" else args.device))
     # The policies hold for this run only (patch.dict restores them).
     with mock.patch.dict(CPU_MATMUL, kernel=args.cpu_matmul), \
+            mock.patch.dict(CPU_ATTENTION, kernel=args.cpu_attention), \
+            mock.patch.dict(CPU_CONFIDENCE, kernel=args.cpu_confidence), \
             query_group_folding(device.type, args.fold_query_groups) as fold:
         return run_benchmark(args, device, fold, argv)
 
@@ -342,9 +364,11 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     hw = hardware_name(device)
     model.prepare_for_decoding()  # what every decode does first (idempotent); packs bf16 weights on a CPU
     matmul_kernel = decode_matmul_kernel(model)
+    native = native_ops_used(model, fold, kw["confidence_dtype"])
     print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s (fastest of: "
           + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in readers.items()) + ")"
-          + (f"; decode matmuls on {matmul_kernel}" if matmul_kernel else ""))
+          + (f"; decode matmuls on {matmul_kernel}" if matmul_kernel else "")
+          + (f"; native {' and '.join(native)}" if native else ""))
     print(f"model: {label}, {cfg.num_parameters / 1e6:.1f}M params, {args.dtype}, {wbytes / 1e6:.1f} MB read per pass"
           f" -> limit {bandwidth / wbytes:.1f} passes/s; runner {args.runner}, query-group folding {fold}")
     ours_kw = {k: v for k, v in kw.items() if k != "mask_id"}
@@ -386,7 +410,8 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
         "bandwidth_readers": readers, "prompt_len": args.prompt_len,
         "gen_length": args.gen_length, "block_length": args.block_length, "steps": kw["steps"],
         "threshold": args.threshold, "runner": args.runner, "confidence_dtype": args.confidence_dtype,
-        "fold_query_groups": fold, "cpu_matmul": matmul_kernel, "weight_read_passes_per_s": read_rate,
+        "fold_query_groups": fold, "cpu_matmul": matmul_kernel, "native_ops": native,
+        "weight_read_passes_per_s": read_rate,
         "weight_read_bandwidth_fraction": wbytes * read_rate / bandwidth,
         "ours": {k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in results.items()},
         "command": command_line(argv),

@@ -156,10 +156,12 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   out_shape.back() = n;
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out.view(out_shape);
-  // x is read in place when its rows are already what an A tile wants (a decode step: up to 16
-  // rows, K a multiple of 32, contiguous); otherwise copied into a zero-padded buffer.
-  const bool in_place = m <= kTileRows && k == 2 * k2 && x.is_contiguous();
-  const int64_t m_pad = in_place ? m : (m + kTileRows - 1) / kTileRows * kTileRows;
+  // x is read in place when its rows are already what A tiles want (a decode step: K a multiple of
+  // 32, contiguous, and up to 16 rows (one shortened tile) or whole tiles of 16); otherwise it is
+  // copied into a zero-padded buffer.
+  const bool in_place = (m <= kTileRows || m % kTileRows == 0) && k == 2 * k2 && x.is_contiguous();
+  const bool short_tile = in_place && m < kTileRows;
+  const int64_t m_pad = short_tile ? m : (m + kTileRows - 1) / kTileRows * kTileRows;
   const int64_t x_cols = 2 * k2;
   at::Tensor xbuf = x;
   if (!in_place) {
@@ -172,7 +174,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   const int64_t panel_elems = k2 * kPanelCols * 2;
 
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    configure_tiles(in_place ? static_cast<int>(m) : kTileRows);
+    configure_tiles(short_tile ? static_cast<int>(m) : kTileRows);
     alignas(64) float sums[kMaxMTiles * kTileRows * kPanelCols];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(kPanelCols, n - p * kPanelCols);
@@ -183,7 +185,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
         bias_v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       }
       for (int64_t row0 = 0; row0 < m_pad; row0 += kMaxMTiles * kTileRows) {
-        const int64_t mt = in_place ? 1 : std::min(kMaxMTiles, (m_pad - row0) / kTileRows);
+        const int64_t mt = short_tile ? 1 : std::min(kMaxMTiles, (m_pad - row0) / kTileRows);
         const uint16_t* xm = xp + row0 * x_cols;
         const uint16_t* panel = wp + p * panel_elems;
         switch (mt) {
