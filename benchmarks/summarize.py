@@ -56,9 +56,11 @@ def main(argv: list[str]) -> None:
         cmd = d.get("command") or cmds.get(p.stem, "")
         if not cmd.startswith(ENV.get(p.stem, "")):
             cmd = ENV[p.stem] + cmd
-        runner = d["runner"] + (f", {d['cpu_matmul']} matmuls" if d.get("cpu_matmul") else "")
-        runner += "".join(f", native {op}" for op in d.get("native_ops", []))  # absent in older runs
+        matmuls = d["runner"] + (f", {d['cpu_matmul']} matmuls" if d.get("cpu_matmul") else "")
         for key, r in d["ours"].items():
+            batch, _, variant = key[5:].partition("_")  # "batch16" or "batch16_torch_ops" (--ab-torch-ops)
+            runner = matmuls + ("".join(f", native {op}" for op in d.get("native_ops", []))  # absent in older runs
+                                if not variant else ", SDPA, torch confidence ops")
             base = d.get("baseline") if key == "batch1" else None
             speed = f"{d['speedup']:.2f}x" if base else ""
             base_tps = f"{base['tokens_per_s']:.1f}" if base else ""
@@ -66,13 +68,16 @@ def main(argv: list[str]) -> None:
             alone = "" if alone is None else f"{100 * alone:.0f}%"
             read = d.get("weight_read_bandwidth_fraction")  # the same for every batch size of a run
             read = "" if read is None else f"{100 * read:.0f}%"
-            print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {runner} | {key[5:]} | "
+            print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {runner} | {batch} | "
                   f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
                   f"{100 * r['bandwidth_fraction']:.0f}% | {alone} | {read} | {1e3 * r['time_to_first_block_s']:.0f} | "
                   f"{base_tps} | {speed} | `{cmd}` |")
         if "batch_scaling" in d:
             print(f"| {p.stem} | | | | | scaling | {d['batch_scaling']:.2f}x (largest batch / batch 1 tokens/s) "
                   f"| | | | | | | | | |")
+        for key, ratio in d.get("native_ops_speedup", {}).items():
+            print(f"| {p.stem} | | | | | {key[5:]} | {ratio:.2f}x (native attention and confidence ops / SDPA and "
+                  f"torch's ops, tokens/s) | | | | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,7 @@ def test_cpu_attention_and_confidence_flags_switch_the_native_ops_for_the_run_on
     assert main([*flags, "--cpu-confidence", "torch", "--cpu-attention", "torch"])["native_ops"] == []
     assert main([*flags, "--confidence-dtype", "float32"])["native_ops"] == ["attention"]
     assert kernels.CPU_ATTENTION["kernel"] == kernels.CPU_CONFIDENCE["kernel"] == "auto"
+    ab = main([*flags, "--batch-sizes", "1,2", "--ab-torch-ops"])  # each run paired with one on torch's ops
+    assert set(ab["ours"]) == {"batch1", "batch2", "batch1_torch_ops", "batch2_torch_ops"}
+    assert set(ab["native_ops_speedup"]) == {"batch1", "batch2"} and all(v > 0 for v in ab["native_ops_speedup"].values())
+    assert kernels.CPU_ATTENTION["kernel"] == kernels.CPU_CONFIDENCE["kernel"] == "auto"

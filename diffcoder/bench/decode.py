@@ -303,6 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "works) or oneDNN for all; see diffcoder/kernels")
     p.add_argument("--cpu-attention", default="auto", choices=list(SWITCHES),
                    help="decode-step attention on a CPU in bf16: our native op (auto: where it works) or SDPA")
+    p.add_argument("--ab-torch-ops", action="store_true",
+                   help="pair every timed run with one on SDPA and torch's confidence ops, in the same process")
     p.add_argument("--cpu-confidence", default="auto", choices=list(SWITCHES),
                    help="greedy float64 confidences on a CPU: our native op (auto: where it works) or torch's ops")
     return p.parse_args(argv)
@@ -315,6 +317,14 @@ def command_line(argv: list[str] | None) -> str:
     env = [f"{k}={v}" for k, v in sorted(os.environ.items())
            if k.startswith(("TORCHINDUCTOR_", "TORCH_")) and not k.endswith(("_DIR", "_HOME", "_PATH"))]
     return " ".join([*env, "python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+@contextlib.contextmanager
+def native_policies(policy: dict[str, str]) -> Iterator[None]:
+    """CPU_ATTENTION / CPU_CONFIDENCE set as `policy` says ({"attention": "torch"}...) for a block."""
+    with mock.patch.dict(CPU_ATTENTION, {"kernel": policy["attention"]} if "attention" in policy else {}), \
+            mock.patch.dict(CPU_CONFIDENCE, {"kernel": policy["confidence"]} if "confidence" in policy else {}):
+        yield
 
 
 @contextlib.contextmanager
@@ -374,8 +384,13 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     ours_kw = {k: v for k, v in kw.items() if k != "mask_id"}
     # Warm-up: one untimed run per batch size with the timed settings, so that compiled runners
     # compile here (their graphs are specialised to the batch size and the cache length).
+    # With --ab-torch-ops, every timed run is paired with one on SDPA and torch's confidence ops
+    # (the compiled step is traced once per policy; dynamo keeps both).
+    variants = {"": {}, "_torch_ops": {"attention": "torch", "confidence": "torch"}} if args.ab_torch_ops else {"": {}}
     for b in batch_sizes:
-        run_ours(model, prompts[:b], ours_kw)
+        for policy in variants.values():
+            with native_policies(policy):
+                run_ours(model, prompts[:b], ours_kw)
     read_rate = weight_read_passes_per_s(model)  # after the warm-up: the weights as decoding uses them
     print(f"reading each matmul weight once, one op per weight: {read_rate:8.1f} passes/s  "
           f"{100 * wbytes * read_rate / bandwidth:.0f}% of bandwidth limit")
@@ -384,13 +399,18 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     if not args.no_baseline:
         hf = hf_twin(model)
         run_baseline(hf, prompts[0], {**base_kw, "gen_length": args.block_length * 2, "steps": 2}, device)
-    for b in batch_sizes:
-        runs = []
-        for _ in range(args.repeats):  # batch 1 alternates with the baseline: both see the same machine state
-            runs.append(run_ours(model, prompts[:b], ours_kw))
+    # Repeats go round every batch size (and policy) in turn, and batch 1 alternates with the
+    # baseline: on a shared machine whose speed drifts, each setting then samples the same moments.
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):
+        for b in batch_sizes:
+            for suffix, policy in variants.items():
+                with native_policies(policy):
+                    runs.setdefault(f"batch{b}{suffix}", []).append(run_ours(model, prompts[:b], ours_kw))
             if hf is not None and b == 1:
                 base_runs.append(run_baseline(hf, prompts[0], base_kw, device))
-        best = min(runs, key=lambda r: r["seconds"])
+    for b in batch_sizes:
+        best = min(runs[f"batch{b}"], key=lambda r: r["seconds"])
         best["peak_memory_bytes"] = peak_memory(device)
         best["bandwidth_fraction"] = wbytes * best["passes_per_s"] / bandwidth
         best["matmul_only_passes_per_s"] = matmul_only_passes_per_s(model, b * args.block_length)
@@ -404,6 +424,14 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
         if args.profile > 0:
             best["profile"] = profile_decode(model, prompts[:b], ours_kw, args.profile)
             print_profile(best["profile"])
+    for suffix in variants:
+        if suffix:
+            for b in batch_sizes:
+                best = min(runs[f"batch{b}{suffix}"], key=lambda r: r["seconds"])
+                best["bandwidth_fraction"] = wbytes * best["passes_per_s"] / bandwidth
+                results[f"batch{b}{suffix}"] = best
+                print(f"ours with SDPA and torch's confidence ops, batch {b:3d}: {best['tokens_per_s']:9.1f} tok/s  "
+                      f"{best['passes_per_s']:8.1f} passes/s")
     summary: dict[str, Any] = {
         "hardware": hw, "device": device.type, "model": label, "dtype": args.dtype, "params": cfg.num_parameters,
         "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth,
@@ -421,6 +449,11 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
         top = results[f"batch{max(batch_sizes)}"]
         summary["batch_scaling"] = top["tokens_per_s"] / b1["tokens_per_s"]
         print(f"batch {max(batch_sizes)} / batch 1 tokens/s: {summary['batch_scaling']:.2f}x")
+    if args.ab_torch_ops:
+        summary["native_ops_speedup"] = {f"batch{b}": results[f"batch{b}"]["tokens_per_s"]
+                                         / results[f"batch{b}_torch_ops"]["tokens_per_s"] for b in batch_sizes}
+        print("native attention and confidence ops over SDPA and torch's ops (tokens/s): "
+              + ", ".join(f"batch {b} {v:.2f}x" for b, v in zip(batch_sizes, summary["native_ops_speedup"].values())))
     if hf is not None:
         if not base_runs:
             base_runs = [run_baseline(hf, prompts[0], base_kw, device) for _ in range(args.repeats)]
