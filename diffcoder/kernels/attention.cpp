@@ -2,9 +2,10 @@
 // + mask) v for a few query rows (a block of 4 tokens times the query heads folded onto each KV
 // head) over a cache of a few hundred keys.
 //
-// Why: at that size SDPA's CPU flash kernel costs ~0.3-0.4 ms per call at batch 16 (30 calls a
-// pass: 11-12 ms of a 70 ms smol-135m pass, benchmarks/decode.py --profile), mostly fixed
-// per-call and per-(batch, head) work. Here each (batch, KV head) is one task of three passes:
+// Why: at that size SDPA's CPU flash kernel costs about 0.4 ms per call at batch 16, 30 calls per
+// smol-135m pass (benchmarks/results/cpu-dev/smol135m_bf16_compiled_profile_b16.txt, recorded
+// before this op; benchmarks/decode.py --ab-torch-ops measures the difference). Here each
+// (batch, KV head) is one task of three passes:
 //   scores: S^T[j] (16 query rows as the 16 lanes of a vector) = sum_d k[j, d] * q^T[d], with
 //           keys that no query row may see skipped entirely (the unused tail of a static cache);
 //   softmax over the keys, lane by lane (vertical max, exp and sum: no horizontal reductions);
