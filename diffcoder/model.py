@@ -223,7 +223,8 @@ class Attention(nn.Module):
         if folds_query_groups(self.n_heads, self.n_kv, x):
             # The query heads that share a KV head become rows of one query (the mask was repeated
             # to match, see hidden_states): a few larger SDPA calls instead of many tiny ones.
-            # Each row's softmax sees the same keys in the same order, so the result is bit-identical.
+            # Each row's softmax sees the same keys in the same order, so SDPA's result is
+            # bit-identical; a bf16 decode step on a CPU takes our native op instead (kernels).
             folded = qs.reshape(b, self.n_kv, -1, self.head_dim)
             native = kernels.attention_ops(folded, mask)
             if native is not None:  # a decode step on a CPU in bf16 (diffcoder/kernels/attention.cpp)
@@ -320,8 +321,9 @@ class DiffCoderLM(nn.Module):
         return self
 
     def prepare_for_decoding(self, max_packed_bytes: int = 4 << 30) -> "DiffCoderLM":
-        """Fuse projections; on a CPU in bf16, also use packed weights (`PackedLinear`: no per-call
-        weight reorder, and the AMX kernel for decode-sized calls). Packing keeps a second copy of
+        """Fuse projections; on a CPU, load the native kernels (diffcoder/kernels), and in bf16 use
+        packed weights (`PackedLinear`: no per-call weight reorder, and the AMX kernel for
+        decode-sized calls). Packing keeps a second copy of
         the weights (a third once a prefill also packs them for oneDNN), so it is skipped when
         the weights exceed `max_packed_bytes`."""
         self.fuse_projections()

@@ -1,4 +1,4 @@
-"""Native CPU kernels, compiled on first use and cached per machine, one library of two sources:
+"""Native CPU kernels, compiled on first use and cached per machine, one library of three sources:
 
 - `amx_linear.cpp`: bf16 y = x W^T for up to `AMX_MAX_ROWS` rows on CPUs with AMX, the shape of
   every matmul in a decode pass (a block of 4 tokens, 8 in the fused commit pass, 4 per sequence
@@ -17,7 +17,7 @@
 
 The library is built with torch.utils.cpp_extension (g++ and ninja) into `$DIFFCODER_HOME/kernels/`
 (or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it (once, under a minute); a machine
-where that fails, or whose CPU lacks AMX, keeps oneDNN and torch's ops, with one warning.
+where that fails, or whose CPU lacks AMX, keeps oneDNN, SDPA and torch's ops, with one warning.
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def _load_native_ops() -> Any | None:
             first_error = next((ln for ln in lines if "error:" in ln), lines[-1])
             reason = f"it did not build or load ({type(exc).__name__}: {first_error.strip()[:300]})"
     warnings.warn(f"diffcoder: the native CPU kernels are not used: {reason}; bf16 matmuls use oneDNN, "
-                  "confidences torch's ops", RuntimeWarning, stacklevel=3)
+                  "attention SDPA, confidences torch's ops", RuntimeWarning, stacklevel=3)
     return None
 
 
