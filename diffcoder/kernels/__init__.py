@@ -7,8 +7,8 @@
   error if it does not) or "onednn" (bit-identical to F.linear); it starts from
   $DIFFCODER_CPU_MATMUL.
 - `attention.cpp`: a decode step's attention (bf16, up to `ATTENTION_MAX_ROWS` query rows with
-  the query heads folded onto their KV head) for `diffcoder.model.Attention`; SDPA's CPU kernel
-  costs several times more at that size. `CPU_ATTENTION["kernel"]` ("auto" or "torch", from
+  the query heads folded onto their KV head) for `diffcoder.model.Attention`, where SDPA's CPU
+  kernel pays a large fixed cost per call (what it changes in a whole pass: decode.py --ab-torch-ops). `CPU_ATTENTION["kernel"]` ("auto" or "torch", from
   $DIFFCODER_CPU_ATTENTION) switches it off.
 - `confidence.cpp`: the release's greedy low-confidence proposal (argmax without the mask token,
   its float64 softmax probability) in one pass over each position's logits, for
