@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from diffcoder import kernels
 
+AMX = "AMX kernel (diffcoder)"
 # smol-135m: hidden 576, 9 heads x 64 (q 576), 3 KV heads (k, v 192 each), MLP 1536.
 SHAPES = {"qkv": (576 + 2 * 192, 576), "o": (576, 576), "gate_up": (2 * 1536, 576), "down": (576, 1536)}
 
@@ -66,9 +67,6 @@ def call_cost(method: str, rows: int, repeats: int) -> float:
         w32, x32 = w.float(), x.float()
         return timed(lambda: F.linear(x32, w32), repeats)
     return timed(lambda: F.linear(x, w), repeats)
-
-
-AMX = "AMX kernel (diffcoder)"
 
 
 def kernel_methods(weights: list[torch.Tensor], rows: int) -> dict[str, list]:

@@ -25,8 +25,8 @@ from unittest import mock
 import torch
 
 from ..config import PRESETS, ModelConfig
-from ..kernels import (CPU_ATTENTION, CPU_CONFIDENCE, CPU_MATMUL, KERNELS, SWITCHES, amx_unsupported_reason,
-                       attention_ops, confidence_ops, native_ops)
+from ..kernels import (CPU_ATTENTION, CPU_CONFIDENCE, CPU_MATMUL, KERNELS, SWITCHES, attention_ops, confidence_ops,
+                       native_ops)
 from ..model import FOLD_QUERY_GROUPS, DiffCoderLM, decode_matmul_kernel
 from ..runners import RUNNERS
 
@@ -65,7 +65,7 @@ def measure_bandwidth(device: torch.device, nbytes: int) -> dict[str, float]:
     VM). The limit a benchmark divides by is the fastest of them."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     rates = {"float32 sum": nbytes / best_seconds(buf.sum, device, repeats=5)}
-    if device.type == "cpu" and amx_unsupported_reason() is None and (ops := native_ops()) is not None:
+    if device.type == "cpu" and (ops := native_ops()) is not None:
         k_pairs = 512  # the buffer read as AMX panels of 16 columns x 1024 features
         panels = buf.view(torch.bfloat16).view(-1, k_pairs, 16, 2)
         x = torch.zeros(1, 2 * k_pairs, dtype=torch.bfloat16)
@@ -303,10 +303,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "works) or oneDNN for all; see diffcoder/kernels")
     p.add_argument("--cpu-attention", default="auto", choices=list(SWITCHES),
                    help="decode-step attention on a CPU in bf16: our native op (auto: where it works) or SDPA")
-    p.add_argument("--ab-torch-ops", action="store_true",
-                   help="pair every timed run with one on SDPA and torch's confidence ops, in the same process")
     p.add_argument("--cpu-confidence", default="auto", choices=list(SWITCHES),
                    help="greedy float64 confidences on a CPU: our native op (auto: where it works) or torch's ops")
+    p.add_argument("--ab-torch-ops", action="store_true",
+                   help="pair every timed run with one on SDPA and torch's confidence ops, in the same process")
     return p.parse_args(argv)
 
 
@@ -320,10 +320,9 @@ def command_line(argv: list[str] | None) -> str:
 
 
 @contextlib.contextmanager
-def native_policies(policy: dict[str, str]) -> Iterator[None]:
-    """CPU_ATTENTION / CPU_CONFIDENCE set as `policy` says ({"attention": "torch"}...) for a block."""
-    with mock.patch.dict(CPU_ATTENTION, {"kernel": policy["attention"]} if "attention" in policy else {}), \
-            mock.patch.dict(CPU_CONFIDENCE, {"kernel": policy["confidence"]} if "confidence" in policy else {}):
+def native_policies(attention: str, confidence: str) -> Iterator[None]:
+    """CPU_ATTENTION and CPU_CONFIDENCE set for a block (patch.dict restores them)."""
+    with mock.patch.dict(CPU_ATTENTION, kernel=attention), mock.patch.dict(CPU_CONFIDENCE, kernel=confidence):
         yield
 
 
@@ -339,9 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     # The policies hold for this run only (patch.dict restores them).
-    with mock.patch.dict(CPU_MATMUL, kernel=args.cpu_matmul), \
-            mock.patch.dict(CPU_ATTENTION, kernel=args.cpu_attention), \
-            mock.patch.dict(CPU_CONFIDENCE, kernel=args.cpu_confidence), \
+    with mock.patch.dict(CPU_MATMUL, kernel=args.cpu_matmul), native_policies(args.cpu_attention, args.cpu_confidence), \
             query_group_folding(device.type, args.fold_query_groups) as fold:
         return run_benchmark(args, device, fold, argv)
 
@@ -386,10 +383,13 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     # compile here (their graphs are specialised to the batch size and the cache length).
     # With --ab-torch-ops, every timed run is paired with one on SDPA and torch's confidence ops
     # (the compiled step is traced once per policy; dynamo keeps both).
-    variants = {"": {}, "_torch_ops": {"attention": "torch", "confidence": "torch"}} if args.ab_torch_ops else {"": {}}
+    # Result key suffix -> (attention, confidence) policies.
+    variants = {"": (args.cpu_attention, args.cpu_confidence)}
+    if args.ab_torch_ops:
+        variants["_torch_ops"] = ("torch", "torch")
     for b in batch_sizes:
         for policy in variants.values():
-            with native_policies(policy):
+            with native_policies(*policy):
                 run_ours(model, prompts[:b], ours_kw)
     read_rate = weight_read_passes_per_s(model)  # after the warm-up: the weights as decoding uses them
     print(f"reading each matmul weight once, one op per weight: {read_rate:8.1f} passes/s  "
@@ -405,7 +405,7 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     for _ in range(args.repeats):
         for b in batch_sizes:
             for suffix, policy in variants.items():
-                with native_policies(policy):
+                with native_policies(*policy):
                     runs.setdefault(f"batch{b}{suffix}", []).append(run_ours(model, prompts[:b], ours_kw))
             if hf is not None and b == 1:
                 base_runs.append(run_baseline(hf, prompts[0], base_kw, device))
@@ -424,14 +424,12 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
         if args.profile > 0:
             best["profile"] = profile_decode(model, prompts[:b], ours_kw, args.profile)
             print_profile(best["profile"])
-    for suffix in variants:
-        if suffix:
-            for b in batch_sizes:
-                best = min(runs[f"batch{b}{suffix}"], key=lambda r: r["seconds"])
-                best["bandwidth_fraction"] = wbytes * best["passes_per_s"] / bandwidth
-                results[f"batch{b}{suffix}"] = best
-                print(f"ours with SDPA and torch's confidence ops, batch {b:3d}: {best['tokens_per_s']:9.1f} tok/s  "
-                      f"{best['passes_per_s']:8.1f} passes/s")
+    for b in batch_sizes if args.ab_torch_ops else []:
+        best = min(runs[f"batch{b}_torch_ops"], key=lambda r: r["seconds"])
+        best["bandwidth_fraction"] = wbytes * best["passes_per_s"] / bandwidth
+        results[f"batch{b}_torch_ops"] = best
+        print(f"ours with SDPA and torch's confidence ops, batch {b:3d}: {best['tokens_per_s']:9.1f} tok/s  "
+              f"{best['passes_per_s']:8.1f} passes/s")
     summary: dict[str, Any] = {
         "hardware": hw, "device": device.type, "model": label, "dtype": args.dtype, "params": cfg.num_parameters,
         "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth,

@@ -36,6 +36,7 @@ from ..defaults import cache_root
 from ..fsutil import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("amx_linear.cpp", "confidence.cpp", "attention.cpp"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the library's hash
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
                  "-fopenmp"]
 # The library is compiled for these: loading it on a CPU without them could die on an illegal
@@ -66,7 +67,7 @@ def amx_unsupported_reason() -> str | None:
 
 def library_path() -> Path:
     """Where this source, these flags and this torch build compile to (a new file when any changes)."""
-    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(COMPILE_FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(COMPILE_FLAGS).encode(),
                                      torch.__version__.encode(), sys.version.encode()])).hexdigest()[:16]
     return Path(os.environ.get("DIFFCODER_KERNELS_DIR") or cache_root() / "kernels") / f"cpu_kernels-{key}.so"
 
@@ -152,9 +153,7 @@ def _load_native_ops() -> Any | None:
 def amx_for(rows: int) -> Any | None:
     """The AMX ops if a bf16 matmul of `rows` input rows should run on them under the current
     policy, else None (the caller uses oneDNN)."""
-    kernel = CPU_MATMUL["kernel"]
-    if kernel not in KERNELS:
-        raise ValueError(f"CPU matmul kernel {kernel!r} (DIFFCODER_CPU_MATMUL) is not one of {', '.join(KERNELS)}")
+    kernel = _policy(CPU_MATMUL, KERNELS, "DIFFCODER_CPU_MATMUL")
     if kernel == "onednn" or rows > AMX_MAX_ROWS:
         return None
     ops = native_ops()
@@ -164,11 +163,16 @@ def amx_for(rows: int) -> Any | None:
     return ops
 
 
-def _switch(policy: dict[str, str], env: str) -> bool:
+def _policy(policy: dict[str, str], choices: tuple[str, ...], env: str) -> str:
+    """A policy's current kernel, checked against its choices (it may come from the environment)."""
     kernel = policy["kernel"]
-    if kernel not in SWITCHES:
-        raise ValueError(f"{kernel!r} ({env}) is not one of {', '.join(SWITCHES)}")
-    return kernel == "auto"
+    if kernel not in choices:
+        raise ValueError(f"CPU kernel {kernel!r} ({env}) is not one of {', '.join(choices)}")
+    return kernel
+
+
+def _switch(policy: dict[str, str], env: str) -> bool:
+    return _policy(policy, SWITCHES, env) == "auto"
 
 
 def confidence_ops(logits: torch.Tensor) -> Any | None:

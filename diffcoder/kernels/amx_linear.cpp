@@ -25,6 +25,8 @@
 #include <torch/library.h>
 #include <unistd.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <mutex>
 #include <unordered_map>
@@ -181,8 +183,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
       const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
       __m512 bias_v = _mm512_setzero_ps();
       if (bias_ptr) {
-        const __m256i raw = _mm256_maskz_loadu_epi16(col_mask, bias_ptr + p * kPanelCols);
-        bias_v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        bias_v = diffcoder_kernels::bf16x16_to_fp32(bias_ptr + p * kPanelCols, col_mask);
       }
       for (int64_t row0 = 0; row0 < m_pad; row0 += kMaxMTiles * kTileRows) {
         const int64_t mt = short_tile ? 1 : std::min(kMaxMTiles, (m_pad - row0) / kTileRows);

@@ -23,14 +23,13 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr int kLanes = 16;
 
-inline __m512 bf16x16_to_fp32(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+using diffcoder_kernels::bf16x16_to_fp32;
 
 struct Views {
   const c10::BFloat16 *q, *k, *v;

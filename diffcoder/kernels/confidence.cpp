@@ -22,6 +22,8 @@
 #include <limits>
 #include <tuple>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -31,9 +33,7 @@ __m512 load16(const T* p, __mmask16 live);
 
 template <>
 __m512 load16<c10::BFloat16>(const c10::BFloat16* p, __mmask16 live) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(live, p);
-  const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  return _mm512_mask_blend_ps(live, _mm512_set1_ps(kNegInf), v);
+  return _mm512_mask_blend_ps(live, _mm512_set1_ps(kNegInf), diffcoder_kernels::bf16x16_to_fp32(p, live));
 }
 
 template <>
