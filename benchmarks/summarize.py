@@ -73,7 +73,9 @@ def main(argv: list[str]) -> None:
                   f"{100 * r['bandwidth_fraction']:.0f}% | {alone} | {read} | {1e3 * r['time_to_first_block_s']:.0f} | "
                   f"{base_tps} | {speed} | `{cmd}` |")
         if "batch_scaling" in d:
-            print(f"| {p.stem} | | | | | scaling | {d['batch_scaling']:.2f}x (largest batch / batch 1 tokens/s) "
+            bound = d.get("batch_scaling_matmul_bound")  # absent in runs that predate it
+            bound = "" if bound is None else f"; at most {bound:.2f}x with the largest batch's passes as their matmuls alone"
+            print(f"| {p.stem} | | | | | scaling | {d['batch_scaling']:.2f}x (largest batch / batch 1 tokens/s{bound}) "
                   f"| | | | | | | | | |")
         for key, ratio in d.get("native_ops_speedup", {}).items():
             print(f"| {p.stem} | | | | | {key[5:]} | {ratio:.2f}x (native attention and confidence ops / SDPA and "

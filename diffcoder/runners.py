@@ -60,6 +60,10 @@ class _Graph:
     write_idx: torch.Tensor
     logits: torch.Tensor
     at: tuple  # (qs, we, key_valid) the static inputs other than the token ids were built for
+    # The rotary tables of `pos`, built once per block like the mask. Inside a compiled pass
+    # inductor fused their cos/sin into every layer's rotary kernel and recomputed them there.
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class StaticRunner:
@@ -108,20 +112,23 @@ class StaticRunner:
             if fresh:
                 # Contiguous copies: their strides must not depend on the decode's length (a
                 # compiled step guards on strides and would recompile for every new length).
-                g = _Graph(None, x[:, qs:we].clone(memory_format=torch.contiguous_format),
-                           pos[:, qs:we].clone(memory_format=torch.contiguous_format), mask,
-                           torch.arange(qs, we, device=x.device), None, at)
+                g_pos = pos[:, qs:we].clone(memory_format=torch.contiguous_format)
+                g = _Graph(None, x[:, qs:we].clone(memory_format=torch.contiguous_format), g_pos, mask,
+                           torch.arange(qs, we, device=x.device), None, at,
+                           *self.model.rotary(g_pos, self.model.dtype))
             else:
                 g.pos.copy_(pos[:, qs:we])
                 g.mask.copy_(mask)
                 g.write_idx.copy_(cols[qs:we])
+                for table, new in zip((g.cos, g.sin), self.model.rotary(g.pos, self.model.dtype)):
+                    table.copy_(new)
                 g.at = at
         if not fresh:
             g.ids.copy_(x[:, qs:we])
         cache.write_idx = g.write_idx
         try:
             if not self.use_graphs:
-                out = self._step(rule)(g.ids, g.pos, g.mask, cache, idx, *args)
+                out = self._step(rule)(g.ids, g.pos, g.mask, cache, idx, (g.cos, g.sin), *args)
             else:
                 if fresh:
                     self._capture(g, cache, idx)
@@ -143,7 +150,7 @@ class StaticRunner:
         step = self._step(None)
 
         def run() -> torch.Tensor:
-            return step(g.ids, g.pos, g.mask, cache, idx)
+            return step(g.ids, g.pos, g.mask, cache, idx, (g.cos, g.sin))
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -159,8 +166,8 @@ class StaticRunner:
 def static_step(model: torch.nn.Module, rule: functools.partial | None = None):  # noqa: ANN201
     """The static-shape pass as a function of its buffers: the logits at `idx`, or with a rule
     what `rule(logits, *args)` returns."""
-    def step(ids, pos, mask, cache, idx, *args):  # noqa: ANN001, ANN002, ANN202
-        logits = model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx)
+    def step(ids, pos, mask, cache, idx, rope, *args):  # noqa: ANN001, ANN002, ANN202
+        logits = model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx, rope=rope)
         return logits if rule is None else rule(logits, *args)
 
     return step

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from diffcoder.bench.decode import decode_matmuls, matmul_only_passes_per_s, random_model, weight_bytes_per_pass
+from diffcoder.bench.decode import (decode_matmuls, matmul_bound_tokens_per_s, matmul_only_passes_per_s, random_model,
+                                   weight_bytes_per_pass)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -17,6 +18,16 @@ def test_decode_matmuls_are_every_weight_a_pass_reads_but_the_norms(fused: bool)
     assert mms[-1][1] is model.lm_head.weight
     rate = matmul_only_passes_per_s(model, rows=4, repeats=1)
     assert rate > 0 and rate != float("inf")
+    commit = matmul_only_passes_per_s(model, rows=8, repeats=1, head_rows=4)  # a fused commit pass
+    assert commit > 0 and commit != float("inf")
+
+
+def test_matmul_bound_rate_counts_one_commit_pass_per_block():
+    # 2 blocks of 4 passes: 3 block steps at 100 passes/s and one commit pass at 50 each -> 0.1 s
+    run = {"nfe": 8, "tokens": 8}
+    assert matmul_bound_tokens_per_s(run, step_rate=100.0, commit_rate=50.0, blocks=2) == pytest.approx(80.0)
+    # batch 4: the same passes make four times the tokens
+    assert matmul_bound_tokens_per_s({"nfe": 8, "tokens": 32}, 100.0, 50.0, 2) == pytest.approx(320.0)
 
 
 def test_fold_query_groups_flag_is_recorded_and_restored(monkeypatch, capsys):
@@ -43,7 +54,10 @@ def test_profile_lists_the_largest_ops_per_pass():
 
     out = main(["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
                 "--no-baseline", "--batch-sizes", "1,2", "--profile", "40"])
+    assert out["batch_scaling_matmul_bound"] == pytest.approx(
+        out["ours"]["batch2"]["matmul_bound_tokens_per_s"] / out["ours"]["batch1"]["tokens_per_s"])
     for key in ("batch1", "batch2"):
+        assert out["ours"][key]["commit_matmul_only_passes_per_s"] > 0
         prof = out["ours"][key]["profile"]
         assert prof["clock"] == "cpu" and prof["passes"] == out["ours"][key]["nfe"]
         ops = prof["ops"]

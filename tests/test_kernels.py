@@ -49,6 +49,20 @@ def test_amx_linear_matches_the_exact_product_within_bf16_rounding(amx, rows, ou
     assert not strided.is_contiguous() and torch.equal(amx.amx_linear(strided, amx.pack_amx(w), out_features, b), y)
 
 
+@pytest.mark.parametrize("rows", [8, 64, 128, 80])
+def test_amx_linear_gives_each_row_the_same_bits_at_any_batch_size(amx, rows):
+    """A short x is read in place as one shortened tile and a long one as up to four m tiles per
+    panel, but every output sums over k in the same order: a row's result does not depend on the
+    rows batched with it (batched decoding gives each sequence what it gets alone)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+    w = torch.randn(3 * 16 + 8, 576, generator=gen).to(torch.bfloat16)  # an odd number of panels, the last short
+    packed = amx.pack_amx(w)
+    together = amx.amx_linear(x, packed, w.shape[0], None)
+    alone = torch.cat([amx.amx_linear(x[i:i + 4], packed, w.shape[0], None) for i in range(0, rows, 4)])
+    assert torch.equal(together, alone)
+
+
 def test_amx_linear_rejects_mismatched_inputs_with_a_clear_message(amx):
     w = torch.randn(32, 64).to(torch.bfloat16)
     packed = amx.pack_amx(w)

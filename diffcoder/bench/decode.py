@@ -152,19 +152,32 @@ def decode_matmuls(model: DiffCoderLM) -> list[tuple[Any, torch.Tensor]]:
     return [*mms, (model.linear, model.lm_head.weight)]
 
 
-def matmul_only_passes_per_s(model: DiffCoderLM, rows: int, repeats: int = 5) -> float:
+def matmul_only_passes_per_s(model: DiffCoderLM, rows: int, repeats: int = 5, head_rows: int | None = None) -> float:
     """Passes/s of a pass that were nothing but its matmuls (same kernels, same weights streamed
-    once each, `rows` input rows): the ceiling for the whole pass on this machine, so a bandwidth
-    shortfall splits into what the matmul kernels leave and what the rest of the pass adds."""
+    once each, `rows` input rows, `head_rows` of them (default all) through the vocabulary
+    projection): the ceiling for the whole pass on this machine, so a bandwidth shortfall splits
+    into what the matmul kernels leave and what the rest of the pass adds."""
     device, mms = model.device, decode_matmuls(model)
     inputs = {w.shape[1]: torch.randn(1, rows, w.shape[1], device=device, dtype=model.dtype) for _, w in mms}
+    head_x = inputs[model.lm_head.weight.shape[1]][:, :head_rows or rows]
 
     def sweep() -> None:
-        for fn, w in mms:
+        for fn, w in mms[:-1]:
             fn(inputs[w.shape[1]], w, None)
+        fn, w = mms[-1]
+        fn(head_x, w, None)
 
     with torch.inference_mode():  # the warm-up sweep also packs weights not packed yet
         return 1.0 / best_seconds(sweep, device, repeats, warmup=1)
+
+
+def matmul_bound_tokens_per_s(run: dict[str, Any], step_rate: float, commit_rate: float, blocks: int) -> float:
+    """Tokens/s of `run` had each of its passes taken only its matmuls' time: per block, one fused
+    commit pass (`commit_rate` passes/s; the first block's pass with the prefill counts as one)
+    and the rest block steps (`step_rate`)."""
+    per_block = run["nfe"] / blocks
+    seconds = blocks * ((per_block - 1) / step_rate + 1 / commit_rate)
+    return run["tokens"] / seconds
 
 
 def profile_decode(model: DiffCoderLM, prompts: list[list[int]], kw: dict[str, Any], top: int) -> dict[str, Any]:
@@ -402,6 +415,7 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     # Repeats go round every batch size (and policy) in turn, and batch 1 alternates with the
     # baseline: on a shared machine whose speed drifts, each setting then samples the same moments.
     runs: dict[str, list[dict[str, Any]]] = {}
+    matmul_rates: dict[tuple[int, int], float] = {}  # (rows, head rows) -> best matmuls-alone passes/s
     for _ in range(args.repeats):
         for b in batch_sizes:
             for suffix, policy in variants.items():
@@ -409,18 +423,30 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
                     runs.setdefault(f"batch{b}{suffix}", []).append(run_ours(model, prompts[:b], ours_kw))
             if hf is not None and b == 1:
                 base_runs.append(run_baseline(hf, prompts[0], base_kw, device))
+            # The matmuls alone of a block step and of a fused commit pass (twice the rows, the
+            # vocabulary projection on the block's), timed in the same round as the decode.
+            rows = b * args.block_length
+            for key in ((rows, rows), (2 * rows, rows)):
+                rate = matmul_only_passes_per_s(model, key[0], repeats=2, head_rows=key[1])
+                matmul_rates[key] = max(matmul_rates.get(key, 0.0), rate)
     for b in batch_sizes:
         best = min(runs[f"batch{b}"], key=lambda r: r["seconds"])
         best["peak_memory_bytes"] = peak_memory(device)
         best["bandwidth_fraction"] = wbytes * best["passes_per_s"] / bandwidth
-        best["matmul_only_passes_per_s"] = matmul_only_passes_per_s(model, b * args.block_length)
+        rows = b * args.block_length
+        best["matmul_only_passes_per_s"] = matmul_rates[rows, rows]
         best["matmul_only_bandwidth_fraction"] = wbytes * best["matmul_only_passes_per_s"] / bandwidth
+        best["commit_matmul_only_passes_per_s"] = matmul_rates[2 * rows, rows]
+        best["matmul_bound_tokens_per_s"] = matmul_bound_tokens_per_s(
+            best, matmul_rates[rows, rows], matmul_rates[2 * rows, rows], args.gen_length // args.block_length)
         results[f"batch{b}"] = best
         print(f"ours   batch {b:3d}: {best['tokens_per_s']:9.1f} tok/s  {best['passes_per_s']:8.1f} passes/s  "
               f"{best['passes_per_token']:.3f} passes/token  first block {best['time_to_first_block_s'] * 1e3:.1f} ms"
               f"  {100 * best['bandwidth_fraction']:.0f}% of bandwidth limit")
-        print(f"       its matmuls alone ({b * args.block_length} rows): {best['matmul_only_passes_per_s']:8.1f}"
-              f" passes/s  {100 * best['matmul_only_bandwidth_fraction']:.0f}% of bandwidth limit")
+        print(f"       its matmuls alone ({rows} rows): {best['matmul_only_passes_per_s']:8.1f}"
+              f" passes/s  {100 * best['matmul_only_bandwidth_fraction']:.0f}% of bandwidth limit; "
+              f"{2 * rows} rows (the fused commit pass): {best['commit_matmul_only_passes_per_s']:.1f} passes/s; "
+              f"a decode of matmuls alone: {best['matmul_bound_tokens_per_s']:.1f} tok/s")
         if args.profile > 0:
             best["profile"] = profile_decode(model, prompts[:b], ours_kw, args.profile)
             print_profile(best["profile"])
@@ -446,7 +472,12 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     if len(batch_sizes) > 1 and b1:
         top = results[f"batch{max(batch_sizes)}"]
         summary["batch_scaling"] = top["tokens_per_s"] / b1["tokens_per_s"]
-        print(f"batch {max(batch_sizes)} / batch 1 tokens/s: {summary['batch_scaling']:.2f}x")
+        # What the largest batch could reach over batch 1's measured rate if its passes were
+        # nothing but their matmuls (the prefill left out): a ceiling set by the matmul kernels.
+        summary["batch_scaling_matmul_bound"] = top["matmul_bound_tokens_per_s"] / b1["tokens_per_s"]
+        print(f"batch {max(batch_sizes)} / batch 1 tokens/s: {summary['batch_scaling']:.2f}x (at most "
+              f"{summary['batch_scaling_matmul_bound']:.2f}x if batch {max(batch_sizes)}'s passes were their "
+              "matmuls alone)")
     if args.ab_torch_ops:
         summary["native_ops_speedup"] = {f"batch{b}": results[f"batch{b}"]["tokens_per_s"]
                                          / results[f"batch{b}_torch_ops"]["tokens_per_s"] for b in batch_sizes}
