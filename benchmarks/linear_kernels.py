@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcoder import kernels
+from diffcoder.bench.decode import alternating_best
 
 AMX = "AMX kernel (diffcoder)"
 # smol-135m: hidden 576, 9 heads x 64 (q 576), 3 KV heads (k, v 192 each), MLP 1536.
@@ -97,15 +98,7 @@ def streamed(args: argparse.Namespace) -> None:
             sweeps = {name: (lambda fns=fns: [f(xs[w.shape[1]]) for f, w in zip(fns, weights)])
                       for name, fns in kernel_methods(weights, m).items()}
             sweeps["read ceiling (float32 sum)"] = lambda: [v.sum() for v in views]
-            best = dict.fromkeys(sweeps, float("inf"))
-            for sweep in sweeps.values():  # warm-up
-                sweep()
-            for _ in range(args.repeats):
-                for name, sweep in sweeps.items():
-                    t0 = time.perf_counter()
-                    sweep()
-                    best[name] = min(best[name], time.perf_counter() - t0)
-            for name, t in best.items():
+            for name, t in alternating_best(sweeps, args.repeats).items():
                 row = {"rows": m, "method": name, "pass_ms": round(1e3 * t, 2), "weight_GBps": round(wbytes / t / 1e9, 2)}
                 results.append(row)
                 print(json.dumps(row))

@@ -33,3 +33,6 @@ run smol135m_bf16_compiled_onednn --shape smol-135m --dtype bfloat16 --prompt-le
 # The kernels alone, on a whole pass's weights streamed from memory (why AMX up to 64 rows).
 echo "== linear_kernels_streamed"
 $PY benchmarks/linear_kernels.py --streamed --rows 4,8,16,32,64,128 --repeats 7 | tee benchmarks/results/cpu-dev/linear_kernels_streamed.txt
+# The attention op alone against SDPA at a decode step's shapes (30 layers' caches per sweep).
+echo "== attention_kernels"
+$PY benchmarks/attention_kernels.py | tee benchmarks/results/cpu-dev/attention_kernels.txt

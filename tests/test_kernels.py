@@ -1,6 +1,6 @@
 """The native CPU kernels (diffcoder/kernels): the AMX matmul (its results, its weight cache, how
-PackedLinear routes to it), the greedy confidence op against torch's ops, and the fallback
-wherever they cannot run."""
+PackedLinear routes to it), the greedy confidence op against torch's ops, the decode attention op
+against SDPA, and the fallback wherever they cannot run."""
 from __future__ import annotations
 
 import gc
@@ -249,6 +249,20 @@ def test_decode_attention_reads_strided_caches_and_zeroes_rows_that_see_nothing(
         amx.decode_attention(q, k, v, mask.float(), 0.125)
 
 
+@pytest.mark.parametrize("dim", [64, 16])  # AMX tiles, and the AVX-512 loops of other head sizes
+def test_decode_attention_ignores_whatever_the_unseen_cache_columns_hold(amx, dim):
+    """A static cache's columns past the sequence hold stale values or were never written: NaN and
+    infinities there, in blocks the op reads whole, must not reach any row's result."""
+    gen = torch.Generator().manual_seed(dim)
+    q = torch.randn(2, 3, 12, dim, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(2, 3, 64, dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    mask = torch.zeros(2, 1, 12, 64, dtype=torch.bool)
+    mask[..., :21] = True  # the first 16-key block whole, the second partly
+    clean = amx.decode_attention(q, k, v, mask, dim ** -0.5)
+    k[:, :, 21:], v[:, :, 21:] = float("nan"), float("inf")
+    assert torch.equal(amx.decode_attention(q, k, v, mask, dim ** -0.5), clean)
+
+
 def test_a_bf16_model_attends_natively_in_a_decode_step_and_agrees_with_sdpa(amx, monkeypatch):
     """Routing: a bf16 model's cached steps fold their query heads and take the native op (up to
     ATTENTION_MAX_ROWS rows; longer prefills stay on SDPA); same logits as SDPA up to bf16 noise."""
@@ -307,3 +321,19 @@ def test_a_kernel_that_does_not_compile_falls_back_and_says_why(tmp_path, monkey
     with pytest.warns(RuntimeWarning, match="did not build or load.*error"):
         assert kernels.native_ops() is None
     assert not kernels.library_path().exists()  # nothing half-built left where a later run would load it
+
+
+def test_the_attention_benchmark_checks_the_op_and_ends_with_json(amx):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "benchmarks/attention_kernels.py", "--batch-sizes", "2", "--rows", "12",
+                          "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    assert {row["method"] for row in lines[:-1]} == {"native op (diffcoder)", "SDPA"}
+    assert all(row["us_per_call"] > 0 for row in lines[:-1])
+    assert lines[-1]["name"] == "attention_kernels" and set(lines[-1]["sdpa_over_native"]) == {"batch2_rows12"}

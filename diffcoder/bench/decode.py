@@ -58,6 +58,20 @@ def best_seconds(fn: Any, device: torch.device, repeats: int, warmup: int = 0) -
     return best
 
 
+def alternating_best(sweeps: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Best seconds of each named function, after one warm-up call each, the functions taking turns
+    call by call: on a machine whose speed drifts within seconds, each samples the same moments."""
+    for sweep in sweeps.values():
+        sweep()
+    best = dict.fromkeys(sweeps, float("inf"))
+    for _ in range(repeats):
+        for name, sweep in sweeps.items():
+            t0 = time.perf_counter()
+            sweep()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def measure_bandwidth(device: torch.device, nbytes: int) -> dict[str, float]:
     """Best-of-5 read bandwidth in bytes/s of each way we have to read a buffer of `nbytes` once:
     a float32 sum, and on a CPU with AMX our matmul kernel streaming the same bytes as one weight

@@ -7,9 +7,10 @@
   error if it does not) or "onednn" (bit-identical to F.linear); it starts from
   $DIFFCODER_CPU_MATMUL.
 - `attention.cpp`: a decode step's attention (bf16, up to `ATTENTION_MAX_ROWS` query rows with
-  the query heads folded onto their KV head) for `diffcoder.model.Attention`, where SDPA's CPU
-  kernel pays a large fixed cost per call (what it changes in a whole pass: decode.py --ab-torch-ops). `CPU_ATTENTION["kernel"]` ("auto" or "torch", from
-  $DIFFCODER_CPU_ATTENTION) switches it off.
+  the query heads folded onto their KV head; AMX tile products for head sizes that are multiples
+  of 32) for `diffcoder.model.Attention`, where SDPA's CPU kernel pays a large fixed cost per call
+  (benchmarks/attention_kernels.py; in whole passes: decode.py --ab-torch-ops).
+  `CPU_ATTENTION["kernel"]` ("auto" or "torch", from $DIFFCODER_CPU_ATTENTION) switches it off.
 - `confidence.cpp`: the release's greedy low-confidence proposal (argmax without the mask token,
   its float64 softmax probability) in one pass over each position's logits, for
   `diffcoder.decode.propose`. `CPU_CONFIDENCE["kernel"]` ("auto" or "torch", from
@@ -36,12 +37,12 @@ from ..defaults import cache_root
 from ..fsutil import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("amx_linear.cpp", "confidence.cpp", "attention.cpp"))
-HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the library's hash
-COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+HEADERS = (Path(__file__).with_name("common.h"),)  # included by the sources: part of the library's hash
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
                  "-fopenmp"]
 # The library is compiled for these: loading it on a CPU without them could die on an illegal
 # instruction, so they are checked before anything is loaded.
-REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 # Streaming a smol-135m pass's weights (benchmarks/linear_kernels.py --streamed) the AMX kernel is
 # well ahead of oneDNN's prepacked kernel up to 32 rows, about even at 64 (either way across runs)
 # and behind at 128.

@@ -21,11 +21,9 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
 #include <torch/library.h>
-#include <unistd.h>
 
-#include "bf16.h"
+#include "common.h"
 
 #include <algorithm>
 #include <mutex>
@@ -40,32 +38,11 @@ constexpr int64_t kMaxMTiles = 4;     // C tiles per panel pass: 64 rows of x
 constexpr int64_t kPrefetchElems = 2048;  // prefetch 4 KB ahead in the panel (measured: 2-8 KB ahead all
                                           // beat the hardware prefetcher alone by ~20%)
 
-bool request_amx_permission() {
-  // Linux grants the 8 KB AMX register state per process on request (ARCH_REQ_XCOMP_PERM for
-  // XFEATURE_XTILEDATA); oneDNN asks the same way. Idempotent.
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using diffcoder_kernels::request_amx_permission;
 
 // Tiles 0-3: C (fp32 sums, 16 x 16); 4, 5: A (x, 16 rows x 32 bf16); 6: B (W panel, 16 k pairs).
 // `rows` < 16 shortens C0 and A4, for an x of fewer than 16 rows read in place.
-void configure_tiles(int rows) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  cfg.rows[0] = cfg.rows[4] = static_cast<uint8_t>(rows);
-  _tile_loadconfig(&cfg);
-}
+void configure_tiles(int rows) { diffcoder_kernels::configure_tiles(rows, 1u << 0 | 1u << 4); }
 
 int64_t padded_pairs(int64_t k) { return ((k + 1) / 2 + kTileRows - 1) / kTileRows * kTileRows; }
 

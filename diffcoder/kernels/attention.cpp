@@ -2,18 +2,30 @@
 // + mask) v for a few query rows (a block of 4 tokens times the query heads folded onto each KV
 // head) over a cache of a few hundred keys.
 //
-// Why: at that size SDPA's CPU flash kernel costs about 0.4 ms per call at batch 16, 30 calls per
-// smol-135m pass (benchmarks/results/cpu-dev/smol135m_bf16_compiled_profile_b16.txt, recorded
-// before this op; benchmarks/decode.py --ab-torch-ops measures the difference). Here each
-// (batch, KV head) is one task of three passes:
-//   scores: S^T[j] (16 query rows as the 16 lanes of a vector) = sum_d k[j, d] * q^T[d], with
-//           keys that no query row may see skipped entirely (the unused tail of a static cache);
+// Why: at that size SDPA's CPU flash kernel pays a large fixed cost per call, 30 calls per
+// smol-135m pass (benchmarks/attention_kernels.py times both at a decode's shapes;
+// benchmarks/decode.py --ab-torch-ops measures the difference in whole passes). Here each
+// (batch, KV head) is one task of three passes, 16 query rows at a time:
+//   scores: S^T[j] (the 16 query rows as the 16 lanes of a vector) = sum_d k[j, d] * q^T[d], with
+//           keys that no query row may see skipped (the unused tail of a static cache);
 //   softmax over the keys, lane by lane (vertical max, exp and sum: no horizontal reductions);
-//   values: O^T[d] = sum_j v[j, d] * P^T[j], 16 output columns at a time in registers.
-// Sums are fp32 in another order than SDPA's, so results agree to bf16 rounding, not bit for bit;
-// a query row that may see no key gets zeros, as SDPA gives.
+//   values: O = P V over the keys seen.
+// With a head dimension that is a multiple of 32 (every model here), the scores and the values are
+// AMX tile products: S^T blocks of 16 keys x 16 rows straight from the cache's key rows, and P V
+// with P rounded to bf16 (as SDPA's CPU kernel rounds it for bf16 inputs) against the seen value
+// rows, interleaved in pairs. Otherwise they are AVX-512 loops (bf16 pair dot products for the
+// scores, fp32 FMAs for the values). Sums are fp32 in another order than SDPA's, so results agree
+// to bf16 rounding, not bit for bit; a query row that may see no key gets zeros, as SDPA gives.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+// The vectorized helpers (a 16 x 16 bf16 transpose) for the AVX-512 build this file always is.
+#ifndef CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY avx512
+#endif
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -23,11 +35,12 @@
 #include <limits>
 #include <vector>
 
-#include "bf16.h"
+#include "common.h"
 
 namespace {
 
 constexpr int kLanes = 16;
+constexpr int64_t kTileQ = 16 * kLanes;  // int32 pairs of q^T in one B tile: 16 pairs x 16 rows
 
 using diffcoder_kernels::bf16x16_to_fp32;
 
@@ -41,114 +54,295 @@ struct Views {
   int64_t os[3];
 };
 
-void attend(const Views& a, int64_t b, int64_t h, std::vector<float>& scratch, std::vector<uint16_t>& sees,
-            std::vector<int32_t>& seen) {
+// Per-thread buffers, grown to the largest task seen.
+struct Scratch {
+  std::vector<float> f;          // q^T pairs, S^T (P^T after the softmax), values or O
+  std::vector<uint16_t> sees;    // per key: which of the 16 rows may see it (bit r = row r0 + r)
+  std::vector<int32_t> seen;     // keys some row sees, in order
+  std::vector<c10::BFloat16> h;  // AMX: P^T and P in bf16, the seen value rows interleaved in pairs
+};
+
+// Which of rows r0.. (`lanes` of them) may see each key: sees[j] bit r. A mask row is read 64
+// keys at a time and spread onto the 16-bit words of 32 keys per vector, no per-key loop.
+void mark_sees(const Views& a, int64_t b, int64_t h, int64_t r0, int lanes, uint16_t* sees) {
+  const int64_t L = a.keys, L64 = (L + 63) / 64 * 64;
+  const uint16_t live = static_cast<uint16_t>((1u << lanes) - 1);
+  if (!a.mask) {
+    for (int64_t j = 0; j < L; ++j) sees[j] = live;
+    return;
+  }
+  const bool* m = a.mask + b * a.ms[0] + h * a.ms[1];
+  if (a.ms[3] != 1) {  // a mask strided along the keys: bit by bit
+    for (int64_t j = 0; j < L; ++j) sees[j] = 0;
+    for (int lane = 0; lane < lanes; ++lane)
+      for (int64_t j = 0; j < L; ++j) sees[j] |= static_cast<uint16_t>(m[(r0 + lane) * a.ms[2] + j * a.ms[3]]) << lane;
+    return;
+  }
+  for (int64_t j0 = 0; j0 < L64; j0 += 64) {
+    const int64_t n = std::min<int64_t>(64, L - j0);
+    const __mmask64 in = n == 64 ? ~0ULL : (1ULL << n) - 1;
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    for (int lane = 0; lane < lanes; ++lane) {
+      const uint64_t bits = _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in, m + (r0 + lane) * a.ms[2] + j0),
+                                                  _mm512_set1_epi8(1));
+      const __m512i bit = _mm512_set1_epi16(static_cast<int16_t>(1u << lane));
+      lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi16(static_cast<__mmask32>(bits), bit));
+      hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi16(static_cast<__mmask32>(bits >> 32), bit));
+    }
+    _mm512_storeu_si512(sees + j0, lo);  // sees has room for L rounded up to 64
+    _mm512_storeu_si512(sees + j0 + 32, hi);
+  }
+}
+
+// One key's scores for the 16 rows: the bf16 pair dot products of k[j] with q^T.
+__m512 key_scores(const int32_t* kp, const int32_t* qp, int64_t pairs) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t i = 0; i < pairs; i += 2) {
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_set1_epi32(kp[i]), (__m512bh)_mm512_loadu_si512(qp + i * kLanes));
+    acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_set1_epi32(kp[i + 1]),
+                            (__m512bh)_mm512_loadu_si512(qp + (i + 1) * kLanes));
+  }
+  return _mm512_add_ps(acc0, acc1);
+}
+
+// Scaled, masked scores S^T[j] of every seen key into st (masked lanes -inf); their running max.
+// AVX-512: four keys at a time share each load of q^T and keep eight sums in flight.
+__m512 scores_avx(const c10::BFloat16* k, int64_t k_stride, const int32_t* qp, int64_t d, const uint16_t* sees,
+                  const std::vector<int32_t>& seen, float scale, float* st) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vscale = _mm512_set1_ps(scale);
+  __m512 mx = neg_inf;
+  const int64_t n_seen = static_cast<int64_t>(seen.size());
+  for (int64_t n = 0; n < n_seen; n += 4) {
+    const int32_t* kp[4];
+    for (int u = 0; u < 4; ++u)
+      kp[u] = reinterpret_cast<const int32_t*>(k + seen[std::min(n + u, n_seen - 1)] * k_stride);
+    __m512 acc[4][2];
+    for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d / 2; i += 2) {
+      const __m512bh qa = (__m512bh)_mm512_loadu_si512(qp + i * kLanes);
+      const __m512bh qb = (__m512bh)_mm512_loadu_si512(qp + (i + 1) * kLanes);
+      for (int u = 0; u < 4; ++u) {
+        acc[u][0] = _mm512_dpbf16_ps(acc[u][0], (__m512bh)_mm512_set1_epi32(kp[u][i]), qa);
+        acc[u][1] = _mm512_dpbf16_ps(acc[u][1], (__m512bh)_mm512_set1_epi32(kp[u][i + 1]), qb);
+      }
+    }
+    for (int u = 0; u < 4 && n + u < n_seen; ++u) {
+      const int64_t j = seen[n + u];
+      const __m512 sc = _mm512_mask_blend_ps(sees[j], neg_inf, _mm512_mul_ps(_mm512_add_ps(acc[u][0], acc[u][1]), vscale));
+      _mm512_storeu_ps(st + j * kLanes, sc);
+      mx = _mm512_max_ps(mx, sc);
+    }
+  }
+  return mx;
+}
+
+// Rows [j0, j1) of a [keys][d] bf16 cache, towards L1.
+void prefetch_rows(const c10::BFloat16* base, int64_t stride, int64_t d, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t c = 0; c < d * 2; c += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(base + j * stride) + c, _MM_HINT_T0);
+}
+
+// The same with AMX (d a multiple of 32): per block of 16 keys that some row sees, S^T = K q^T
+// as one C tile (tile 0), A = 16 key rows x 32 dims read in place from the cache (tiles 4, 5),
+// B = q^T's pairs (tiles 6, 7, loaded once when d <= 64). Keys after the last whole block: AVX.
+__m512 scores_amx(const c10::BFloat16* k, int64_t k_stride, const int32_t* qp, int64_t d, int64_t L,
+                  const uint16_t* sees, float scale, float* st) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vscale = _mm512_set1_ps(scale);
+  __m512 mx = neg_inf;
+  const int64_t chunks = d / 32, k_bytes = k_stride * 2;
+  const bool preloaded = chunks <= 2;
+  if (preloaded) {
+    _tile_loadd(6, qp, 64);
+    if (chunks > 1) _tile_loadd(7, qp + kTileQ, 64);
+  }
+  alignas(64) float block[kLanes * kLanes];
+  auto take = [&](int64_t j, __m512 raw) {
+    const __m512 sc = _mm512_mask_blend_ps(sees[j], neg_inf, _mm512_mul_ps(raw, vscale));
+    _mm512_storeu_ps(st + j * kLanes, sc);
+    mx = _mm512_max_ps(mx, sc);
+  };
+  const int64_t whole = L / kLanes * kLanes;
+  prefetch_rows(k, k_stride, d, 0, std::min<int64_t>(L, 2 * kLanes));
+  for (int64_t j0 = 0; j0 < whole; j0 += kLanes) {
+    // Tile loads are not prefetched by the hardware: ask for the key rows two blocks ahead.
+    prefetch_rows(k, k_stride, d, j0 + 2 * kLanes, std::min<int64_t>(L, j0 + 3 * kLanes));
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sees + j0));
+    if (_mm256_testz_si256(words, words)) continue;  // no row sees these 16 keys
+    _tile_zero(0);
+    const char* kb = reinterpret_cast<const char*>(k + j0 * k_stride);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (preloaded && c == 0) {
+        _tile_loadd(4, kb, k_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+      } else if (preloaded) {
+        _tile_loadd(5, kb + 64, k_bytes);
+        _tile_dpbf16ps(0, 5, 7);
+      } else {
+        _tile_loadd(4, kb + c * 64, k_bytes);
+        _tile_loadd(6, qp + c * kTileQ, 64);
+        _tile_dpbf16ps(0, 4, 6);
+      }
+    }
+    _tile_stored(0, block, 64);
+    for (int i = 0; i < kLanes; ++i)
+      if (sees[j0 + i]) take(j0 + i, _mm512_load_ps(block + i * kLanes));
+  }
+  for (int64_t j = whole; j < L; ++j)
+    if (sees[j]) take(j, key_scores(reinterpret_cast<const int32_t*>(k + j * k_stride), qp, d / 2));
+  return mx;
+}
+
+// O^T[d] = sum over the seen keys n of v[seen[n], d] P^T[n], 16 columns of d at a time held in
+// registers (ot: [d][16 lanes]).
+void values_avx(const c10::BFloat16* v, int64_t v_stride, int64_t d, const std::vector<int32_t>& seen,
+                const float* pt, float* vf, float* ot) {
+  const int64_t n_seen = static_cast<int64_t>(seen.size());
+  for (int64_t d0 = 0; d0 < d; d0 += kLanes) {
+    __m512 acc[kLanes];
+    for (int i = 0; i < kLanes; ++i) acc[i] = _mm512_setzero_ps();
+    // These 16 columns of the seen values as fp32 first, so that each is broadcast from memory.
+    for (int64_t n = 0; n < n_seen; ++n) _mm512_storeu_ps(vf + n * kLanes, bf16x16_to_fp32(v + seen[n] * v_stride + d0));
+    for (int64_t n = 0; n < n_seen; ++n) {
+      const __m512 p = _mm512_loadu_ps(pt + n * kLanes);
+      const float* vr = vf + n * kLanes;
+      for (int i = 0; i < kLanes; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(vr[i]), p, acc[i]);
+    }
+    for (int i = 0; i < kLanes; ++i) _mm512_storeu_ps(ot + (d0 + i) * kLanes, acc[i]);
+  }
+}
+
+// O = P V with AMX (d a multiple of 32; o: [16 rows][d]). P (rows x seen keys, bf16) comes from
+// P^T by 16 x 16 transposes; the seen value rows are interleaved in pairs of keys (AMX's B layout:
+// [key pair][d][2]); both are zero-padded to 32 keys. Per 64 columns of d, four C tiles (0-3)
+// accumulate A = P's 32 keys (tile 4) times B = their 16 value pairs x 16 columns (tiles 5-7).
+void values_amx(const c10::BFloat16* v, int64_t v_stride, int64_t d, const std::vector<int32_t>& seen,
+                const float* pt, std::vector<c10::BFloat16>& h, float* o) {
+  const int64_t n_seen = static_cast<int64_t>(seen.size()), n_pad = (n_seen + 31) / 32 * 32;
+  h.resize(static_cast<size_t>(2 * n_pad * kLanes + n_pad * d));
+  c10::BFloat16* ptb = h.data();             // P^T in bf16: [n_pad][16]
+  c10::BFloat16* p = ptb + n_pad * kLanes;   // P: [16][n_pad]
+  c10::BFloat16* vv = p + n_pad * kLanes;    // [n_pad / 2][d][2]
+  for (int64_t n = 0; n < n_pad; ++n) {
+    const __m256i row = n < n_seen ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(pt + n * kLanes)) : _mm256_setzero_si256();
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptb + n * kLanes), row);
+  }
+  for (int64_t n0 = 0; n0 < n_pad; n0 += kLanes)
+    at::vec::transpose_mxn<c10::BFloat16, kLanes, kLanes>(ptb + n0 * kLanes, kLanes, p + n0, n_pad);
+  // out[2i] = first[i], out[2i + 1] = second[i]: i = 0..15 (lo) or 16..31 (hi)
+  alignas(64) int16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 16; ++i) {
+    lo_idx[2 * i] = static_cast<int16_t>(i), lo_idx[2 * i + 1] = static_cast<int16_t>(32 + i);
+    hi_idx[2 * i] = static_cast<int16_t>(16 + i), hi_idx[2 * i + 1] = static_cast<int16_t>(48 + i);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t kp = 0; kp < n_pad / 2; ++kp) {
+    const c10::BFloat16* first = 2 * kp < n_seen ? v + seen[2 * kp] * v_stride : nullptr;
+    const c10::BFloat16* second = 2 * kp + 1 < n_seen ? v + seen[2 * kp + 1] * v_stride : nullptr;
+    for (int64_t d0 = 0; d0 < d; d0 += 32) {
+      const __m512i x = first ? _mm512_loadu_si512(first + d0) : _mm512_setzero_si512();
+      const __m512i y = second ? _mm512_loadu_si512(second + d0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vv + (kp * d + d0) * 2, _mm512_permutex2var_epi16(x, lo, y));
+      _mm512_storeu_si512(vv + (kp * d + d0 + 16) * 2, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+  const int64_t p_bytes = n_pad * 2, vv_bytes = d * 4;
+  for (int64_t dg = 0; dg < d; dg += 64) {
+    const bool four = d - dg >= 64;  // else 32 columns: two C tiles
+    _tile_zero(0);
+    _tile_zero(1);
+    if (four) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t kc = 0; kc < n_pad; kc += 32) {
+      const c10::BFloat16* b = vv + ((kc / 2) * d + dg) * 2;
+      _tile_loadd(4, p + kc, p_bytes);
+      _tile_loadd(5, b, vv_bytes);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, b + 32, vv_bytes);
+      _tile_dpbf16ps(1, 4, 6);
+      if (four) {
+        _tile_loadd(7, b + 64, vv_bytes);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, b + 96, vv_bytes);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, o + dg, d * 4);
+    _tile_stored(1, o + dg + 16, d * 4);
+    if (four) {
+      _tile_stored(2, o + dg + 32, d * 4);
+      _tile_stored(3, o + dg + 48, d * 4);
+    }
+  }
+}
+
+void attend(const Views& a, int64_t b, int64_t h, bool amx, Scratch& s) {
   const int64_t d = a.dim, L = a.keys;
-  // scratch: q^T [d][16], S^T/P^T [L][16], values [L][16], O^T [d][16]
-  scratch.resize(static_cast<size_t>(d * kLanes * 2 + 2 * L * kLanes));
-  float* qt = scratch.data();
+  // f: q^T [d][16], S^T/P^T [L][16], values [L][16] (AVX) or O [16][d] (AMX), O^T [d][16] (AVX)
+  s.f.resize(static_cast<size_t>(d * kLanes * 2 + 2 * L * kLanes));
+  float* qt = s.f.data();
   float* st = qt + d * kLanes;
   float* vf = st + L * kLanes;
   float* ot = vf + L * kLanes;
-  sees.resize(static_cast<size_t>(L));
+  s.sees.resize(static_cast<size_t>((L + 63) / 64 * 64));
   const c10::BFloat16* q = a.q + b * a.qs[0] + h * a.qs[1];
   const c10::BFloat16* k = a.k + b * a.ks[0] + h * a.ks[1];
   const c10::BFloat16* v = a.v + b * a.vs[0] + h * a.vs[1];
   c10::BFloat16* out = a.out + b * a.os[0] + h * a.os[1];
   for (int64_t r0 = 0; r0 < a.rows; r0 += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, a.rows - r0));
-    const __mmask16 live = static_cast<__mmask16>((1u << lanes) - 1);
-    // q^T for these rows (zeros in dead lanes) and which rows may see each key.
-    int32_t* qp = reinterpret_cast<int32_t*>(qt);  // q^T as bf16 pairs: [d / 2][16 lanes]
+    // q^T for these rows as bf16 pairs [d / 2][16 lanes] (zeros in dead lanes).
+    int32_t* qp = reinterpret_cast<int32_t*>(qt);
     for (int64_t i = 0; i < d / 2 * kLanes; ++i) qp[i] = 0;
     for (int lane = 0; lane < lanes; ++lane) {
       const int32_t* qr = reinterpret_cast<const int32_t*>(q + (r0 + lane) * a.qs[2]);
       for (int64_t i = 0; i < d / 2; ++i) qp[i * kLanes + lane] = qr[i];
     }
-    for (int64_t j = 0; j < L; ++j) sees[j] = a.mask ? 0 : live;
-    if (a.mask) {
-      const bool* m = a.mask + b * a.ms[0] + h * a.ms[1];
-      for (int lane = 0; lane < lanes; ++lane) {
-        const bool* mr = m + (r0 + lane) * a.ms[2];
-        if (a.ms[3] != 1) {
-          for (int64_t j = 0; j < L; ++j) sees[j] |= static_cast<uint16_t>(mr[j * a.ms[3]]) << lane;
-          continue;
-        }
-        for (int64_t j0 = 0; j0 < L; j0 += 64) {  // 64 keys' bytes at a time; visit only the true ones
-          const int64_t n = std::min<int64_t>(64, L - j0);
-          const __mmask64 in = n == 64 ? ~0ULL : (1ULL << n) - 1;
-          for (uint64_t bits = _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in, mr + j0), _mm512_set1_epi8(1));
-               bits; bits &= bits - 1)
-            sees[j0 + __builtin_ctzll(bits)] |= static_cast<uint16_t>(1u << lane);
-        }
-      }
-    }
-    // Scores and their running max, lane by lane.
-    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __m512 mx = neg_inf;
-    const __m512 vscale = _mm512_set1_ps(a.scale);
-    seen.clear();
+    uint16_t* sees = s.sees.data();
+    mark_sees(a, b, h, r0, lanes, sees);
+    s.seen.clear();
     for (int64_t j = 0; j < L; ++j)
-      if (sees[j]) seen.push_back(static_cast<int32_t>(j));
-    const int64_t n_seen = static_cast<int64_t>(seen.size());
-    // bf16 pair dot products: lane r += k[j, 2i] q[r, 2i] + k[j, 2i + 1] q[r, 2i + 1], with k's
-    // pair broadcast straight from the cache and q^T in pairs (products exact in fp32). Four keys
-    // at a time share each load of q^T and keep eight independent sums in flight.
-    for (int64_t n = 0; n < n_seen; n += 4) {
-      const int32_t* kp[4];
-      for (int u = 0; u < 4; ++u)
-        kp[u] = reinterpret_cast<const int32_t*>(k + seen[std::min(n + u, n_seen - 1)] * a.ks[2]);
-      __m512 acc[4][2];
-      for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < d / 2; i += 2) {
-        const __m512bh qa = (__m512bh)_mm512_loadu_si512(qp + i * kLanes);
-        const __m512bh qb = (__m512bh)_mm512_loadu_si512(qp + (i + 1) * kLanes);
-        for (int u = 0; u < 4; ++u) {
-          acc[u][0] = _mm512_dpbf16_ps(acc[u][0], (__m512bh)_mm512_set1_epi32(kp[u][i]), qa);
-          acc[u][1] = _mm512_dpbf16_ps(acc[u][1], (__m512bh)_mm512_set1_epi32(kp[u][i + 1]), qb);
-        }
-      }
-      for (int u = 0; u < 4 && n + u < n_seen; ++u) {
-        const int64_t j = seen[n + u];
-        const __m512 sc = _mm512_mask_blend_ps(sees[j], neg_inf, _mm512_mul_ps(_mm512_add_ps(acc[u][0], acc[u][1]), vscale));
-        _mm512_storeu_ps(st + j * kLanes, sc);
-        mx = _mm512_max_ps(mx, sc);
-      }
-    }
+      if (sees[j]) s.seen.push_back(static_cast<int32_t>(j));
+    const int64_t n_seen = static_cast<int64_t>(s.seen.size());
+    const __m512 mx = amx ? scores_amx(k, a.ks[2], qp, d, L, sees, a.scale, st)
+                          : scores_avx(k, a.ks[2], qp, d, sees, s.seen, a.scale, st);
     // Softmax numerators (masked lanes: exp(-inf) = 0) and their sums; a lane that sees no key
     // keeps max -inf, shifted by 0 instead so that it sums to 0 rather than NaN.
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, neg_inf, _CMP_EQ_OQ), mx, _mm512_setzero_ps());
     __m512 sum = _mm512_setzero_ps();
     for (int64_t n = 0; n < n_seen; ++n) {  // packed: P^T row n is key seen[n]
-      const __m512 p = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(st + seen[n] * kLanes), shift));
+      const __m512 p = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(st + s.seen[n] * kLanes), shift));
       _mm512_storeu_ps(st + n * kLanes, p);
       sum = _mm512_add_ps(sum, p);
-    }
-    // Values, 16 output columns at a time held in registers.
-    for (int64_t d0 = 0; d0 < d; d0 += kLanes) {
-      __m512 acc[kLanes];
-      for (int i = 0; i < kLanes; ++i) acc[i] = _mm512_setzero_ps();
-      // These 16 columns of the seen values as fp32 first, so that each is broadcast from memory.
-      for (int64_t n = 0; n < n_seen; ++n) _mm512_storeu_ps(vf + n * kLanes, bf16x16_to_fp32(v + seen[n] * a.vs[2] + d0));
-      for (int64_t n = 0; n < n_seen; ++n) {
-        const __m512 p = _mm512_loadu_ps(st + n * kLanes);
-        const float* vr = vf + n * kLanes;
-        for (int i = 0; i < kLanes; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(vr[i]), p, acc[i]);
-      }
-      for (int i = 0; i < kLanes; ++i) _mm512_storeu_ps(ot + (d0 + i) * kLanes, acc[i]);
     }
     alignas(64) float inv[kLanes];
     const __m512 zero = _mm512_setzero_ps();
     _mm512_store_ps(inv, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(sum, zero, _CMP_GT_OQ), zero,
                                               _mm512_div_ps(_mm512_set1_ps(1.0f), sum)));
+    if (amx) {
+      float* o = vf;  // O: [16][d]
+      values_amx(v, a.vs[2], d, s.seen, st, s.h, o);
+      for (int lane = 0; lane < lanes; ++lane) {
+        c10::BFloat16* dst = out + (r0 + lane) * a.os[2];
+        const __m512 scale_lane = _mm512_set1_ps(inv[lane]);
+        for (int64_t d0 = 0; d0 < d; d0 += kLanes)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d0),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + lane * d + d0), scale_lane)));
+      }
+      continue;
+    }
+    values_avx(v, a.vs[2], d, s.seen, st, vf, ot);
     const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32(kLanes));
     for (int lane = 0; lane < lanes; ++lane) {
-      c10::BFloat16* o = out + (r0 + lane) * a.os[2];
+      c10::BFloat16* dst = out + (r0 + lane) * a.os[2];
       const __m512 scale_lane = _mm512_set1_ps(inv[lane]);
       for (int64_t d0 = 0; d0 < d; d0 += kLanes) {  // O^T's column `lane`, 16 rows at a time
         const __m512 x = _mm512_i32gather_ps(column, ot + d0 * kLanes + lane, 4);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d0), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(x, scale_lane)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d0), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(x, scale_lane)));
       }
     }
   }
@@ -194,11 +388,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   a.scale = static_cast<float>(scale);
   a.out = out.data_ptr<c10::BFloat16>();
   if (L == 0) return out.zero_();
+  const bool amx = D % 32 == 0 && diffcoder_kernels::request_amx_permission();
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch;
-    std::vector<uint16_t> sees;
-    std::vector<int32_t> seen;
-    for (int64_t t = t0; t < t1; ++t) attend(a, t / H, t % H, scratch, sees, seen);
+    if (amx) diffcoder_kernels::configure_tiles();
+    Scratch scratch;
+    for (int64_t t = t0; t < t1; ++t) attend(a, t / H, t % H, amx, scratch);
+    if (amx) _tile_release();
   });
   return out;
 }

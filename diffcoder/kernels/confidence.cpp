@@ -22,7 +22,7 @@
 #include <limits>
 #include <tuple>
 
-#include "bf16.h"
+#include "common.h"
 
 namespace {
 
