@@ -69,6 +69,20 @@ def test_profile_lists_the_largest_ops_per_pass():
         assert any(n in ("aten::addmm", "aten::mm", "aten::linear") for n in names), names
 
 
+def test_profile_of_a_compiled_cpu_step_names_its_fused_kernels():
+    """--profile with a compiled runner on a CPU compiles the step with a profiler record per
+    inductor kernel, so the profile shows them instead of one opaque graph call; only for the run."""
+    from torch._inductor import config
+
+    from diffcoder.bench.decode import main
+
+    out = main(["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
+                "--no-baseline", "--runner", "compiled_static", "--profile", "200"])
+    names = [op["name"] for op in out["ours"]["batch1"]["profile"]["ops"]]
+    assert any("cpp_fused" in n for n in names), names
+    assert config.cpp.enable_kernel_profile is False
+
+
 def test_cpu_matmul_flag_picks_the_kernel_for_the_run_and_the_limit_is_the_fastest_reader():
     """--cpu-matmul sets the bf16 kernel policy for the run only and the JSON says which kernel the
     decode steps used; the bandwidth limit is the fastest of the ways the script read 1 GiB."""

@@ -321,7 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="after timing, profile one decode per batch size and print its TOP largest ops "
-                        "(self time per pass; on a GPU the kernels, CUDA-graph replays included)")
+                        "(self time per pass; on a GPU the kernels, CUDA-graph replays included; a compiled "
+                        "CPU step is compiled with a record per fused kernel, which costs its timed runs a "
+                        "little)")
     p.add_argument("--fold-query-groups", default="auto", choices=["auto", "on", "off"],
                    help="GQA attention with each KV head's query heads folded into one query (auto: the "
                         "device's default in diffcoder.model.FOLD_QUERY_GROUPS)")
@@ -365,9 +367,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     # The policies hold for this run only (patch.dict restores them).
+    # A compiled CPU step is otherwise one opaque entry in a profile: inductor can give each of its
+    # fused C++ kernels a profiler record (set before anything compiles; restored afterwards).
+    kernel_records = args.profile > 0 and args.runner.startswith("compiled") and device.type == "cpu"
     with mock.patch.dict(CPU_MATMUL, kernel=args.cpu_matmul), native_policies(args.cpu_attention, args.cpu_confidence), \
-            query_group_folding(device.type, args.fold_query_groups) as fold:
+            query_group_folding(device.type, args.fold_query_groups) as fold, \
+            inductor_kernel_records(kernel_records):
         return run_benchmark(args, device, fold, argv)
+
+
+@contextlib.contextmanager
+def inductor_kernel_records(on: bool) -> Iterator[None]:
+    if not on:
+        yield
+        return
+    from torch._inductor import config
+
+    with config.patch({"cpp.enable_kernel_profile": True}):
+        yield
 
 
 def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
