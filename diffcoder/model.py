@@ -11,6 +11,7 @@ Attention takes an explicit boolean mask, so one module serves causal (AR), bloc
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +199,13 @@ class Attention(nn.Module):
         b, q, _ = x.shape
         if self.qkv is not None:
             # One matmul for q, k and v, and one rotary application for q and k together.
-            heads = self.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim).transpose(1, 2)
+            heads = self.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim)
+            native = self._native_step(heads, mask, cache)
+            if native is not None:  # a decode step on a CPU in bf16: rotary, cache writes and attention in one op
+                out = self._native_attention(native, heads, cos, sin, mask, cache, layer)
+                return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim),
+                                   self.o_proj.weight, self.o_proj.bias)
+            heads = heads.transpose(1, 2)
             qk = heads[:, :self.n_heads + self.n_kv]
             qk = qk * cos + rotate_half(qk) * sin
             qs, ks, vs = qk[:, :self.n_heads], qk[:, self.n_heads:], heads[:, self.n_heads + self.n_kv:]
@@ -236,6 +243,26 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim), self.o_proj.weight,
                            self.o_proj.bias)
+
+    def _native_step(self, heads: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> Any | None:
+        """The native ops if this cached step (heads: [batch, tokens, heads, dim]) attends on
+        `rope_cache_attention` (diffcoder/kernels/attention.cpp), else None."""
+        if cache is None or self.head_dim % 32 or not folds_query_groups(self.n_heads, self.n_kv, heads):
+            return None
+        return kernels.attention_ops(heads, mask, rows=self.n_heads // self.n_kv * heads.shape[1])
+
+    def _native_attention(self, native: Any, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
+        """[batch, heads, tokens, dim]: the step's keys and values written into the cache (at the
+        static write columns, or after the cached ones) and its queries attended, in one op."""
+        b, q = heads.shape[:2]
+        if cache.write_idx is not None:
+            cols, keys = cache.write_idx, cache.k[layer].shape[2]
+        else:
+            cols, keys = torch.arange(cache.length, cache.length + q, device=heads.device), cache.length + q
+        out = native.rope_cache_attention(heads, cos, sin, cache.k[layer], cache.v[layer], cols, keys, self.n_heads,
+                                          mask, self.head_dim ** -0.5)
+        return out.reshape(b, self.n_heads, q, self.head_dim)
 
 
 class MLP(nn.Module):

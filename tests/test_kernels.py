@@ -292,6 +292,83 @@ def test_a_bf16_model_attends_natively_in_a_decode_step_and_agrees_with_sdpa(amx
     assert not torch.equal(native, sdpa)  # the native op really ran (its sums round differently)
 
 
+def rope_reference(heads, cos, sin, n_heads):  # noqa: ANN001, ANN201
+    """The unfused step: rotary in fp32 rounded once to bf16 (as the compiled step computes it)."""
+    from diffcoder.model import rotate_half
+
+    h = heads.float().transpose(1, 2)
+    qk = (h[:, :n_heads + (h.shape[1] - n_heads) // 2] * cos.float()
+          + rotate_half(h[:, :n_heads + (h.shape[1] - n_heads) // 2]) * sin.float()).to(torch.bfloat16)
+    return qk[:, :n_heads], qk[:, n_heads:], h[:, qk.shape[1]:].to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch_cos", [3, 1])  # the rotary tables per sequence, or shared
+def test_rope_cache_attention_writes_the_cache_and_attends_like_the_unfused_ops(amx, batch_cos):
+    gen = torch.Generator().manual_seed(batch_cos)
+    b, t, n_heads, kv, d, cols = 3, 4, 6, 2, 64, 40
+    heads = torch.randn(b, t, n_heads + 2 * kv, d, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(batch_cos, 1, t, d, generator=gen) * 6
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    k_cache, v_cache = (torch.randn(b, kv, cols, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    write, keys = torch.arange(20, 24), 24
+    mask = torch.rand(b, 1, n_heads // kv * t, keys, generator=gen) > 0.3
+    mask[..., 0] = True
+    out = amx.rope_cache_attention(heads, cos, sin, k_cache, v_cache, write, keys, n_heads, mask, d ** -0.5)
+    qs, ks, vs = rope_reference(heads, cos, sin, n_heads)
+    k_ref[:, :, write], v_ref[:, :, write] = ks, vs
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # columns past `keys` untouched too
+    ref = reference_attention(qs.reshape(b, kv, -1, d), k_ref[:, :, :keys], v_ref[:, :, :keys], mask)
+    assert out.shape == (b, kv, n_heads // kv * t, d)
+    assert (out.float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item() + 1e-3
+    with pytest.raises(RuntimeError, match="outside the 24 keys"):
+        amx.rope_cache_attention(heads, cos, sin, k_cache, v_cache, write + 1, keys, n_heads, mask, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        amx.rope_cache_attention(heads[..., :16], cos[..., :16], sin[..., :16], k_cache[..., :16], v_cache[..., :16],
+                                 write, keys, n_heads, None, 1.0)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_fused_bf16_model_steps_on_rope_cache_attention_and_agrees_with_sdpa(amx, monkeypatch, static):
+    """With fused q/k/v and a head size that is a multiple of 32, a cached decode step (dynamic
+    cache, or the static runner's write columns) takes the one-op path; its logits and its cache
+    agree with the unfused ops (SDPA) up to bf16 noise."""
+    from test_model import make
+
+    from diffcoder.masks import decode_mask
+
+    model = make(seed=9, hidden_size=128, head_dim=32).to(torch.bfloat16).fuse_projections()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(1))
+    step = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2))
+
+    def decode_step() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = model.new_cache(2, 16)
+        model(ids, attn_mask=("block_causal", 4), cache=cache)
+        if not static:
+            logits = model(step, attn_mask=("block_causal", 4), cache=cache, keep=0)
+        else:
+            cols = torch.arange(16)
+            cache.write_idx = torch.arange(8, 12)
+            mask = decode_mask(cols[8:12], cols, torch.ones(2, 16, dtype=torch.bool) & (cols < 12), 4)
+            logits = model(step, torch.arange(8, 12).expand(2, 4), attn_mask=mask, cache=cache)
+            cache.write_idx = None
+        return logits.float(), cache.k[0][:, :, :12].float()
+
+    calls = []
+    original = model.model.layers[0].self_attn._native_attention.__func__
+    monkeypatch.setattr(type(model.model.layers[0].self_attn), "_native_attention",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.inference_mode():
+        native, native_cache = decode_step()
+        n_native = len(calls)
+        monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "torch")
+        sdpa, sdpa_cache = decode_step()
+    assert n_native == 2 * model.config.num_hidden_layers  # the 8-token prefill (16 folded rows) and the step
+    assert len(calls) == n_native  # none under DIFFCODER_CPU_ATTENTION=torch
+    assert (native - sdpa).abs().max().item() < 0.05 * sdpa.abs().max().item()
+    assert (native_cache - sdpa_cache).abs().max().item() < 0.05 * sdpa_cache.abs().max().item()
+
+
 def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch):
     monkeypatch.setattr(kernels, "_LOADED", {})
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})

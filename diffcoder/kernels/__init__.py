@@ -9,7 +9,8 @@
 - `attention.cpp`: a decode step's attention (bf16, up to `ATTENTION_MAX_ROWS` query rows with
   the query heads folded onto their KV head; AMX tile products for head sizes that are multiples
   of 32) for `diffcoder.model.Attention`, where SDPA's CPU kernel pays a large fixed cost per call
-  (benchmarks/attention_kernels.py; in whole passes: decode.py --ab-torch-ops).
+  (benchmarks/attention_kernels.py; in whole passes: decode.py --ab-torch-ops); with fused q/k/v,
+  `rope_cache_attention` also applies the rotary embedding and writes the step into the KV cache.
   `CPU_ATTENTION["kernel"]` ("auto" or "torch", from $DIFFCODER_CPU_ATTENTION) switches it off.
 - `confidence.cpp`: the release's greedy low-confidence proposal (argmax without the mask token,
   its float64 softmax probability) in one pass over each position's logits, for
@@ -110,6 +111,13 @@ def _register_fakes() -> None:
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("diffcoder_cpu::rope_cache_attention")
+    def _(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+          write_idx: torch.Tensor, keys: int, n_heads: int, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        b, t, _, d = heads.shape
+        kv = k_cache.shape[1]
+        return heads.new_empty((b, kv, n_heads // kv * t, d))
+
     @torch.library.register_fake("diffcoder_cpu::greedy_confidence")
     def _(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (logits.new_empty(logits.shape[:-1], dtype=torch.float64),
@@ -185,10 +193,12 @@ def confidence_ops(logits: torch.Tensor) -> Any | None:
     return native_ops()
 
 
-def attention_ops(q: torch.Tensor, mask: torch.Tensor | None) -> Any | None:
+def attention_ops(q: torch.Tensor, mask: torch.Tensor | None, rows: int | None = None) -> Any | None:
     """The native ops if this folded decode query [batch, kv heads, rows, head dim] should attend
-    on them under the current policy, else None (the caller uses SDPA)."""
+    on them under the current policy, else None (the caller uses SDPA). `rows` overrides q's row
+    count (a query not folded yet: q is then any tensor with the right device, dtype and head dim)."""
+    rows = q.shape[-2] if rows is None else rows
     if (not _switch(CPU_ATTENTION, "DIFFCODER_CPU_ATTENTION") or q.device.type != "cpu" or q.dtype != torch.bfloat16
-            or q.shape[-2] > ATTENTION_MAX_ROWS or q.shape[-1] % 16 or (mask is not None and mask.dtype != torch.bool)):
+            or rows > ATTENTION_MAX_ROWS or q.shape[-1] % 16 or (mask is not None and mask.dtype != torch.bool)):
         return None
     return native_ops()

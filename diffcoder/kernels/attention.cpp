@@ -32,6 +32,7 @@
 #include <sleef.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -348,27 +349,19 @@ void attend(const Views& a, int64_t b, int64_t h, bool amx, Scratch& s) {
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "decode_attention: q, k and v must be bfloat16");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be [batch, heads, rows, dim]");
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), L = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(),
-              "decode_attention: k and v must be [", B, ", ", H, ", keys, ", D, "], got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(D % kLanes == 0 && D > 0, "decode_attention: the head dimension must be a multiple of 16, got ", D);
-  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
-  const at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
-  const at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
-  at::Tensor m;
+// The views of q, k, v, mask and out for the tasks; checks shapes and dtypes ("who" names the op).
+Views make_views(const char* who, const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc,
+                 const std::optional<at::Tensor>& mask, double scale, const at::Tensor& out, at::Tensor& m) {
+  const int64_t B = qc.size(0), H = qc.size(1), R = qc.size(2), D = qc.size(3), L = kc.size(2);
+  TORCH_CHECK(kc.size(0) == B && kc.size(1) == H && kc.size(3) == D && vc.sizes() == kc.sizes(), who,
+              ": k and v must be [", B, ", ", H, ", keys, ", D, "], got ", kc.sizes(), " and ", vc.sizes());
+  TORCH_CHECK(D % kLanes == 0 && D > 0, who, ": the head dimension must be a multiple of 16, got ", D);
   if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "decode_attention: the mask must be boolean (True = may attend)");
-    TORCH_CHECK(mask->dim() == 4 && mask->size(3) == L, "decode_attention: the mask must be [batch|1, heads|1, rows|1, ",
-                L, "], got ", mask->sizes());
+    TORCH_CHECK(mask->scalar_type() == at::kBool, who, ": the mask must be boolean (True = may attend)");
+    TORCH_CHECK(mask->dim() == 4 && mask->size(3) == L, who, ": the mask must be [batch|1, heads|1, rows|1, ", L,
+                "], got ", mask->sizes());
     m = mask->expand({B, H, R, L});  // broadcast dimensions get stride 0
   }
-  at::Tensor out = at::empty({B, H, R, D}, q.options());
   Views a{};
   a.q = qc.data_ptr<c10::BFloat16>();
   a.k = kc.data_ptr<c10::BFloat16>();
@@ -387,13 +380,115 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   a.dim = D;
   a.scale = static_cast<float>(scale);
   a.out = out.data_ptr<c10::BFloat16>();
-  if (L == 0) return out.zero_();
-  const bool amx = D % 32 == 0 && diffcoder_kernels::request_amx_permission();
+  return a;
+}
+
+// One task per (batch, KV head), in parallel; `prepare(b, h, views)` may point the views' q at
+// per-thread rows it fills first.
+template <typename Prepare>
+void run_tasks(const Views& a, int64_t B, int64_t H, Prepare prepare) {
+  const bool amx = a.dim % 32 == 0 && diffcoder_kernels::request_amx_permission();
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     if (amx) diffcoder_kernels::configure_tiles();
     Scratch scratch;
-    for (int64_t t = t0; t < t1; ++t) attend(a, t / H, t % H, amx, scratch);
+    std::vector<c10::BFloat16> rows;
+    for (int64_t t = t0; t < t1; ++t) {
+      Views task = a;
+      prepare(t / H, t % H, task, rows);
+      attend(task, t / H, t % H, amx, scratch);
+    }
     if (amx) _tile_release();
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "decode_attention: q, k and v must be bfloat16");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be [batch, heads, rows, dim]");
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
+  const at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
+  const at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options()), m;
+  const Views a = make_views("decode_attention", qc, kc, vc, mask, scale, out, m);
+  if (a.keys == 0) return out.zero_();
+  run_tasks(a, q.size(0), q.size(1), [](int64_t, int64_t, Views&, std::vector<c10::BFloat16>&) {});
+  return out;
+}
+
+// out = x * cos + rotate_half(x) * sin for one head's row (d a multiple of 32), in fp32 with one
+// rounding to bf16, as the compiled step computes it.
+void rope_row(const c10::BFloat16* x, const c10::BFloat16* c, const c10::BFloat16* s, int64_t d, c10::BFloat16* out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; i += kLanes) {
+    const __m512 x1 = bf16x16_to_fp32(x + i), x2 = bf16x16_to_fp32(x + half + i);
+    const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(x1, bf16x16_to_fp32(c + i)), _mm512_mul_ps(x2, bf16x16_to_fp32(s + i)));
+    const __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, bf16x16_to_fp32(c + half + i)),
+                                    _mm512_mul_ps(x1, bf16x16_to_fp32(s + half + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + half + i), (__m256i)_mm512_cvtneps_pbh(hi));
+  }
+}
+
+// A decode step's attention from the fused q/k/v projection, the rotary tables and the KV cache:
+// per (sequence, KV head), the step's keys (rotated) and values are written into the cache at
+// `write_idx`, then its query heads (rotated, folded onto the KV head: row g * tokens + t is head
+// h * group + g at token t) attend over the first `keys` cache columns. One op instead of the
+// rotary, the cache writes, the folding copy and the attention, each of which costs a pass over
+// small tensors with its own fixed cost.
+//   heads [batch, tokens, n_heads + 2 kv, d]; cos, sin [batch|1, 1, tokens, d]; k_cache, v_cache
+//   [batch, kv, columns, d] (written in place); write_idx [tokens]; mask over [.., rows, keys].
+at::Tensor rope_cache_attention(const at::Tensor& heads, const at::Tensor& cos, const at::Tensor& sin,
+                                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& write_idx, int64_t keys,
+                                int64_t n_heads, const std::optional<at::Tensor>& mask, double scale) {
+  const char* who = "rope_cache_attention";
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&heads, &cos, &sin, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16, who, ": bfloat16 CPU tensors only");
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, who, ": 4-D tensors with contiguous rows expected, got ",
+                t->sizes(), " with strides ", t->strides());
+  }
+  const int64_t B = heads.size(0), T = heads.size(1), D = heads.size(3), KV = k_cache.size(1);
+  TORCH_CHECK(n_heads > 0 && n_heads % KV == 0 && heads.size(2) == n_heads + 2 * KV, who, ": heads must hold ",
+              n_heads, " query heads and ", KV, " key and value heads, got ", heads.sizes());
+  TORCH_CHECK(D % 32 == 0, who, ": the head dimension must be a multiple of 32, got ", D);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B && k_cache.size(3) == D, who,
+              ": caches must be [", B, ", ", KV, ", columns, ", D, "], got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(keys > 0 && keys <= k_cache.size(2), who, ": keys must be in [1, ", k_cache.size(2), "], got ", keys);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&cos, &sin})
+    TORCH_CHECK((t->size(0) == B || t->size(0) == 1) && t->size(1) == 1 && t->size(2) == T && t->size(3) == D, who,
+                ": cos and sin must be [", B, "|1, 1, ", T, ", ", D, "], got ", t->sizes());
+  TORCH_CHECK(write_idx.scalar_type() == at::kLong && write_idx.dim() == 1 && write_idx.size(0) == T, who,
+              ": write_idx must be ", T, " int64 cache columns");
+  const at::Tensor idx = write_idx.contiguous();
+  const int64_t* cols = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(cols[t] >= 0 && cols[t] < keys, who, ": write column ", cols[t], " is outside the ", keys, " keys");
+  const int64_t G = n_heads / KV, R = G * T;
+  const at::Tensor k = k_cache.narrow(2, 0, keys), v = v_cache.narrow(2, 0, keys);
+  at::Tensor out = at::empty({B, KV, R, D}, heads.options()), m;
+  // q's views are replaced per task by the rotated rows (row stride D); the shape is what counts.
+  const Views a = make_views(who, out.as_strided({B, KV, R, D}, {0, 0, D, 1}), k, v, mask, scale, out, m);
+  const auto* hp = heads.data_ptr<c10::BFloat16>();
+  const auto* cp = cos.data_ptr<c10::BFloat16>();
+  const auto* sp = sin.data_ptr<c10::BFloat16>();
+  auto* kp = k_cache.data_ptr<c10::BFloat16>();
+  auto* vp = v_cache.data_ptr<c10::BFloat16>();
+  const int64_t hs0 = heads.stride(0), hs1 = heads.stride(1), hs2 = heads.stride(2);
+  const int64_t cs0 = cos.size(0) == 1 ? 0 : cos.stride(0), cs2 = cos.stride(2);
+  const int64_t ss0 = sin.size(0) == 1 ? 0 : sin.stride(0), ss2 = sin.stride(2);
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+  run_tasks(a, B, KV, [&](int64_t b, int64_t h, Views& task, std::vector<c10::BFloat16>& rows) {
+    rows.resize(static_cast<size_t>(R * D));
+    for (int64_t t = 0; t < T; ++t) {
+      const c10::BFloat16* tok = hp + b * hs0 + t * hs1;
+      const c10::BFloat16 *c = cp + b * cs0 + t * cs2, *s = sp + b * ss0 + t * ss2;
+      rope_row(tok + (n_heads + h) * hs2, c, s, D, kp + b * ks0 + h * ks1 + cols[t] * ks2);
+      std::memcpy(vp + b * vs0 + h * vs1 + cols[t] * vs2, tok + (n_heads + KV + h) * hs2, D * sizeof(c10::BFloat16));
+      for (int64_t g = 0; g < G; ++g) rope_row(tok + (h * G + g) * hs2, c, s, D, rows.data() + (g * T + t) * D);
+    }
+    task.q = rows.data() - b * task.qs[0] - h * task.qs[1];  // attend() adds these offsets back
   });
   return out;
 }
@@ -402,6 +497,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY_FRAGMENT(diffcoder_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("rope_cache_attention(Tensor heads, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor write_idx, int keys, int n_heads, Tensor? mask, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(diffcoder_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(diffcoder_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rope_cache_attention", &rope_cache_attention);
+}
