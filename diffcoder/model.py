@@ -202,9 +202,7 @@ class Attention(nn.Module):
             heads = self.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim)
             native = self._native_step(heads, mask, cache)
             if native is not None:  # a decode step on a CPU in bf16: rotary, cache writes and attention in one op
-                out = self._native_attention(native, heads, cos, sin, mask, cache, layer)
-                return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim),
-                                   self.o_proj.weight, self.o_proj.bias)
+                return self._output(self._native_attention(native, heads, cos, sin, mask, cache, layer))
             heads = heads.transpose(1, 2)
             qk = heads[:, :self.n_heads + self.n_kv]
             qk = qk * cos + rotate_half(qk) * sin
@@ -241,6 +239,11 @@ class Attention(nn.Module):
             out = out.reshape(b, self.n_heads, q, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self._output(out)
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of the heads' results [batch, heads, tokens, dim]."""
+        b, _, q, _ = out.shape
         return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim), self.o_proj.weight,
                            self.o_proj.bias)
 

@@ -370,21 +370,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # A compiled CPU step is otherwise one opaque entry in a profile: inductor can give each of its
     # fused C++ kernels a profiler record (set before anything compiles; restored afterwards).
     kernel_records = args.profile > 0 and args.runner.startswith("compiled") and device.type == "cpu"
+    from torch._inductor import config as inductor_config
     with mock.patch.dict(CPU_MATMUL, kernel=args.cpu_matmul), native_policies(args.cpu_attention, args.cpu_confidence), \
             query_group_folding(device.type, args.fold_query_groups) as fold, \
-            inductor_kernel_records(kernel_records):
+            (inductor_config.patch({"cpp.enable_kernel_profile": True}) if kernel_records else contextlib.nullcontext()):
         return run_benchmark(args, device, fold, argv)
-
-
-@contextlib.contextmanager
-def inductor_kernel_records(on: bool) -> Iterator[None]:
-    if not on:
-        yield
-        return
-    from torch._inductor import config
-
-    with config.patch({"cpp.enable_kernel_profile": True}):
-        yield
 
 
 def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
