@@ -146,13 +146,14 @@ def _ranks(conf: torch.Tensor) -> torch.Tensor:
 def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, temperature: float = 0.0,
             remasking: str = "low_confidence", dtype: torch.dtype = torch.float64,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, token) at every position of the block, by the release's rules; confidence is
-    -inf where nothing is masked. Pure (no state): compiled runners trace it into the step."""
-    if temperature == 0 and remasking == "low_confidence" and dtype == torch.float64:
+    """(confidence, token) at the block's masked positions, by the release's rules; elsewhere
+    (decoded already: no rule reads them) confidence -inf and token `mask_id`. Pure (no state):
+    compiled runners trace it into the step."""
+    if (temperature == 0 and remasking == "low_confidence" and dtype == torch.float64
+            and masked.shape == logits.shape[:-1]):
         native = kernels.confidence_ops(logits)
-        if native is not None:  # the same rule in one pass over the logits (diffcoder/kernels/confidence.cpp)
-            conf, x0 = native.greedy_confidence(logits, mask_id)
-            return torch.where(masked, conf, torch.full_like(conf, float("-inf"))), x0
+        if native is not None:  # the same rule in one pass over the masked rows' logits (kernels/confidence.cpp)
+            return native.greedy_confidence(logits, mask_id, masked)
     scores = logits.to(dtype)  # float64 by default, as the release
     if remasking == "low_confidence":
         log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
@@ -168,7 +169,7 @@ def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, tempera
         conf = (scores.gather(-1, x0.unsqueeze(-1)) - log_z).exp().squeeze(-1)
     else:
         conf = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)
-    return torch.where(masked, conf, torch.full_like(conf, float("-inf"))), x0
+    return torch.where(masked, conf, torch.full_like(conf, float("-inf"))), torch.where(masked, x0, mask_id)
 
 
 def commit_rule(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None,

@@ -11,7 +11,7 @@ Attention takes an explicit boolean mask, so one module serves causal (AR), bloc
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +175,14 @@ def folds_query_groups(n_heads: int, n_kv: int, x: torch.Tensor) -> bool:
     return n_kv != n_heads and FOLD_QUERY_GROUPS.get(x.device.type, False) and not torch.is_grad_enabled()
 
 
+class AttentionRoute(NamedTuple):
+    """How a pass's layers attend, decided once per pass (`DiffCoderLM.attention_route`): `fold`
+    the query heads of each KV head into one query (`folds_query_groups`); `native` the native CPU
+    ops (diffcoder/kernels) that a folded bf16 decode step attends on, else None (SDPA)."""
+    fold: bool
+    native: Any | None
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -195,14 +203,14 @@ class Attention(nn.Module):
         self.linear = F.linear  # replaced by PackedLinear.__call__ for CPU bf16 decoding
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, route: AttentionRoute) -> torch.Tensor:
         b, q, _ = x.shape
         if self.qkv is not None:
             # One matmul for q, k and v, and one rotary application for q and k together.
             heads = self.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim)
-            native = self._native_step(heads, mask, cache)
-            if native is not None:  # a decode step on a CPU in bf16: rotary, cache writes and attention in one op
-                return self._output(self._native_attention(native, heads, cos, sin, mask, cache, layer))
+            if route.native is not None and cache is not None and self.head_dim % 32 == 0:
+                # A decode step on a CPU in bf16: rotary, cache writes and attention in one op.
+                return self._output(self._native_attention(route.native, heads, cos, sin, mask, cache, layer))
             heads = heads.transpose(1, 2)
             qk = heads[:, :self.n_heads + self.n_kv]
             qk = qk * cos + rotate_half(qk) * sin
@@ -225,15 +233,14 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start:start + q] = vs
             ks = cache.k[layer][:, :, :start + q]
             vs = cache.v[layer][:, :, :start + q]
-        if folds_query_groups(self.n_heads, self.n_kv, x):
-            # The query heads that share a KV head become rows of one query (the mask was repeated
-            # to match, see hidden_states): a few larger SDPA calls instead of many tiny ones.
-            # Each row's softmax sees the same keys in the same order, so SDPA's result is
+        if route.fold:
+            # The query heads that share a KV head become rows of one query (for SDPA the mask was
+            # repeated to match, see hidden_states): a few larger SDPA calls instead of many tiny
+            # ones. Each row's softmax sees the same keys in the same order, so SDPA's result is
             # bit-identical; a bf16 decode step on a CPU takes our native op instead (kernels).
             folded = qs.reshape(b, self.n_kv, -1, self.head_dim)
-            native = kernels.attention_ops(folded, mask)
-            if native is not None:  # a decode step on a CPU in bf16 (diffcoder/kernels/attention.cpp)
-                out = native.decode_attention(folded, ks, vs, mask, self.head_dim ** -0.5)
+            if route.native is not None:  # diffcoder/kernels/attention.cpp
+                out = route.native.decode_attention(folded, ks, vs, mask, self.head_dim ** -0.5)
             else:
                 out = F.scaled_dot_product_attention(folded, ks, vs, attn_mask=mask)
             out = out.reshape(b, self.n_heads, q, self.head_dim)
@@ -246,13 +253,6 @@ class Attention(nn.Module):
         b, _, q, _ = out.shape
         return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim), self.o_proj.weight,
                            self.o_proj.bias)
-
-    def _native_step(self, heads: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> Any | None:
-        """The native ops if this cached step (heads: [batch, tokens, heads, dim]) attends on
-        `rope_cache_attention` (diffcoder/kernels/attention.cpp), else None."""
-        if cache is None or self.head_dim % 32 or not folds_query_groups(self.n_heads, self.n_kv, heads):
-            return None
-        return kernels.attention_ops(heads, mask, rows=self.n_heads // self.n_kv * heads.shape[1])
 
     def _native_attention(self, native: Any, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
@@ -293,8 +293,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer):  # noqa: ANN001, ANN201 (hot path)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, layer, route):  # noqa: ANN001, ANN201 (hot path)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, route)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -424,6 +424,13 @@ class DiffCoderLM(nn.Module):
         return m[None, None]
 
     # --------------------------------------------------------------- forward
+    def attention_route(self, x: torch.Tensor, tokens: int, mask: torch.Tensor | None) -> AttentionRoute:
+        """How every layer of a pass over `tokens` tokens attends (decided once per pass)."""
+        cfg = self.config
+        fold = folds_query_groups(cfg.num_attention_heads, cfg.num_key_value_heads, x)
+        rows = cfg.num_attention_heads // cfg.num_key_value_heads * tokens
+        return AttentionRoute(fold, kernels.attention_ops(x.device, x.dtype, cfg.head_dim, rows, mask) if fold else None)
+
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
                       attn_mask: MaskSpec = None, cache: KVCache | None = None,
                       keep: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -437,15 +444,15 @@ class DiffCoderLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
         mask = attn_mask.unsqueeze(1) if static else self.build_mask(attn_mask, positions, start + q)
-        cfg = self.config
-        if (mask is not None and mask.shape[-2] > 1
-                and folds_query_groups(cfg.num_attention_heads, cfg.num_key_value_heads, x)):
-            mask = mask.repeat(1, 1, cfg.num_attention_heads // cfg.num_key_value_heads, 1)
+        route = self.attention_route(x, q, mask)
+        if route.fold and route.native is None and mask is not None and mask.shape[-2] > 1:
+            # SDPA on a folded query needs a mask row per query row; the native ops do without.
+            mask = mask.repeat(1, 1, self.config.num_attention_heads // self.config.num_key_value_heads, 1)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, route, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, cos, sin, mask, cache, i, route)
         if cache is not None and not static:
             cache.length = start + (q if keep is None else keep)
         return self.model.norm(x)

@@ -160,6 +160,7 @@ def test_greedy_confidence_agrees_with_torchs_float64_ops(amx, dtype, vocab, mas
     conf, x0 = propose(logits, masked, mask_id=mask_id)
     ref_conf, ref_x0 = torch_propose(logits, masked, mask_id)
     assert conf.dtype == torch.float64 and torch.equal(x0, ref_x0)
+    assert not masked.all() and (x0[~masked] == mask_id).all() and (conf[~masked] == float("-inf")).all()
     assert torch.equal(torch.isinf(conf), torch.isinf(ref_conf))
     finite = ~torch.isinf(ref_conf)
     assert torch.allclose(conf[finite], ref_conf[finite], rtol=1e-13, atol=0)
@@ -186,9 +187,11 @@ def test_a_compiled_step_calls_the_confidence_op(amx):
     masked = torch.tensor([[True, False, True, True], [True, True, True, False]])
     step = torch.compile(lambda lg, m: propose(lg * 2, m, mask_id=7), dynamic=False)
     conf, x0 = step(logits, masked)
-    ref_conf, ref_x0 = amx.greedy_confidence(logits * 2, 7)
-    assert torch.equal(x0, ref_x0)
+    ref_conf, ref_x0 = amx.greedy_confidence(logits * 2, 7)  # every row
+    assert torch.equal(x0, torch.where(masked, ref_x0, 7))  # the masked rows only: the rest skipped
     assert torch.equal(conf, torch.where(masked, ref_conf, torch.full_like(ref_conf, float("-inf"))))
+    with pytest.raises(RuntimeError, match="masked must be boolean"):
+        amx.greedy_confidence(logits, 7, masked[:, :3])
 
 
 def test_the_confidence_policy_is_checked_and_can_switch_the_op_off(amx, monkeypatch):
@@ -279,15 +282,16 @@ def test_a_bf16_model_attends_natively_in_a_decode_step_and_agrees_with_sdpa(amx
 
     calls = []
     real = kernels.attention_ops
-    monkeypatch.setattr(kernels, "attention_ops", lambda q, m: calls.append(q.shape[-2]) or real(q, m))
+    monkeypatch.setattr(kernels, "attention_ops", lambda *a: calls.append(a[3]) or real(*a))
     with torch.inference_mode():
         native = decode_step()
         monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "torch")
         sdpa = decode_step()
     assert set(calls) == {2 * 12, 2 * 4}  # folded rows: the 12-token prefill's and the step's
-    long = torch.zeros(1, 2, kernels.ATTENTION_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
     monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "auto")
-    assert real(long, None) is None and real(long[:, :, :4], None) is amx  # a long prefill stays on SDPA
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert real(cpu, bf16, 64, kernels.ATTENTION_MAX_ROWS + 1, None) is None  # a long prefill stays on SDPA
+    assert real(cpu, bf16, 64, 4, None) is amx
     assert (native - sdpa).abs().max().item() < 0.05 * sdpa.abs().max().item()
     assert not torch.equal(native, sdpa)  # the native op really ran (its sums round differently)
 
@@ -326,6 +330,33 @@ def test_rope_cache_attention_writes_the_cache_and_attends_like_the_unfused_ops(
     with pytest.raises(RuntimeError, match="multiple of 32"):
         amx.rope_cache_attention(heads[..., :16], cos[..., :16], sin[..., :16], k_cache[..., :16], v_cache[..., :16],
                                  write, keys, n_heads, None, 1.0)
+
+
+def test_the_attention_ops_read_one_mask_row_per_token_as_the_repeated_mask(amx):
+    """A folded query's row g * tokens + t is token t of query head g: given one mask row per
+    token, the ops give bit for bit what they give with the mask repeated per head (which is what
+    SDPA needs, and what the model no longer builds for them); other row counts are refused."""
+    gen = torch.Generator().manual_seed(11)
+    b, t, n_heads, kv, d, keys = 2, 4, 6, 2, 64, 30
+    heads = torch.randn(b, t, n_heads + 2 * kv, d, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(1, 1, t, d, generator=gen) * 6
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    caches = [torch.randn(b, kv, keys, d, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    per_token = torch.rand(b, 1, t, keys, generator=gen) > 0.4
+    per_token[..., 0] = True
+    repeated = per_token.repeat(1, 1, n_heads // kv, 1)
+    write = torch.arange(keys - t, keys)
+
+    def step(mask):  # noqa: ANN001, ANN202
+        k, v = (c.clone() for c in caches)
+        return amx.rope_cache_attention(heads, cos, sin, k, v, write, keys, n_heads, mask, d ** -0.5), k, v
+
+    for got, want in zip(step(per_token), step(repeated)):
+        assert torch.equal(got, want)
+    q = torch.randn(b, kv, n_heads // kv * t, d, generator=gen).to(torch.bfloat16)
+    assert torch.equal(amx.decode_attention(q, *caches, per_token, 0.125), amx.decode_attention(q, *caches, repeated, 0.125))
+    with pytest.raises(RuntimeError, match="a divisor of rows"):
+        amx.decode_attention(q, *caches, repeated[:, :, :5].contiguous(), 0.125)
 
 
 @pytest.mark.parametrize("static", [False, True])

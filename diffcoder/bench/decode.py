@@ -256,10 +256,9 @@ def native_ops_used(model: DiffCoderLM, fold: bool, confidence_dtype: torch.dtyp
     runs, asked of the same routing functions the model and the decoder call."""
     cfg = model.config
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    step_query = torch.empty(1, cfg.num_key_value_heads, 4 * groups, cfg.head_dim, dtype=model.dtype, device=model.device)
     logits = torch.empty(1, 1, dtype=model.dtype, device=model.device)
     used = []
-    if fold and groups > 1 and attention_ops(step_query, None) is not None:
+    if fold and groups > 1 and attention_ops(model.device, model.dtype, cfg.head_dim, 4 * groups, None) is not None:
         used.append("attention")
     if confidence_dtype == torch.float64 and confidence_ops(logits) is not None:
         used.append("confidence")

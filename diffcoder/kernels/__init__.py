@@ -119,7 +119,7 @@ def _register_fakes() -> None:
         return heads.new_empty((b, kv, n_heads // kv * t, d))
 
     @torch.library.register_fake("diffcoder_cpu::greedy_confidence")
-    def _(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _(logits: torch.Tensor, mask_id: int, masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return (logits.new_empty(logits.shape[:-1], dtype=torch.float64),
                 logits.new_empty(logits.shape[:-1], dtype=torch.long))
 
@@ -193,12 +193,13 @@ def confidence_ops(logits: torch.Tensor) -> Any | None:
     return native_ops()
 
 
-def attention_ops(q: torch.Tensor, mask: torch.Tensor | None, rows: int | None = None) -> Any | None:
-    """The native ops if this folded decode query [batch, kv heads, rows, head dim] should attend
-    on them under the current policy, else None (the caller uses SDPA). `rows` overrides q's row
-    count (a query not folded yet: q is then any tensor with the right device, dtype and head dim)."""
-    rows = q.shape[-2] if rows is None else rows
-    if (not _switch(CPU_ATTENTION, "DIFFCODER_CPU_ATTENTION") or q.device.type != "cpu" or q.dtype != torch.bfloat16
-            or rows > ATTENTION_MAX_ROWS or q.shape[-1] % 16 or (mask is not None and mask.dtype != torch.bool)):
+def attention_ops(device: torch.device, dtype: torch.dtype, head_dim: int, rows: int,
+                  mask: torch.Tensor | None) -> Any | None:
+    """The native ops if a folded decode query of `rows` rows (the query heads of each KV head
+    times the tokens) should attend on them under the current policy, else None (the caller uses
+    SDPA). The ops read a mask of one row per token (row g * tokens + t reads row t), so a caller
+    that takes them does not repeat the mask per query head."""
+    if (not _switch(CPU_ATTENTION, "DIFFCODER_CPU_ATTENTION") or device.type != "cpu" or dtype != torch.bfloat16
+            or rows > ATTENTION_MAX_ROWS or head_dim % 16 or (mask is not None and mask.dtype != torch.bool)):
         return None
     return native_ops()

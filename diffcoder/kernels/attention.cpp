@@ -49,6 +49,7 @@ struct Views {
   const c10::BFloat16 *q, *k, *v;
   const bool* mask;  // nullptr: every row sees every key
   int64_t qs[3], ks[3], vs[3], ms[4];  // strides: q/k/v over (batch, head, row); mask over (batch, head, row, key)
+  int64_t mask_rows;  // row r reads mask row r % mask_rows (a folded query's rows repeat the tokens' mask)
   int64_t rows, keys, dim;
   float scale;
   c10::BFloat16* out;
@@ -76,7 +77,8 @@ void mark_sees(const Views& a, int64_t b, int64_t h, int64_t r0, int lanes, uint
   if (a.ms[3] != 1) {  // a mask strided along the keys: bit by bit
     for (int64_t j = 0; j < L; ++j) sees[j] = 0;
     for (int lane = 0; lane < lanes; ++lane)
-      for (int64_t j = 0; j < L; ++j) sees[j] |= static_cast<uint16_t>(m[(r0 + lane) * a.ms[2] + j * a.ms[3]]) << lane;
+      for (int64_t j = 0; j < L; ++j)
+        sees[j] |= static_cast<uint16_t>(m[(r0 + lane) % a.mask_rows * a.ms[2] + j * a.ms[3]]) << lane;
     return;
   }
   for (int64_t j0 = 0; j0 < L64; j0 += 64) {
@@ -84,8 +86,8 @@ void mark_sees(const Views& a, int64_t b, int64_t h, int64_t r0, int lanes, uint
     const __mmask64 in = n == 64 ? ~0ULL : (1ULL << n) - 1;
     __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
     for (int lane = 0; lane < lanes; ++lane) {
-      const uint64_t bits = _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in, m + (r0 + lane) * a.ms[2] + j0),
-                                                  _mm512_set1_epi8(1));
+      const bool* row = m + (r0 + lane) % a.mask_rows * a.ms[2];
+      const uint64_t bits = _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in, row + j0), _mm512_set1_epi8(1));
       const __m512i bit = _mm512_set1_epi16(static_cast<int16_t>(1u << lane));
       lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi16(static_cast<__mmask32>(bits), bit));
       hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi16(static_cast<__mmask32>(bits >> 32), bit));
@@ -358,9 +360,12 @@ Views make_views(const char* who, const at::Tensor& qc, const at::Tensor& kc, co
   TORCH_CHECK(D % kLanes == 0 && D > 0, who, ": the head dimension must be a multiple of 16, got ", D);
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, who, ": the mask must be boolean (True = may attend)");
-    TORCH_CHECK(mask->dim() == 4 && mask->size(3) == L, who, ": the mask must be [batch|1, heads|1, rows|1, ", L,
-                "], got ", mask->sizes());
-    m = mask->expand({B, H, R, L});  // broadcast dimensions get stride 0
+    // Mask rows: one per query row, or one per token of a folded query (R a multiple of them:
+    // row g * tokens + t reads mask row t), so the caller need not repeat the mask per head.
+    TORCH_CHECK(mask->dim() == 4 && mask->size(3) == L && mask->size(2) > 0 && R % mask->size(2) == 0, who,
+                ": the mask must be [batch|1, heads|1, rows or a divisor of rows (", R, "), ", L, "], got ",
+                mask->sizes());
+    m = mask->expand({B, H, mask->size(2), L});  // broadcast dimensions get stride 0
   }
   Views a{};
   a.q = qc.data_ptr<c10::BFloat16>();
@@ -375,6 +380,7 @@ Views make_views(const char* who, const at::Tensor& qc, const at::Tensor& kc, co
   }
   if (m.defined())
     for (int i = 0; i < 4; ++i) a.ms[i] = m.stride(i);
+  a.mask_rows = m.defined() ? m.size(2) : 1;
   a.rows = R;
   a.keys = L;
   a.dim = D;

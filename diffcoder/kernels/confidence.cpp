@@ -21,6 +21,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -113,7 +114,10 @@ void vector_row(const T* row, int64_t v, int64_t mask_id, double* conf, int64_t*
   *conf = std::exp(chosen - (std::log(s) + shift));
 }
 
-std::tuple<at::Tensor, at::Tensor> greedy_confidence(const at::Tensor& logits, int64_t mask_id) {
+// `masked` (optional, bool, one per row): rows to propose at; the others (positions already
+// decoded, whose proposal no rule reads) are skipped, with confidence -inf and token mask_id.
+std::tuple<at::Tensor, at::Tensor> greedy_confidence(const at::Tensor& logits, int64_t mask_id,
+                                                     const std::optional<at::Tensor>& masked) {
   TORCH_CHECK(logits.device().is_cpu(), "greedy_confidence: CPU tensors only");
   TORCH_CHECK(logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat,
               "greedy_confidence: logits must be bfloat16 or float32, got ", logits.scalar_type());
@@ -127,8 +131,28 @@ std::tuple<at::Tensor, at::Tensor> greedy_confidence(const at::Tensor& logits, i
   at::Tensor x0 = at::empty(shape, l.options().dtype(at::kLong));
   double* cp = conf.data_ptr<double>();
   int64_t* xp = x0.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  std::vector<int64_t> todo;  // the rows to propose at, so that the threads split those evenly
+  todo.reserve(static_cast<size_t>(rows));
+  if (masked.has_value() && masked->defined()) {
+    TORCH_CHECK(masked->scalar_type() == at::kBool && masked->sizes() == at::IntArrayRef(shape),
+                "greedy_confidence: masked must be boolean, shaped as the logits without the vocabulary ",
+                at::IntArrayRef(shape), ", got ", masked->scalar_type(), " ", masked->sizes());
+    const at::Tensor m = masked->contiguous();
+    const bool* mp = m.data_ptr<bool>();
+    for (int64_t r = 0; r < rows; ++r) {
+      if (mp[r]) {
+        todo.push_back(r);
+      } else {
+        cp[r] = -std::numeric_limits<double>::infinity();
+        xp[r] = mask_id;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) todo.push_back(r);
+  }
+  at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = todo[i];
       if (l.scalar_type() == at::kBFloat16)
         vector_row(l.data_ptr<c10::BFloat16>() + r * v, v, mask_id, cp + r, xp + r);
       else
@@ -141,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_confidence(const at::Tensor& logits, i
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(diffcoder_cpu, m) {
-  m.def("greedy_confidence(Tensor logits, int mask_id) -> (Tensor, Tensor)");
+  m.def("greedy_confidence(Tensor logits, int mask_id, Tensor? masked=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(diffcoder_cpu, CPU, m) { m.impl("greedy_confidence", &greedy_confidence); }
