@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
             read = "" if read is None else f"{100 * read:.0f}%"
             print(f"| {p.stem} | {d['hardware']} | {d['model']} | {d['dtype']} | {runner} | {batch} | "
                   f"{r['tokens_per_s']:.1f} | {r['passes_per_s']:.1f} | {r['passes_per_token']:.3f} | "
-                  f"{100 * r['bandwidth_fraction']:.0f}% | {alone} | {read} | {1e3 * r['time_to_first_block_s']:.0f} | "
+                  f"{100 * r['bandwidth_fraction']:.1f}% | {alone} | {read} | {1e3 * r['time_to_first_block_s']:.0f} | "
                   f"{base_tps} | {speed} | `{cmd}` |")
         if "batch_scaling" in d:
             bound = d.get("batch_scaling_matmul_bound")  # absent in runs that predate it

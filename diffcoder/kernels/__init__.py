@@ -11,9 +11,10 @@
   of 32) for `diffcoder.model.Attention`, where SDPA's CPU kernel pays a large fixed cost per call
   (benchmarks/attention_kernels.py; in whole passes: decode.py --ab-torch-ops); with fused q/k/v,
   `rope_cache_attention` also applies the rotary embedding and writes the step into the KV cache.
+  Both read one mask row per token (a folded query's rows repeat the tokens' mask).
   `CPU_ATTENTION["kernel"]` ("auto" or "torch", from $DIFFCODER_CPU_ATTENTION) switches it off.
 - `confidence.cpp`: the release's greedy low-confidence proposal (argmax without the mask token,
-  its float64 softmax probability) in one pass over each position's logits, for
+  its float64 softmax probability) in one pass over each still-masked position's logits, for
   `diffcoder.decode.propose`. `CPU_CONFIDENCE["kernel"]` ("auto" or "torch", from
   $DIFFCODER_CPU_CONFIDENCE) switches it off.
 
