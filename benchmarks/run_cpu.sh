@@ -33,6 +33,11 @@ for i in 1 2 3; do
   run smol135m_bf16_compiled_b1_run$i --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 \
     --batch-sizes 1 --no-baseline --repeats 3 --runner compiled_static
 done
+# smol-135m's op graph with next to no weights (config.PRESETS "smol-135m-skeleton"): the passes/s
+# of the same 30 layers, folded attention, confidences and commit rule with almost nothing to
+# compute or read, i.e. the per-pass cost that the smol-135m rows pay on top of their arithmetic.
+run smol135m_skeleton_compiled --shape smol-135m-skeleton --dtype bfloat16 --prompt-len 64 --gen-length 64 \
+  --batch-sizes 1,16 --no-baseline --repeats 4 --runner compiled_static
 # The same with oneDNN for every bf16 matmul instead of our AMX kernel (diffcoder/kernels).
 run smol135m_bf16_compiled_onednn --shape smol-135m --dtype bfloat16 --prompt-len 64 --gen-length 64 \
   --batch-sizes 1,16 --no-baseline --repeats 3 --runner compiled_static --cpu-matmul onednn

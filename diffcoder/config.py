@@ -132,6 +132,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_key_value_heads=2),
     "smol-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    # smol-135m's op graph (30 layers, 3 query heads per KV head, tied embeddings) with next to no
+    # weights: what a pass of that graph costs beyond its arithmetic and its bytes (benchmarks).
+    "smol-135m-skeleton": dict(hidden_size=96, intermediate_size=128, num_hidden_layers=30, num_attention_heads=3,
+                               num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True, rope_theta=100000.0),
     "sdc-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=128, vocab_size=155136, rope_theta=500000.0,
                    max_position_embeddings=8192, bos_token_id=0, eos_token_id=2, mask_token_id=5),

@@ -251,14 +251,14 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def native_ops_used(model: DiffCoderLM, fold: bool, confidence_dtype: torch.dtype) -> list[str]:
+def native_ops_used(model: DiffCoderLM, fold: bool, confidence_dtype: torch.dtype, block_length: int) -> list[str]:
     """Which of the native CPU ops besides the matmuls (diffcoder/kernels) a decode of this model
     runs, asked of the same routing functions the model and the decoder call."""
     cfg = model.config
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     logits = torch.empty(1, 1, dtype=model.dtype, device=model.device)
     used = []
-    if fold and groups > 1 and attention_ops(model.device, model.dtype, cfg.head_dim, 4 * groups, None) is not None:
+    if fold and groups > 1 and attention_ops(model.device, model.dtype, cfg.head_dim, block_length * groups, None) is not None:
         used.append("attention")
     if confidence_dtype == torch.float64 and confidence_ops(logits) is not None:
         used.append("confidence")
@@ -404,7 +404,7 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     hw = hardware_name(device)
     model.prepare_for_decoding()  # what every decode does first (idempotent); packs bf16 weights on a CPU
     matmul_kernel = decode_matmul_kernel(model)
-    native = native_ops_used(model, fold, kw["confidence_dtype"])
+    native = native_ops_used(model, fold, kw["confidence_dtype"], kw["block_length"])
     print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s (fastest of: "
           + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in readers.items()) + ")"
           + (f"; decode matmuls on {matmul_kernel}" if matmul_kernel else "")
