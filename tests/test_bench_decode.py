@@ -120,3 +120,18 @@ def test_cpu_attention_and_confidence_flags_switch_the_native_ops_for_the_run_on
     assert set(ab["ours"]) == {"batch1", "batch2", "batch1_torch_ops", "batch2_torch_ops"}
     assert set(ab["native_ops_speedup"]) == {"batch1", "batch2"} and all(v > 0 for v in ab["native_ops_speedup"].values())
     assert kernels.CPU_ATTENTION["kernel"] == kernels.CPU_CONFIDENCE["kernel"] == "auto"
+
+
+def test_the_skeleton_shape_has_smol_135ms_op_graph_with_next_to_no_weights():
+    from diffcoder.config import PRESETS, ModelConfig
+
+    smol, skel = (ModelConfig(mask_token_id=5, **PRESETS[name]) for name in ("smol-135m", "smol-135m-skeleton"))
+    assert skel.num_hidden_layers == smol.num_hidden_layers
+    assert (skel.num_attention_heads // skel.num_key_value_heads
+            == smol.num_attention_heads // smol.num_key_value_heads)  # same folded query rows per KV head
+    assert skel.head_dim % 32 == 0 and smol.head_dim % 32 == 0  # both take the native attention op's AMX path
+    assert skel.tie_word_embeddings == smol.tie_word_embeddings
+    assert skel.num_parameters < smol.num_parameters / 50
+    model = random_model("smol-135m-skeleton", torch.bfloat16, torch.device("cpu"))
+    # a decode pass's matmuls: fused q/k/v, o, fused gate/up and down per layer, and the vocabulary's
+    assert len(decode_matmuls(model.prepare_for_decoding())) == smol.num_hidden_layers * 4 + 1
