@@ -258,7 +258,8 @@ def native_ops_used(model: DiffCoderLM, fold: bool, confidence_dtype: torch.dtyp
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     logits = torch.empty(1, 1, dtype=model.dtype, device=model.device)
     used = []
-    if fold and groups > 1 and attention_ops(model.device, model.dtype, cfg.head_dim, block_length * groups, None) is not None:
+    rows = block_length * groups  # a block step's folded query rows per KV head
+    if fold and groups > 1 and attention_ops(model.device, model.dtype, cfg.head_dim, rows, None) is not None:
         used.append("attention")
     if confidence_dtype == torch.float64 and confidence_ops(logits) is not None:
         used.append("confidence")
