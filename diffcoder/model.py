@@ -178,12 +178,13 @@ def folds_query_groups(n_heads: int, n_kv: int, x: torch.Tensor) -> bool:
 class AttentionRoute(NamedTuple):
     """How a pass's layers attend, decided once per pass (`DiffCoderLM.attention_route`): `fold`
     the query heads of each KV head into one query (`folds_query_groups`); `native` the native CPU
-    ops (diffcoder/kernels) that a folded bf16 decode step attends on, else None (SDPA);
-    `write_cols` the cache columns an eager step with native ops writes (after the cached ones),
-    made once per pass rather than once per layer (static passes bring their own)."""
+    ops (diffcoder/kernels) that a folded bf16 decode step attends on, else None (SDPA). For a
+    cached step on the native ops, `write_cols` are the cache columns its keys and values go to and
+    `keys` how many leading cache columns it attends over, the same for every layer."""
     fold: bool
     native: Any | None
     write_cols: torch.Tensor | None = None
+    keys: int = 0
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -213,8 +214,7 @@ class Attention(nn.Module):
             heads = self.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim)
             if route.native is not None and cache is not None and self.head_dim % 32 == 0:
                 # A decode step on a CPU in bf16: rotary, cache writes and attention in one op.
-                return self._output(self._native_attention(route.native, route.write_cols, heads, cos, sin, mask, cache,
-                                                            layer))
+                return self._output(self._native_attention(route, heads, cos, sin, mask, cache, layer))
             heads = heads.transpose(1, 2)
             qk = heads[:, :self.n_heads + self.n_kv]
             qk = qk * cos + rotate_half(qk) * sin
@@ -258,17 +258,13 @@ class Attention(nn.Module):
         return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim), self.o_proj.weight,
                            self.o_proj.bias)
 
-    def _native_attention(self, native: Any, write_cols: torch.Tensor | None, heads: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
-        """[batch, heads, tokens, dim]: the step's keys and values written into the cache (at the
-        static write columns, or after the cached ones) and its queries attended, in one op."""
+    def _native_attention(self, route: AttentionRoute, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
+        """[batch, heads, tokens, dim]: the step's keys and values written into the cache at the
+        route's columns and its queries attended, in one op."""
         b, q = heads.shape[:2]
-        if cache.write_idx is not None:
-            cols, keys = cache.write_idx, cache.k[layer].shape[2]
-        else:
-            cols, keys = write_cols, cache.length + q
-        out = native.rope_cache_attention(heads, cos, sin, cache.k[layer], cache.v[layer], cols, keys, self.n_heads,
-                                          mask, self.head_dim ** -0.5)
+        out = route.native.rope_cache_attention(heads, cos, sin, cache.k[layer], cache.v[layer], route.write_cols,
+                                                route.keys, self.n_heads, mask, self.head_dim ** -0.5)
         return out.reshape(b, self.n_heads, q, self.head_dim)
 
 
@@ -449,8 +445,11 @@ class DiffCoderLM(nn.Module):
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
         mask = attn_mask.unsqueeze(1) if static else self.build_mask(attn_mask, positions, start + q)
         route = self.attention_route(x, q, mask)
-        if route.native is not None and cache is not None and not static:
-            route = route._replace(write_cols=torch.arange(start, start + q, device=x.device))
+        if route.native is not None and cache is not None:
+            # Static passes write at the runner's columns and attend over the whole cache; dynamic
+            # ones write after the cached columns and attend up to their own.
+            route = route._replace(**(dict(write_cols=cache.write_idx, keys=cache.max_len) if static else
+                                       dict(write_cols=torch.arange(start, start + q, device=x.device), keys=start + q)))
         if route.fold and route.native is None and mask is not None and mask.shape[-2] > 1:
             # SDPA on a folded query needs a mask row per query row; the native ops do without.
             mask = mask.repeat(1, 1, self.config.num_attention_heads // self.config.num_key_value_heads, 1)

@@ -25,7 +25,7 @@ from unittest import mock
 import torch
 
 from ..config import PRESETS, ModelConfig
-from ..kernels import (CPU_ATTENTION, CPU_CONFIDENCE, CPU_MATMUL, KERNELS, SWITCHES, attention_ops, confidence_ops,
+from ..kernels import (CPU_ATTENTION, CPU_CONFIDENCE, CPU_MATMUL, KERNELS, SWITCHES, confidence_ops,
                        native_ops)
 from ..model import FOLD_QUERY_GROUPS, DiffCoderLM, decode_matmul_kernel
 from ..runners import RUNNERS
@@ -251,18 +251,17 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def native_ops_used(model: DiffCoderLM, fold: bool, confidence_dtype: torch.dtype, block_length: int) -> list[str]:
+def native_ops_used(model: DiffCoderLM, confidence_dtype: torch.dtype, block_length: int) -> list[str]:
     """Which of the native CPU ops besides the matmuls (diffcoder/kernels) a decode of this model
-    runs, asked of the same routing functions the model and the decoder call."""
-    cfg = model.config
-    groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    logits = torch.empty(1, 1, dtype=model.dtype, device=model.device)
+    runs, asked of the same routing the model and the decoder use (under the folding policy the
+    benchmark set)."""
     used = []
-    rows = block_length * groups  # a block step's folded query rows per KV head
-    if fold and groups > 1 and attention_ops(model.device, model.dtype, cfg.head_dim, rows, None) is not None:
-        used.append("attention")
-    if confidence_dtype == torch.float64 and confidence_ops(logits) is not None:
-        used.append("confidence")
+    with torch.inference_mode():
+        step = torch.empty(1, block_length, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        if model.attention_route(step, block_length, None).native is not None:
+            used.append("attention")
+        if confidence_dtype == torch.float64 and confidence_ops(step[0]) is not None:
+            used.append("confidence")
     return used
 
 
@@ -405,7 +404,7 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     hw = hardware_name(device)
     model.prepare_for_decoding()  # what every decode does first (idempotent); packs bf16 weights on a CPU
     matmul_kernel = decode_matmul_kernel(model)
-    native = native_ops_used(model, fold, kw["confidence_dtype"], kw["block_length"])
+    native = native_ops_used(model, kw["confidence_dtype"], kw["block_length"])
     print(f"hardware: {hw}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s (fastest of: "
           + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in readers.items()) + ")"
           + (f"; decode matmuls on {matmul_kernel}" if matmul_kernel else "")
