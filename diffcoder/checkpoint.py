@@ -89,8 +89,11 @@ def resolve_mask_id(config: ModelConfig, tokenizer: Tokenizer | None, source: Pa
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          mask_id: int | None = None) -> DiffCoderLM:
-    """Load a Hugging Face-layout checkpoint directory into a `DiffCoderLM` (eval mode)."""
-    path = Path(path)
+    """Load a Hugging Face-layout checkpoint directory, or a model name of `diffcoder pull` (pulled
+    on first use), into a `DiffCoderLM` (eval mode)."""
+    from .pull import resolve
+
+    path = resolve(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
     config = ModelConfig.from_json(path / "config.json")

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .pull import PullError
+
 COMMAND_MODULES = [
     "diffcoder.run_cli",  # generate, chat
     "diffcoder.bench.cli",  # bench decode
@@ -17,6 +19,7 @@ COMMAND_MODULES = [
     "diffcoder.convert.cli",  # convert gguf
     "diffcoder.train.cli",  # tokenizer train, data build/sft, train, plot
     "diffcoder.eval.cli",  # eval
+    "diffcoder.pull",  # pull
 ]
 
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+    except (UserError, PullError, ValueError, FileNotFoundError) as exc:
         print(f"diffcoder {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

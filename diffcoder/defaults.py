@@ -18,7 +18,11 @@ UNTRAINED_SHAPE = dict(hidden_size=128, intermediate_size=344, num_hidden_layers
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DIFFCODER_HOME", Path.home() / ".cache" / "diffcoder"))
+    """$DIFFCODER_HOME, else $XDG_CACHE_HOME/diffcoder, else ~/.cache/diffcoder."""
+    if os.environ.get("DIFFCODER_HOME"):
+        return Path(os.environ["DIFFCODER_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "diffcoder"
 
 
 def default_model_dir(announce: bool = True) -> Path:

@@ -255,8 +255,10 @@ class Attention(nn.Module):
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """The output projection of the heads' results [batch, heads, tokens, dim]."""
         b, _, q, _ = out.shape
-        return self.linear(out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim), self.o_proj.weight,
-                           self.o_proj.bias)
+        out = out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim)
+        if self.qkv is None:  # unfused (training): through the module, so an adapter wrapping it applies
+            return self.o_proj(out)
+        return self.linear(out, self.o_proj.weight, self.o_proj.bias)
 
     def _native_attention(self, route: AttentionRoute, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
@@ -332,6 +334,10 @@ class DiffCoderLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (the transformers/peft name for it)."""
+        return self.model.embed_tokens
 
     def parameter_bytes(self) -> int:
         """Bytes of the parameters as `parameters()` lists them (tied weights once)."""

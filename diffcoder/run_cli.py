@@ -7,8 +7,10 @@ from typing import Any
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="Hugging Face-layout checkpoint directory "
-                   "(default: the model shipped with diffcoder)")
+    p.add_argument("--model", metavar="DIR|NAME", help="Hugging Face-layout checkpoint directory, or a model "
+                   "name of `diffcoder pull` (pulled on first use; default: the small model shipped with diffcoder)")
+    p.add_argument("--fallback-tiny", action="store_true", help="if --model NAME cannot be downloaded, say so "
+                   "and use the small shipped model instead of stopping")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: bfloat16 on GPUs and on CPUs with bf16 instructions, else float32)")
@@ -81,7 +83,16 @@ def load_auto(path: Any, device: str = "auto", dtype: str = "auto") -> Any:
 def load_model(args: argparse.Namespace) -> Any:
     from .defaults import default_model_dir
 
-    model = load_auto(args.model or default_model_dir(), args.device, args.dtype)
+    from .pull import PullError
+
+    try:
+        model = load_auto(args.model or default_model_dir(), args.device, args.dtype)
+    except PullError as exc:
+        if not getattr(args, "fallback_tiny", False):
+            raise
+        print(f"note: {exc}\nnote: falling back to the small model embedded in diffcoder (diffcoder-tiny), "
+              "which writes code-shaped text, not working programs", file=sys.stderr)
+        model = load_auto(default_model_dir(), args.device, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: the checkpoint has no tokenizer.json; diffcoder generate needs text I/O")
     return model
@@ -90,8 +101,8 @@ def load_model(args: argparse.Namespace) -> Any:
 class TextStream:
     """Prints decoded text as blocks arrive, holding back an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer: Any, out: Any = sys.stdout) -> None:
-        self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
+    def __init__(self, tokenizer: Any, out: Any = None) -> None:
+        self.tok, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], 0
 
     def add(self, ids: list[int]) -> None:
         self.ids.extend(ids)
@@ -107,12 +118,13 @@ class TextStream:
 
 
 def stream_decode(model: Any, prompt_ids: list[int], kw: dict[str, Any], show_steps: bool,
-                  out: Any = sys.stdout, echo: str = "") -> tuple[str, Any]:
+                  out: Any = None, echo: str = "") -> tuple[str, Any]:
     import time
 
     from .decode import BlockEvent, Decoding, StepEvent
 
     tok = model.tokenizer
+    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced after import
     stream = TextStream(tok, out)
     eos = tok.eos_id
     dec = Decoding(model, [prompt_ids], eos_id=eos, step_events=show_steps, **kw)  # validates first

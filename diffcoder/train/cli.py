@@ -47,6 +47,11 @@ TRAIN_HELP = {
     "no_loss_weight": "ablation: loss weight 1 instead of 1/u_blk after warmup",
     "fim_rate": "share of pretraining rows rewritten to fill-in-the-middle order (<fim-suffix>S<fim-prefix>P"
                 "<fim-middle>M<eos>, cut at token positions); ar and block_diffusion",
+    "lora_rank": "train low-rank adapters of this rank on every linear layer (plus the mask token's embedding) "
+                 "instead of all weights; 0 = full fine-tuning",
+    "lora_alpha": "LoRA scale numerator: updates are scaled by alpha / rank (default 2 x rank)",
+    "lora_dropout": "dropout on the adapters' input",
+    "adapter": "start the adapters from this adapter directory (e.g. a previous run's RUNDIR/adapter)",
     "sft_min_eos": "sft: fewest EOS appended after each sample",
     "sft_max_eos": "sft: most EOS appended after each sample",
     "device": "cpu, cuda, cuda:N or auto (cuda when available; under torchrun each process takes its local GPU)",

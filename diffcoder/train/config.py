@@ -53,6 +53,10 @@ class TrainConfig:
     no_force_mask: bool = False
     no_loss_weight: bool = False
     fim_rate: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    adapter: str | None = None
     sft_min_eos: int = 1
     sft_max_eos: int = 4
     device: str = "auto"
@@ -75,6 +79,11 @@ class TrainConfig:
         if self.warmup_steps is not None:
             return self.warmup_steps
         return self.steps // 10 if self.objective == "block_diffusion" else 0
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """LoRA's alpha (the update is scaled by alpha / rank); default 2 x rank."""
+        return self.lora_alpha or 2.0 * self.lora_rank
 
     @property
     def lr_warmup_steps(self) -> int:
@@ -118,6 +127,15 @@ class TrainConfig:
             raise ValueError(f"--wsd-decay-frac must be in [0, 1], got {self.wsd_decay_frac}")
         if self.sft_min_eos < 0 or self.sft_max_eos < self.sft_min_eos:
             raise ValueError("--sft-min-eos/--sft-max-eos: need 0 <= min <= max")
+        if self.lora_rank < 0 or self.lora_alpha < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--lora-rank and --lora-alpha must be >= 0 and --lora-dropout in [0, 1)")
+        if self.adapter and not self.lora_rank:
+            raise ValueError("--adapter DIR continues a LoRA run: give --lora-rank too (the adapter's own rank)")
+        if self.lora_rank and not self.init:
+            raise ValueError("--lora-rank adapts an existing model: give --init CKPTDIR")
+        if self.lora_rank and self.dist == "fsdp":
+            raise ValueError("--lora-rank with --dist fsdp is not supported: the frozen base is small enough to "
+                             "replicate, use --dist ddp")
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = off)")

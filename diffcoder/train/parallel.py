@@ -85,12 +85,16 @@ def full_states(loss_mod: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[s
     return model_sd, osd
 
 
-def load_states(loss_mod: nn.Module, opt: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor],
+def load_states(loss_mod: nn.Module, opt: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor] | None,
                 optim_sd: dict[str, Any]) -> None:
-    """Load full states (from `full_states`, possibly saved under another world size or mode)."""
+    """Load full states (from `full_states`, possibly saved under another world size or mode);
+    model_sd None: the model's weights are restored elsewhere (adapters), only the optimizer here."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    if model_sd is None:
+        set_optimizer_state_dict(loss_mod, opt, optim_sd)
+        return
     prefixed = {MODEL_PREFIX + k: v for k, v in model_sd.items()}
     if is_fsdp(loss_mod):
         full = StateDictOptions(full_state_dict=True)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffcoder.fsutil import cpu_has_bf16
+from diffcoder.fsutil import cpu_has_bf16, replace_dir
 
 from .batches import FimSpec, PretrainStream, SFTStream
 from .config import TrainConfig
@@ -221,9 +221,29 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _rng_states() -> dict[str, Any]:
+    """Every RNG's state as tensors, tuples and numbers only (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+           "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_states(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint(out: Path, model: Any, tok: Any, optim_sd: dict[str, Any], sched: Any, state: dict[str, Any],
-                    cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-N atomically (rank 0): HF model dir + optimizer/scheduler/RNG/step."""
+                    cfg: TrainConfig, lora: Any = None) -> Path:
+    """Write checkpoints/step-N atomically (rank 0): the HF model dir (or, for a LoRA run, the
+    adapter dir) + optimizer/scheduler/RNG/step."""
     import diffcoder
 
     root = out / CKPT_DIR
@@ -231,16 +251,17 @@ def save_checkpoint(out: Path, model: Any, tok: Any, optim_sd: dict[str, Any], s
     name = f"step-{state['step']:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
     try:
-        diffcoder.save(model, tmp / "model", tokenizer=tok, generation_config=generation_config(cfg))
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": rng, **state}, tmp / "trainer.pt")
+        if lora is not None:
+            from .adapters import save_adapter
+
+            save_adapter(lora, tmp / "adapter", base=cfg.init)
+        else:
+            diffcoder.save(model, tmp / "model", tokenizer=tok, generation_config=generation_config(cfg))
+        torch.save({"optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": _rng_states(), **state},
+                   tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
         final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # an existing step-N is moved aside first, never deleted before the swap
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -249,22 +270,29 @@ def save_checkpoint(out: Path, model: Any, tok: Any, optim_sd: dict[str, Any], s
     return final
 
 
-def load_checkpoint(path: Path, loss_mod: Any, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG states (any world size / parallel mode)."""
+def load_checkpoint(path: Path, loss_mod: Any, opt: torch.optim.Optimizer, sched: Any,
+                    lora: Any = None) -> dict[str, Any]:
+    """Restore model (or adapter), optimizer, scheduler and RNG states (any world size / parallel mode).
+    trainer.pt is read with weights_only=True: a checkpoint holds tensors and plain values, never code."""
     import diffcoder
 
     from .parallel import load_states
 
-    saved = diffcoder.load(path / "model", dtype=torch.float32)
-    blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    load_states(loss_mod, opt, saved.state_dict(), blob["optimizer"])
+    try:
+        blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refuses anything but tensors, containers and numbers
+        raise ValueError(f"{path / 'trainer.pt'}: not a trainer state this version can read safely ({exc}); "
+                         "start a new run or resume from another checkpoint") from None
+    if lora is not None:
+        from .adapters import load_adapter_weights
+
+        load_adapter_weights(lora, path / "adapter")
+        load_states(loss_mod, opt, None, blob["optimizer"])
+    else:
+        saved = diffcoder.load(path / "model", dtype=torch.float32)
+        load_states(loss_mod, opt, saved.state_dict(), blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
-    rng = blob["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _set_rng_states(blob["rng"])
     return {k: blob[k] for k in ("step", "rows", "tokens")}
 
 
@@ -296,6 +324,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg, self.device)
         self._load_data()
         self.model, self.tok = build_model(cfg, self.manifest["tokenizer"])
+        self.lora = self._add_adapters() if cfg.lora_rank else None
         self._make_streams()
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.model.to(self.device).train()
@@ -304,6 +333,26 @@ class Trainer:
         self.opt = make_optimizer(self.loss_mod, cfg)  # after sharding: FSDP2 replaces the parameters
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.state = {"step": 0, "rows": 0, "tokens": 0}
+
+    def _add_adapters(self) -> Any:
+        """Freeze the model and give it LoRA adapters (new, or continued from --adapter). The frozen
+        linear weights are kept in bf16 when training runs in bf16: autocast would cast them on
+        every pass anyway, and halving them halves the memory the frozen base takes."""
+        from .adapters import add_lora, attach_adapter, read_adapter
+
+        cfg = self.cfg
+        if cfg.adapter:
+            rank = read_adapter(cfg.adapter)[0]["r"]
+            if rank != cfg.lora_rank:
+                raise ValueError(f"--adapter {cfg.adapter} has rank {rank}, but --lora-rank is {cfg.lora_rank}")
+            lora = attach_adapter(self.model, cfg.adapter)
+        else:
+            lora = add_lora(self.model, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, cfg.seed)
+        if self.bf16:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad:
+                    m.weight.data = m.weight.data.to(torch.bfloat16)
+        return lora
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -451,7 +500,7 @@ class Trainer:
         cfg, out = self.cfg, self.out
         metrics = out / "metrics.jsonl"
         if cfg.resume and (ck := latest_checkpoint(out)) is not None:
-            self.state = load_checkpoint(ck, self.loss_mod, self.opt, self.sched)
+            self.state = load_checkpoint(ck, self.loss_mod, self.opt, self.sched, self.lora)
         if self.d.main:
             truncate_metrics(metrics, self.state["step"]) if cfg.resume else metrics.unlink(missing_ok=True)
             from diffcoder.tokenizer import atomic_write_text
@@ -483,6 +532,12 @@ class Trainer:
         if self.d.main:
             import diffcoder
 
+            if self.lora is not None:
+                from .adapters import merge, save_adapter
+
+                save_adapter(self.lora, out / "adapter", base=cfg.init)
+                model.float()  # merge in float32 (the frozen bf16 weights widen exactly)
+                model = merge(self.lora)
             diffcoder.save(model, final, tokenizer=self.tok, dtype=cfg.save_dtype,
                            generation_config=generation_config(cfg))
         self._barrier()
@@ -501,7 +556,7 @@ class Trainer:
     def _save(self) -> None:
         model, optim_sd = self._full_model(need_optimizer=True)
         if self.d.main:
-            save_checkpoint(self.out, model, self.tok, optim_sd, self.sched, dict(self.state), self.cfg)
+            save_checkpoint(self.out, model, self.tok, optim_sd, self.sched, dict(self.state), self.cfg, self.lora)
         self._barrier()
 
     def _barrier(self) -> None:

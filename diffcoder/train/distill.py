@@ -1,0 +1,170 @@
+"""Self-distillation data: an autoregressive model writes the instructions and answers that its
+block-diffusion successor is then fine-tuned on.
+
+Why: a parallel decoder learns far more easily from a teacher's own outputs than from human
+text (sequence-level distillation, Kim & Rush 2016; the standard recipe of non-autoregressive
+decoders, Gu et al. 2018): the targets are the teacher's modes, less multimodal, and already
+within what the model can predict, so a small training budget goes into learning to decode
+under masks rather than into learning new content.
+
+Two kinds of instructions, both made offline:
+* **stubs**: a documented function of a source tree (signature + docstring, as `data sft-synth`
+  takes them) with "Implement this Python function."; the teacher writes the implementation;
+* **self-instruct** (Magpie, Xu et al. 2024): the chat template up to the user turn, plus an
+  opener such as "Write a Python function that", is continued by the teacher at temperature
+  0.8; the first paragraph of each user turn becomes an instruction.
+The answers are greedy (what the evaluation decodes). Chats whose answer hit the length limit are
+dropped: they teach neither a complete program nor where to stop.
+
+Files (resumable: rerunning continues where a run stopped):
+    OUT/prompts.jsonl   {"id", "source", "prompt"}            (written once, atomically)
+    OUT/chats.jsonl     {"id", "source", "messages": [...]}   (appended per batch)
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from diffcoder.fsutil import atomic_write_text
+
+OPENERS = (
+    "Write a Python function that", "Write a Python function to", "Write a Python program that",
+    "Implement a Python class", "Write a function that takes a list", "Write a function that takes a string",
+    "Given a list of integers,", "Given a string,", "Create a Python function", "How do I",
+    "Write a Python script that", "Implement a function", "Write a recursive function", "Write a generator",
+    "Explain what this Python code does and", "Fix the bug in this Python function:", "Write a Python function using",
+    "Write an efficient algorithm", "Write a Python function that checks whether", "Write a function to find",
+    "Write a Python function that returns", "Write a Python function that counts", "Write a Python function that sorts",
+    "Implement binary search", "Write a Python function that parses", "Write a Python decorator",
+    "Write a Python function that converts", "Write a Python function that computes",
+)
+_STUB_INSTRUCTION = "Implement this Python function.\n\n```python\n{stub}\n```"
+
+
+def _mostly_ascii(text: str, share: float = 0.97) -> bool:
+    return bool(text) and sum(c.isascii() for c in text) >= share * len(text)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+def stub_prompts(sources: Iterable[Path], n: int, seed: int, max_chars: int = 1500) -> list[str]:
+    """Up to n "implement this function" instructions from documented functions in .py files."""
+    from .sft_synth import iter_examples
+
+    found: dict[str, None] = {}
+    for path in sources:
+        for ex in iter_examples(path, max_chars):
+            user = ex["messages"][0]["content"]
+            if _mostly_ascii(user):
+                found.setdefault(user)
+    prompts = list(found)
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
+def _decode_texts(model: Any, prompts: list[list[int]], gen_length: int, temperature: float,
+                  seed: int) -> list[tuple[str, bool]]:
+    """(text, reached EOS) per prompt: greedy or sampled AR decoding (block length 1 with shift)."""
+    import diffcoder
+
+    tok = model.tokenizer
+    res = diffcoder.generate(model, prompts, steps=gen_length, gen_length=gen_length, block_length=1, shift=True,
+                             temperature=temperature, eos_id=tok.eos_id, seed=seed)
+    out = []
+    for ids, reason in zip(res.tokens, res.finish_reasons):
+        ended = reason == "stop" and bool(ids) and ids[-1] == tok.eos_id
+        out.append((tok.decode(ids[:-1] if ended else ids, skip_special_tokens=False), ended))
+    return out
+
+
+def first_paragraph(text: str, ended: bool) -> str | None:
+    """The user turn's first paragraph: self-instructed turns tend to go on with code and
+    examples; the first paragraph is the task. None when it was cut by the length limit."""
+    cut = [i for i in (text.find("\n\n"), text.find("<|")) if i >= 0]
+    if cut:
+        return text[:min(cut)].strip()
+    return text.strip() if ended else None
+
+
+def self_instruct_prompts(model: Any, n: int, seed: int, batch_size: int = 32, max_tokens: int = 80,
+                          temperature: float = 0.8,
+                          on_progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Up to n distinct English user turns, written by the model from the openers (Magpie)."""
+    tok = model.tokenizer
+    head = tok.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
+    text = tok.decode(head, skip_special_tokens=False)
+    before_user = text[:text.index("\x00")]  # the template up to where the user's words begin
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[str] = []
+    attempts = 0
+    while len(out) < n and attempts < 4 * n:
+        openers = [rng.choice(OPENERS) for _ in range(batch_size)]
+        ids = [tok.encode(before_user + o) for o in openers]
+        texts = _decode_texts(model, ids, max_tokens, temperature, seed + attempts)
+        attempts += batch_size
+        for opener, (cont, ended) in zip(openers, texts):
+            para = first_paragraph(opener + cont, ended)
+            if para is None or para.endswith(":") or "```" in para:
+                continue
+            prompt = para
+            key = " ".join(_norm(prompt).split()[:12])
+            if len(prompt) < 40 or not _mostly_ascii(prompt) or key in seen:
+                continue
+            seen.add(key)
+            out.append(prompt)
+        if on_progress:
+            on_progress(min(len(out), n), n)
+    return out[:n]
+
+
+def write_prompts(path: Path, prompts: list[tuple[str, str]]) -> None:
+    atomic_write_text(path, "".join(json.dumps({"id": i, "source": s, "prompt": p}, ensure_ascii=False) + "\n"
+                                    for i, (s, p) in enumerate(prompts)))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by an interrupted run: that batch is made again
+    return rows
+
+
+def answer_prompts(model: Any, prompts: list[dict], out: Path, gen_length: int = 384, batch_size: int = 32,
+                   seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Append greedy answers to out (skipping ids already there or already tried); returns chats kept."""
+    tok = model.tokenizer
+    tried_path = out.with_name(out.name + ".tried")
+    tried = {int(x) for x in tried_path.read_text().split()} if tried_path.exists() else set()
+    tried |= {r["id"] for r in read_jsonl(out)}
+    todo = [p for p in prompts if p["id"] not in tried]
+    # Similar prompt lengths share a batch (less padding), within chunks of the file's order, so a
+    # run stopped early still holds a sample of every source.
+    chunk = 8 * batch_size
+    todo = [p for c in range(0, len(todo), chunk) for p in sorted(todo[c:c + chunk], key=lambda p: len(p["prompt"]))]
+    done = len(prompts) - len(todo)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        ids = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in batch]
+        texts = _decode_texts(model, ids, gen_length, 0.0, seed)
+        chats = [{"id": p["id"], "source": p["source"],
+                  "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": t}]}
+                 for p, (t, ended) in zip(batch, texts) if ended and t.strip()]
+        with open(out, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
+        with open(tried_path, "a") as fh:
+            fh.write("".join(f"{p['id']}\n" for p in batch))
+        done += len(batch)
+        if on_progress:
+            on_progress(done, len(prompts))
+    return len(read_jsonl(out))

@@ -1,0 +1,84 @@
+"""Self-distilled SFT data for diffcoder-0.5b: the AR base writes instructions and answers.
+
+    python runs/diffcoder_05b/make_data.py --base BASE_DIR --out DATA_DIR [--stubs N --self-instruct N]
+
+Resumable: rerun the same command to continue. See diffcoder/train/distill.py for the method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import diffcoder
+from diffcoder.fsutil import atomic_write_text
+from diffcoder.train import distill
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "tkinter", "ensurepip")
+    return sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="the AR base checkpoint (or a pulled model name)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--stubs", type=int, default=1500, help="implement-this-function prompts from the stdlib")
+    ap.add_argument("--self-instruct", type=int, default=800, help="prompts written by the model itself")
+    ap.add_argument("--gen-length", type=int, default=384)
+    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ngram", type=int, default=10, help="contamination check: shared word n-gram length")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = diffcoder.load(args.base, dtype="bfloat16")
+    t0 = time.time()
+    prompts_path = args.out / "prompts.jsonl"
+
+    def progress(what: str):
+        return lambda done, total: print(f"{what}: {done}/{total}  {time.time() - t0:.0f}s", flush=True)
+
+    if not prompts_path.exists():
+        stubs = distill.stub_prompts(stdlib_files(), args.stubs, args.seed)
+        mine = distill.self_instruct_prompts(model, args.self_instruct, args.seed, args.batch_size,
+                                             on_progress=progress("self-instruct prompts"))
+        both = [("stub", p) for p in stubs] + [("self-instruct", p) for p in mine]
+        random.Random(args.seed).shuffle(both)
+        distill.write_prompts(prompts_path, both)
+    prompts = distill.read_jsonl(prompts_path)
+    kept = distill.answer_prompts(model, prompts, args.out / "chats.jsonl", args.gen_length, args.batch_size,
+                                  args.seed, on_progress=progress("answers"))
+    print(f"{kept} chats from {len(prompts)} prompts in {time.time() - t0:.0f}s")
+    report = decontaminate(args.out / "chats.jsonl", args.out / "train.jsonl", args.ngram)
+    print(json.dumps(report["summary"]))
+    return 0
+
+
+def decontaminate(src: Path, dst: Path, n: int) -> dict:
+    """Drop every chat sharing a word n-gram with HumanEval or MBPP; write the rest and a report."""
+    from diffcoder.train.contamination import BENCHMARKS, benchmark_ngrams, overlaps
+
+    index = benchmark_ngrams(n)
+    chats = distill.read_jsonl(src)
+    flagged, clean = {}, []
+    for c in chats:
+        hits = overlaps("\n".join(m["content"] for m in c["messages"]), index, n)
+        if hits:
+            flagged[c["id"]] = hits
+        else:
+            clean.append({"messages": c["messages"]})
+    atomic_write_text(dst, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in clean))
+    report = {"summary": {"ngram_words": n, "benchmarks": list(BENCHMARKS), "chats": len(chats),
+                          "dropped": len(flagged), "kept": len(clean)}, "dropped": flagged}
+    atomic_write_text(dst.with_name("contamination.json"), json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())
