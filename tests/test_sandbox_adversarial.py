@@ -64,6 +64,24 @@ def loopback_listener():
     srv.close()
 
 
+# Reads the environment of every process it can see inside the sandbox: PID 1 (the sandbox's
+# init, started by the harness), itself, its parent, every other /proc entry, and os.environ.
+ENVIRON_PROBE = (
+    "import os\n"
+    "def _environs():\n"
+    "    paths = ['/proc/1/environ', '/proc/self/environ', '/proc/%d/environ' % os.getppid()]\n"
+    "    paths += ['/proc/%s/environ' % p for p in os.listdir('/proc') if p.isdigit()]\n"
+    "    got = {}\n"
+    "    for p in paths:\n"
+    "        try:\n"
+    "            with open(p, 'rb') as f:\n"
+    "                got[p] = [e.decode('utf-8', 'replace') for e in f.read().split(b'\\0') if e]\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    got['os.environ'] = ['%s=%s' % kv for kv in os.environ.items()]\n"
+    "    return got\n")
+
+
 def hostile_programs(port: int, canary: Path, outside: Path, victim: Path) -> dict[str, str]:
     """name -> completion (the body after PROMPT, or whole top-level code after `pass`)."""
     top = "    pass\n"  # closes the prompt's function; top-level code follows
@@ -74,6 +92,8 @@ def hostile_programs(port: int, canary: Path, outside: Path, victim: Path) -> di
         "write_outside": top + (
             "import os\nos.makedirs(%r, exist_ok=True)\nopen(%r, 'w').write('escaped')\n"
             % (str(outside.parent), str(outside))),
+        "read_environ": top + ENVIRON_PROBE + (
+            "raise ValueError(' '.join(e for v in _environs().values() for e in v if 'TOKEN' in e))\n"),
         "read_canary": top + (
             "data = open(%r).read()\nprint(data)\nraise RuntimeError(data)\n" % str(canary)),
         "delete_files": top + (
@@ -106,9 +126,11 @@ def hostile_programs(port: int, canary: Path, outside: Path, victim: Path) -> di
     }
 
 
-def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Path, loopback_listener) -> None:
+def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Path, loopback_listener,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     port, accepted = loopback_listener
     secret = secrets.token_hex(16)
+    monkeypatch.setenv("HF_TOKEN", secret)  # in the harness's environment, as in a real eval run
     canary = tmp_path / "canary.txt"
     canary.write_text(secret)
     victim = tmp_path / "victim.txt"
@@ -139,7 +161,7 @@ def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Pa
     for name in programs:
         assert not rows[name]["passed"], (name, rows[name])
     assert results["n_problems"] == len(programs) + 2
-    assert results["pass@1"] == pytest.approx(2 / (len(programs) + 2))
+    assert results["pass@1"] == pytest.approx(2 / (len(programs) + 2), abs=1e-6)  # rounded to 6 places
     # Containment, checked from outside.
     assert accepted == [], "a sandboxed program reached a loopback listener on the host"
     assert not outside.exists()
@@ -230,6 +252,24 @@ def test_environment_is_scrubbed(tier: str, monkeypatch: pytest.MonkeyPatch) -> 
         sb.close()
     assert res.passed, res
     assert os.environ["DIFFCODER_TEST_SECRET"] == "do-not-leak"
+
+
+def test_host_environment_is_unreadable(tier: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No process inside the sandbox, its init included, carries the harness's environment:
+    neither /proc/<pid>/environ (which keeps what a process was started with) nor os.environ."""
+    secret = secrets.token_hex(16)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256))
+    test = ("assert '/proc/1/environ' in seen and '/proc/self/environ' in seen, sorted(seen)\n"
+            "names = {e.split('=', 1)[0] for v in seen.values() for e in v}\n"
+            "assert names <= {'PATH', 'HOME', 'LANG'}, seen\n")
+    try:
+        res = sb.run({"mode": "script", "program": ENVIRON_PROBE + "seen = _environs()\n", "test": test,
+                      "check": None})
+    finally:
+        sb.close()
+    assert secret not in res.reason + res.stdout_tail + res.stderr_tail
+    assert res.passed, res
 
 
 def test_many_runs_do_not_exhaust_the_process_limit(tier: str) -> None:
