@@ -32,8 +32,13 @@ STATUSES = ("passed", "failed", "timeout", "error", "oom")
 _RUNNER_SOURCE = (Path(__file__).with_name("_runner.py")).read_text(encoding="utf-8")
 _MERGED_USR_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # The whole environment of every process started for a job, the sandbox's own included: what
-# the harness inherited (tokens, keys) stays out of /proc/*/environ inside the sandbox.
-_SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+# the harness inherited (tokens, keys) stays out of /proc/*/environ inside the sandbox. One
+# hash seed for the runner's two processes, so that the reference (or the tests) and the
+# program iterate sets of strings in the same order.
+_SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+# Not -I: PYTHONHASHSEED must reach the interpreter (the environment is _SANDBOX_ENV alone);
+# the runner drops the working directory from sys.path itself.
+_PYTHON_FLAGS = ("-s", "-S")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -214,8 +219,8 @@ class Sandbox:
     def _python_argv(self, extra: list[str]) -> list[str]:
         exe, _ = _python_paths()
         if self.probe:
-            return [exe, "-I", "-S", "-c", "print('ok')"]
-        return [exe, "-I", "-S", "-c", _RUNNER_SOURCE, *extra]
+            return [exe, *_PYTHON_FLAGS, "-c", "print('ok')"]
+        return [exe, *_PYTHON_FLAGS, "-c", _RUNNER_SOURCE, *extra]
 
     def _bwrap_argv(self) -> list[str]:
         _, prefix = _python_paths()
@@ -393,8 +398,8 @@ class Sandbox:
             return res("failed", "pass marker without the harness nonce (forged or truncated)")
         if status == "ERROR" and reason.startswith("sandbox-setup:"):
             raise SandboxUnavailable(f"the {self.tier} sandbox failed to start: {reason}")
-        if status in ("FAILED", "ERROR", "OOM"):
-            return res({"FAILED": "failed", "ERROR": "error", "OOM": "oom"}[status], reason)
+        if status in ("FAILED", "ERROR", "OOM", "TIMEOUT"):
+            return res({"FAILED": "failed", "ERROR": "error", "OOM": "oom", "TIMEOUT": "timeout"}[status], reason)
         self._raise_if_sandbox_broken(out["stderr"])
         signo = -rc if rc < 0 else (rc - 128 if rc > 128 else 0)
         if signo == signal.SIGXCPU:
