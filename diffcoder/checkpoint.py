@@ -8,10 +8,11 @@ Saving writes into a temporary directory and renames it into place (atomic).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,8 +110,51 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     model.mask_id = mask_id if mask_id is not None else resolve_mask_id(config, tokenizer, path)
     gen_file = path / "generation_config.json"
     if gen_file.exists():
-        model.generation_defaults = json.loads(gen_file.read_text())
+        model.generation_defaults = read_generation_config(gen_file)
     return model.eval()
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """generation_config.json, with every decoder setting it names checked (ValueError naming the
+    file and the field); keys the decoder does not read (special ids, ...) pass through."""
+    from .decode import REMASKING
+
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: must hold a JSON object of decoder settings, got {type(raw).__name__}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "gen_length": (lambda v: integer(v) and v >= 1, "a positive integer"),
+        "block_length": (lambda v: integer(v) and v >= 1, "a positive integer"),
+        "steps": (lambda v: v is None or (integer(v) and v >= 1), "a positive integer or null"),
+        "max_active_blocks": (lambda v: integer(v) and v >= 1, "a positive integer"),
+        "temperature": (lambda v: number(v) and v >= 0, "a number >= 0"),
+        "threshold": (lambda v: v is None or (number(v) and 0 < v <= 1), "a number in (0, 1] or null"),
+        "block_add_threshold": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "remasking": (lambda v: v in REMASKING, "one of " + ", ".join(map(repr, REMASKING))),
+        "shift": (lambda v: isinstance(v, bool), "true or false"),
+        "seed": (lambda v: v is None or integer(v), "an integer or null"),
+    }
+    for key, (ok, what) in rules.items():
+        if key in raw and not ok(raw[key]):
+            raise ValueError(f"{path}: {key!r} must be {what}, got {json.dumps(raw[key])}")
+    gen, block, steps = raw.get("gen_length"), raw.get("block_length"), raw.get("steps")
+    if gen is not None and block is not None:
+        if gen % block:
+            raise ValueError(f"{path}: 'gen_length' ({gen}) must be a multiple of 'block_length' ({block})")
+        if steps is not None and steps % (gen // block):
+            raise ValueError(f"{path}: 'steps' ({steps}) must be a multiple of gen_length/block_length "
+                             f"= {gen // block}")
+    return raw
 
 
 def _assign_weights(model: DiffCoderLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:

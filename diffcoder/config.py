@@ -20,6 +20,11 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "StableDiffcoderForCausalLM", "Qw
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
+# Sizes that must be positive integers (head_dim may also be None: hidden_size / heads).
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 512
@@ -47,6 +52,16 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is None and name == "head_dim":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -91,7 +106,12 @@ class ModelConfig:
         if missing:
             raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
         kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
-        return cls(**kwargs, rope_theta=float(theta), rope_scaling=scaling, extra=raw)
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+            raise ValueError(f"{source}: rope_theta must be a positive number, got {theta!r}")
+        try:
+            return cls(**kwargs, rope_theta=float(theta), rope_scaling=scaling, extra=raw)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)

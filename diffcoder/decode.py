@@ -200,7 +200,9 @@ def committed_window(select: torch.Tensor, x0: torch.Tensor, window: torch.Tenso
 def block_schedule(masked: int, steps_per_block: int) -> list[int]:
     """Tokens committed at each (non-skipped) step of a block: the release's allotment."""
     base, extra = divmod(masked, steps_per_block)
-    return [k for k in (base + (1 if j < extra else 0) for j in range(steps_per_block)) if k > 0]
+    # `extra` steps of base + 1, then the rest of base each (none when base is 0): at most
+    # `masked` entries, whatever steps_per_block is.
+    return [base + 1] * extra + [base] * ((steps_per_block - extra) if base else 0)
 
 
 class Decoding:

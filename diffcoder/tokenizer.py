@@ -112,7 +112,12 @@ class Tokenizer:
                              "use plain completion instead of chat")
         if not messages:
             raise ValueError("messages is empty: give at least one {'role': ..., 'content': ...}")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except TemplateError as exc:  # the template's own raise_exception(...), e.g. a role it does not know
+            raise ValueError(f"the chat template refused these messages: {exc}") from exc
         # The template writes the special tokens itself; encode without adding more.
         return self.encode(text)
 

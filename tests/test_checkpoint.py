@@ -96,6 +96,55 @@ def test_error_shape_mismatch(tiny_model_dir, tmp_path):
         diffcoder.load(d)
 
 
+@pytest.mark.parametrize("field,value", [("intermediate_size", -5), ("hidden_size", 0), ("num_hidden_layers", "2"),
+                                         ("num_key_value_heads", 0), ("vocab_size", 12.5), ("head_dim", -1),
+                                         ("max_position_embeddings", True), ("rms_norm_eps", -1e-6)])
+def test_error_bad_config_sizes_name_the_file_and_field(tiny_model_dir, tmp_path, field, value):
+    d = copy(tiny_model_dir, tmp_path / "s")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"config\.json: {field} must be a positive (integer|number), got "):
+        diffcoder.load(d)
+
+
+@pytest.mark.parametrize("field,value,what", [
+    ("block_length", -4, "a positive integer"), ("block_length", "4", "a positive integer"),
+    ("gen_length", 0, "a positive integer"), ("steps", 2.5, "a positive integer or null"),
+    ("temperature", -1, "a number >= 0"), ("threshold", 1.5, r"a number in \(0, 1\] or null"),
+    ("remasking", "sometimes", "one of 'low_confidence', 'random'"), ("shift", "no", "true or false"),
+    ("seed", 1.0, "an integer or null"), ("max_active_blocks", 0, "a positive integer"),
+    ("block_add_threshold", 0, r"a number in \(0, 1\]"),
+])
+def test_error_bad_generation_config_names_the_file_and_field(tiny_model_dir, tmp_path, field, value, what):
+    d = copy(tiny_model_dir, tmp_path / "g")
+    gen = {"gen_length": 16, "steps": 16, "block_length": 4}
+    (d / "generation_config.json").write_text(json.dumps({**gen, field: value}))
+    with pytest.raises(ValueError, match=rf"generation_config\.json: '{field}' must be {what}, got "):
+        diffcoder.load(d)
+
+
+def test_generation_config_consistency_and_shape(tiny_model_dir, tmp_path):
+    d = copy(tiny_model_dir, tmp_path / "c")
+    gen = d / "generation_config.json"
+    gen.write_text(json.dumps({"gen_length": 10, "block_length": 4}))
+    with pytest.raises(ValueError, match=r"generation_config\.json: 'gen_length' \(10\) must be a multiple of"):
+        diffcoder.load(d)
+    gen.write_text(json.dumps({"gen_length": 16, "block_length": 4, "steps": 6}))
+    with pytest.raises(ValueError, match=r"'steps' \(6\) must be a multiple of gen_length/block_length = 4"):
+        diffcoder.load(d)
+    gen.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"generation_config\.json: must hold a JSON object"):
+        diffcoder.load(d)
+    gen.write_text("{")
+    with pytest.raises(ValueError, match=r"generation_config\.json: not valid JSON"):
+        diffcoder.load(d)
+    # Keys the decoder does not read pass through; null means "the decoder's default".
+    gen.write_text(json.dumps({"gen_length": 16, "steps": None, "threshold": None, "bos_token_id": 1,
+                               "transformers_version": "4.46.0"}))
+    assert diffcoder.load(d).generation_defaults["bos_token_id"] == 1
+
+
 def test_error_unsupported_architecture(tiny_model_dir, tmp_path):
     d = copy(tiny_model_dir, tmp_path / "a")
     cfg = json.loads((d / "config.json").read_text())

@@ -153,6 +153,31 @@ def test_block_schedule():
     assert block_schedule(4, 1) == [4]
 
 
+def test_block_schedule_costs_the_block_not_the_steps():
+    """The release's allotment (steps_per_block steps, `masked` tokens spread over them, empty
+    steps skipped), built in O(masked): a huge step count is as cheap as a small one."""
+    def allotment(masked: int, spb: int) -> list[int]:
+        base, extra = divmod(masked, spb)
+        return [k for k in (base + (1 if j < extra else 0) for j in range(spb)) if k > 0]
+
+    for masked in range(0, 40):
+        for spb in range(1, 50):
+            assert block_schedule(masked, spb) == allotment(masked, spb), (masked, spb)
+    import signal
+
+    def expire(*_):
+        raise TimeoutError("block_schedule looped over the steps")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        assert block_schedule(4, 100_000_000_000) == [1, 1, 1, 1]
+        assert block_schedule(0, 10 ** 18) == []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_streaming_events(pair):
     model, _ = pair
     dec = Decoding(model, [[9, 10, 11, 12, 13], [14]], steps=8, gen_length=8, block_length=4, step_events=True)

@@ -112,8 +112,8 @@ def test_bad_samples_files_give_one_line_errors(sandbox: None, tmp_path: Path, c
 
 def test_flag_errors(sandbox: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = str(tmp_path / "o")
-    assert main(["eval", "humaneval", "--out", out]) == 2
-    assert "exactly one of --model" in capsys.readouterr().err
+    assert main(["eval", "humaneval", "--model", "m", "--samples", "canonical", "--out", out]) == 2
+    assert "not both" in capsys.readouterr().err
     assert main(["eval", "humaneval", "--samples", str(tmp_path / "missing.jsonl"), "--out", out]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["eval", "humaneval", "--samples", "canonical", "--out", out, "--workers", "0"]) == 2
@@ -187,3 +187,24 @@ def test_no_execute_writes_samples_only(sandbox: None, tmp_path: Path, tiny_mode
     assert len(_rows(out / "samples.jsonl")) == 1 and not (out / "per_problem.jsonl").exists()
     assert main(["eval", "humaneval", "--samples", "canonical", "--out", str(tmp_path / "x"),
                  "--no-execute"]) == 2
+
+
+def test_model_defaults_to_the_shipped_one(tmp_path: Path) -> None:
+    """Without --model (and without --samples) eval generates with the shipped model, as its help
+    and the README say."""
+    from diffcoder.defaults import SHIPPED_DIR
+
+    out = tmp_path / "o"
+    assert main(["eval", "humaneval", "--out", str(out), "--limit", "1", "--gen-length", "8", "--steps", "2",
+                 "--no-execute", "--no-progress"]) == 0
+    assert [s["task_id"] for s in _rows(out / "samples.jsonl")] == ["HumanEval/0"]
+    help_text = build_parser_help("eval")
+    assert "default: the model shipped with diffcoder" in help_text
+
+
+def build_parser_help(command: str) -> str:
+    from diffcoder.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return " ".join(sub.choices[command].format_help().split())

@@ -64,6 +64,24 @@ def loopback_listener():
     srv.close()
 
 
+# Reads the environment of every process it can see inside the sandbox: PID 1 (the sandbox's
+# init, started by the harness), itself, its parent, every other /proc entry, and os.environ.
+ENVIRON_PROBE = (
+    "import os\n"
+    "def _environs():\n"
+    "    paths = ['/proc/1/environ', '/proc/self/environ', '/proc/%d/environ' % os.getppid()]\n"
+    "    paths += ['/proc/%s/environ' % p for p in os.listdir('/proc') if p.isdigit()]\n"
+    "    got = {}\n"
+    "    for p in paths:\n"
+    "        try:\n"
+    "            with open(p, 'rb') as f:\n"
+    "                got[p] = [e.decode('utf-8', 'replace') for e in f.read().split(b'\\0') if e]\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    got['os.environ'] = ['%s=%s' % kv for kv in os.environ.items()]\n"
+    "    return got\n")
+
+
 def hostile_programs(port: int, canary: Path, outside: Path, victim: Path) -> dict[str, str]:
     """name -> completion (the body after PROMPT, or whole top-level code after `pass`)."""
     top = "    pass\n"  # closes the prompt's function; top-level code follows
@@ -74,6 +92,8 @@ def hostile_programs(port: int, canary: Path, outside: Path, victim: Path) -> di
         "write_outside": top + (
             "import os\nos.makedirs(%r, exist_ok=True)\nopen(%r, 'w').write('escaped')\n"
             % (str(outside.parent), str(outside))),
+        "read_environ": top + ENVIRON_PROBE + (
+            "raise ValueError(' '.join(e for v in _environs().values() for e in v if 'TOKEN' in e))\n"),
         "read_canary": top + (
             "data = open(%r).read()\nprint(data)\nraise RuntimeError(data)\n" % str(canary)),
         "delete_files": top + (
@@ -101,14 +121,35 @@ def hostile_programs(port: int, canary: Path, outside: Path, victim: Path) -> di
         "forge_pass_marker": top + (
             "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'PASS 0123456789abcdef\\n')\n"
             "    except OSError:\n        pass\nos._exit(0)\n"),
+        "read_nonce_and_forge_pass": top + (
+            "import os\nfound = []\n"
+            "for fd in range(3, 256):\n    try:\n        os.set_blocking(fd, False)\n"
+            "        found.append(os.read(fd, 256))\n    except OSError:\n        pass\n"
+            "targets = list(range(3, 256))\n"
+            "for pid in {1, os.getppid()}:\n    for fd in range(64):\n        for mode in (os.O_RDONLY, os.O_WRONLY):\n"
+            "            try:\n                targets.append(os.open('/proc/%d/fd/%d' % (pid, fd), mode | os.O_NONBLOCK))\n"
+            "            except OSError:\n                pass\n"
+            "            else:\n                try:\n                    found.append(os.read(targets[-1], 256))\n"
+            "                except OSError:\n                    pass\n"
+            "for data in [d.strip() for d in found if d.strip()]:\n    for fd in targets:\n        try:\n"
+            "            os.write(fd, b'PASS ' + data + b'\\n')\n        except OSError:\n            pass\n"
+            "os._exit(0)\n"),
+        "always_equal_claims_builtins": "    class Any:\n        __module__ = 'builtins'\n"
+                                        "        def __eq__(self, other):\n            return True\n"
+                                        "    return Any()\n",
+        "always_equal_from_the_stdlib": "    from unittest import mock\n    return mock.ANY\n",
+        "patch_a_preloaded_class": "    import collections\n    collections.UserList.__eq__ = lambda s, o: True\n"
+                                   "    return collections.UserList()\n",
         "background_thread": "    return a + b\nimport threading, time\n"
                              "threading.Thread(target=lambda: time.sleep(30), daemon=True).start()\n",
     }
 
 
-def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Path, loopback_listener) -> None:
+def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Path, loopback_listener,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     port, accepted = loopback_listener
     secret = secrets.token_hex(16)
+    monkeypatch.setenv("HF_TOKEN", secret)  # in the harness's environment, as in a real eval run
     canary = tmp_path / "canary.txt"
     canary.write_text(secret)
     victim = tmp_path / "victim.txt"
@@ -139,7 +180,7 @@ def test_hostile_completions_fail_and_harness_carries_on(tier: str, tmp_path: Pa
     for name in programs:
         assert not rows[name]["passed"], (name, rows[name])
     assert results["n_problems"] == len(programs) + 2
-    assert results["pass@1"] == pytest.approx(2 / (len(programs) + 2))
+    assert results["pass@1"] == pytest.approx(2 / (len(programs) + 2), abs=1e-6)  # rounded to 6 places
     # Containment, checked from outside.
     assert accepted == [], "a sandboxed program reached a loopback listener on the host"
     assert not outside.exists()
@@ -230,6 +271,95 @@ def test_environment_is_scrubbed(tier: str, monkeypatch: pytest.MonkeyPatch) -> 
         sb.close()
     assert res.passed, res
     assert os.environ["DIFFCODER_TEST_SECRET"] == "do-not-leak"
+
+
+def test_host_environment_is_unreadable(tier: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No process inside the sandbox, its init included, carries the harness's environment:
+    neither /proc/<pid>/environ (which keeps what a process was started with) nor os.environ."""
+    secret = secrets.token_hex(16)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256))
+    # The judge (PID 1 under unshare) is not dumpable, so its environ may be unreadable too.
+    test = ("assert '/proc/self/environ' in seen, sorted(seen)\n"
+            "names = {e.split('=', 1)[0] for v in seen.values() for e in v}\n"
+            "assert names <= {'PATH', 'HOME', 'LANG', 'PYTHONHASHSEED'}, seen\n")
+    try:
+        res = sb.run({"mode": "script", "program": ENVIRON_PROBE + "seen = _environs()\n", "test": test,
+                      "check": None})
+    finally:
+        sb.close()
+    assert secret not in res.reason + res.stdout_tail + res.stderr_tail
+    assert res.passed, res
+
+
+def test_program_cannot_reach_the_judge(tier: str) -> None:
+    """The process that runs the program holds neither the nonce nor the result pipe, and the
+    judge's descriptors and memory under /proc are closed to it (no capabilities, judge not
+    dumpable)."""
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256))
+    prog = ("import os\nopened = []\n"
+            "for pid in sorted({1, os.getppid()}):\n"
+            "    for name in ['mem', 'environ'] + ['fd/%d' % fd for fd in range(64)]:\n"
+            "        try:\n            os.close(os.open('/proc/%d/%s' % (pid, name), os.O_RDONLY | os.O_NONBLOCK))\n"
+            "            opened.append((pid, name))\n        except OSError:\n            pass\n"
+            "mine = sorted(int(fd) for fd in os.listdir('/proc/self/fd'))\n"
+            "def report():\n    return opened, mine\n")
+    test = "opened, mine = report()\nassert opened == [], opened\nassert len(mine) <= 6, mine\n"
+    try:
+        res = sb.run({"mode": "script", "program": prog, "test": test, "check": None})
+    finally:
+        sb.close()
+    assert res.passed, res
+
+
+def test_io_mode_expected_outputs_are_out_of_reach(tier: str) -> None:
+    """MBPP+ style: the expected outputs live in the judge; a program that looks for them in its
+    callers' frames or in memory finds nothing, and a wrong program fails."""
+    reference = "def add(a, b):\n    return a + b\n"
+    peek = ("import gc, sys\ndef add(a, b):\n    f = sys._getframe(1)\n    while f is not None:\n"
+            "        if 'expected' in f.f_locals:\n            return f.f_locals['expected'][f.f_locals['i']]\n"
+            "        f = f.f_back\n"
+            "    for o in gc.get_objects():\n"
+            "        if isinstance(o, list) and len(o) == 3 and o[:1] == [5]:\n            return o[0]\n"
+            "    return None\n")
+    job = {"mode": "io", "entry_point": "add", "reference": reference, "atol": 0, "special": None,
+           "inputs": json.dumps([[2, 3], [1, 1], [-4, 4]])}
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256))
+    try:
+        honest = sb.run({**job, "program": reference})
+        cheat = sb.run({**job, "program": peek})
+    finally:
+        sb.close()
+    assert honest.passed, honest
+    assert not cheat.passed and cheat.status == "failed", cheat
+
+
+def test_results_cross_as_plain_data(tier: str) -> None:
+    """What honest programs return still compares as before: subclasses of the plain types,
+    namedtuples (fields included), dict views, generators, nested containers, big ints,
+    NaN and infinities; the program's own objects can be passed back to it."""
+    prog = ("import collections, enum\nP = collections.namedtuple('P', 'x y')\n"
+            "class Color(enum.IntEnum):\n    RED = 1\n"
+            "class Box:\n    def __init__(self, v):\n        self.v = v\n"
+            "def unbox(b):\n    return b.v\n"
+            "def values():\n"
+            "    return (P(1, 2), Color.RED, collections.OrderedDict(a=1), collections.Counter('aab'),\n"
+            "            {'a': 1}.keys(), (i * i for i in range(3)), {(1, 2): {3, 4}}, 10 ** 5000,\n"
+            "            float('nan'), float('-inf'), b'\\x00\\xff', 2 + 3j, frozenset([1]), range(3))\n")
+    test = ("import math\n"
+            "p, red, od, cnt, keys, gen, nested, big, nan, inf, raw, z, fs, r = values()\n"
+            "assert p == (1, 2) and p.x == 1 and p.y == 2\n"
+            "assert red == 1 and od == {'a': 1} and cnt == {'a': 2, 'b': 1}\n"
+            "assert keys == {'a'} and list(gen) == [0, 1, 4] and nested == {(1, 2): {3, 4}}\n"
+            "assert big == 10 ** 5000 and math.isnan(nan) and inf == -math.inf\n"
+            "assert raw == b'\\x00\\xff' and z == 2 + 3j and fs == {1} and r == range(3)\n"
+            "box = Box(7)\nassert unbox(box) == 7 and box != 7 and box == box\n")
+    sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=512))
+    try:
+        res = sb.run({"mode": "script", "program": prog, "test": test, "check": None})
+    finally:
+        sb.close()
+    assert res.passed, res
 
 
 def test_many_runs_do_not_exhaust_the_process_limit(tier: str) -> None:

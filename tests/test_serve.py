@@ -165,7 +165,18 @@ BAD_REQUESTS = [
     ({"prompt": "x", "max_tokens": 8, "steps": 3}, 400, "multiple of the number of blocks"),
     ({"prompt": "x", "max_tokens": 8, "block_length": 0}, 400, "block_length"),
     ({"prompt": "x", "max_tokens": 4000}, 400, "context"),
-    ({"prompt": "x", "top_p": 0.9}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 0.9, "temperature": 0.7}, 400, "top_p"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}, 400,
+     "cannot constrain its output to JSON"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format 'json_object'"),
+    ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+      "tool_choice": "required"}, 400, "never makes tool calls"),
+    ({"prompt": "x", "n": 10 ** 12}, 400, "'n'"),
+    ({"prompt": "x", "seed": 2 ** 64, "temperature": 1.0}, 400, "'seed'"),
+    ({"prompt": "x", "seed": 2 ** 63, "temperature": 1.0}, 400, "'seed'"),
+    ({"prompt": "x", "stop": "y" * 257}, 400, "at most 256 characters"),
+    ({"prompt": "def f():\ud800"}, 400, "'prompt' contains a lone UTF-16 surrogate (\\ud800) at character 8"),
+    ({"prompt": ["ok", "\udc00"]}, 400, "'prompt.1' contains a lone UTF-16 surrogate"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "remasking": "sometimes"}, 400, "remasking"),
     ({"prompt": "x", "n": 99}, 400, "lower n"),
@@ -214,7 +225,8 @@ def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError, match="top_p"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=0.5)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=0.5,
+                                       temperature=0.8)
 
 
 def test_bad_requests_do_not_disturb_concurrent_good_ones(server, model):
@@ -395,3 +407,132 @@ def test_runner_flag_decodes_the_same_text_and_bad_runners_fail_at_startup(model
         create_app(model, model_name=MODEL, config=ServeConfig(runner="cuda_graph"))
     with pytest.raises(ValueError, match="--runner must be one of"):
         ServeConfig(runner="fast")
+
+
+def test_lone_surrogate_in_chat_is_a_400_naming_the_field(server):
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "ok"}, {"type": "text", "text": "bad \ud83d end"}]}]}
+    r = _post(server, body, path="/v1/chat/completions")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages.1.content.1.text" and "lone UTF-16 surrogate (\\ud83d)" in err["message"]
+    # A proper surrogate pair is one character, and fine.
+    r = _post(server, {"prompt": "emoji \ud83d\ude00", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
+def test_seed_outside_int64_is_refused_at_the_request(server):
+    r = _post(server, {"prompt": "x", "max_tokens": 4, "temperature": 1.0, "seed": 2 ** 63})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    for seed in (2 ** 63 - 1, -(2 ** 63)):
+        assert _post(server, {"prompt": "x", "max_tokens": 4, "temperature": 1.0, "seed": seed}).status_code == 200
+
+
+def test_steps_beyond_one_token_per_pass_decode_as_gen_length(server, model):
+    """steps above gen_length add no pass (no mask is left to fill): the request is answered at
+    once, with exactly the text of steps = gen_length, instead of looping over the steps."""
+    t0 = time.monotonic()
+    r = _post(server, {"prompt": "def f():", "max_tokens": 8, "steps": 200_000_000_000})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - t0 < 25
+    assert r.json()["choices"][0]["text"] == engine_text(model, model.tokenizer.encode("def f():"), 8, steps=8)[0]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_health_is_503_while_the_engine_makes_no_progress(model, monkeypatch):
+    import threading
+
+    import diffcoder.decode as decode
+
+    release = threading.Event()
+    real = decode.block_schedule
+
+    def stuck(masked, steps_per_block):  # a pass that never returns (until released)
+        release.wait(60)
+        return real(masked, steps_per_block)
+
+    monkeypatch.setattr(decode, "block_schedule", stuck)
+    app = create_app(model, model_name=MODEL, config=ServeConfig(stall_timeout=0.5))
+    with BackgroundServer(app) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200  # idle: fine however long ago the last pass was
+        done: list = []
+        t = threading.Thread(target=lambda: done.append(_post(srv, {"prompt": "p", "max_tokens": 4})))
+        t.start()
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                h = httpx.get(srv.url + "/health")
+                if h.status_code == 503:
+                    break
+                time.sleep(0.1)
+            assert h.status_code == 503, h.text
+            assert h.json()["status"] == "stalled" and "no progress" in h.json()["reason"]
+        finally:
+            release.set()
+            t.join(30)
+        assert done and done[0].status_code == 200
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+
+
+def test_fields_openai_clients_send_are_accepted(server, model):
+    """Bodies as LangChain / LiteLLM / editor plugins send them, over raw HTTP: honoured where
+    possible, ignored (and named in a header) where harmless."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    messages = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0, "top_p": 1, "n": 1,
+            "stream": False, "store": False, "metadata": {"session": "abc"}, "parallel_tool_calls": True,
+            "frequency_penalty": 0, "presence_penalty": 0, "user": "user-1", "response_format": {"type": "text"},
+            "tools": tools, "tool_choice": "auto"}
+    r = _post(server, body, path="/v1/chat/completions")
+    assert r.status_code == 200, r.text
+    rendered = [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+    ids = model.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+    assert r.json()["choices"][0]["message"]["content"] == engine_text(model, ids, 8)[0]
+    ignored = r.headers["x-diffcoder-ignored-fields"].split(", ")
+    assert set(ignored) == {"metadata", "parallel_tool_calls", "tools", "user"}
+    # top_p below 1 has nothing to act on when decoding greedily: ignored, same text as without it.
+    r = _post(server, {"prompt": "x = ", "max_tokens": 8, "top_p": 0.95, "store": True, "tool_choice": "none"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == engine_text(model, model.tokenizer.encode("x = "), 8)[0]
+    assert set(r.headers["x-diffcoder-ignored-fields"].split(", ")) == {"store", "top_p"}
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"prompt": "x = ", "max_tokens": 4, "stream": True, "store": True}) as s:
+        assert s.status_code == 200 and s.headers["x-diffcoder-ignored-fields"] == "store"
+        s.read()
+    # Without any such field there is no header.
+    assert "x-diffcoder-ignored-fields" not in _post(server, {"prompt": "x", "max_tokens": 4}).headers
+
+
+def test_assistant_content_may_be_null_only_with_tool_calls(server):
+    r = _post(server, {"messages": [{"role": "user", "content": None}]}, path="/v1/chat/completions")
+    assert r.status_code == 400 and "only an assistant turn with tool_calls" in r.json()["error"]["message"]
+
+
+def test_serve_loads_the_model_like_generate(tiny_model_dir, monkeypatch):
+    """serve picks the device and dtype by the rule generate, chat and eval use (auto)."""
+    import uvicorn
+
+    import diffcoder.run_cli as run_cli
+    from diffcoder.cli import build_parser, main
+
+    defaults = {cmd: build_parser().parse_args([cmd, *extra]) for cmd, extra in
+                [("serve", []), ("generate", ["x"]), ("eval", ["humaneval", "--out", "o"])]}
+    assert {(a.device, a.dtype) for a in defaults.values()} == {("auto", "auto")}
+    loaded = []
+
+    def fake_load(path, device="auto", dtype="auto"):
+        loaded.append((str(path), device, dtype))
+        return diffcoder.load(path)
+
+    monkeypatch.setattr(run_cli, "load_auto", fake_load)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    assert main(["serve", "--model", str(tiny_model_dir)]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]) == 0
+    assert loaded == [(str(tiny_model_dir), "auto", "auto"), (str(tiny_model_dir), "cpu", "float32")]

@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "eval", help="evaluate a model (or samples) on HumanEval, MBPP, MBPP+ or HumanEval-Infilling",
-        description="Generate samples with --model (or take them from --samples), run each one in a "
-        "sandbox (no network, read-only filesystem, resource limits) and report pass@k. "
+        description="Generate samples with --model (default: the model shipped with diffcoder), or take "
+        "them from --samples, run each one in a sandbox (no network, read-only filesystem, resource limits) and report pass@k. "
         "Resumable: re-running with the same --out skips what is done.")
     p.add_argument("benchmark", metavar="BENCH", choices=BENCHMARKS, help="one of: " + ", ".join(BENCHMARKS))
     add_model_flags(p)
@@ -54,21 +54,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     from ..cli import UserError
 
-    if bool(args.model) == bool(args.samples):
-        raise UserError("give exactly one of --model DIR (generate samples) or --samples FILE (execute them)")
+    if args.model and args.samples:
+        raise UserError("give --model DIR (generate samples; default: the shipped model) or --samples FILE "
+                        "(execute them), not both")
     for name in ("n_samples", "batch_size", "workers", "memory_mb", "max_procs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be positive")
-    if args.no_execute and not args.model:
-        raise UserError("--no-execute only makes sense with --model (it skips running the samples)")
+    if args.no_execute and args.samples:
+        raise UserError("--no-execute only makes sense when generating samples (it skips running them); "
+                        "drop --samples")
     if args.samples and args.samples not in ("canonical", "empty") and not Path(args.samples).is_file():
         raise UserError(f"--samples {args.samples}: no such file (or use 'canonical' / 'empty')")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError
+    from ..defaults import default_model_dir
     from .benchmarks import load_benchmark
     from .harness import SAMPLES, EvalSpec, group_samples, read_jsonl, write_atomic
     from .sandbox import Limits, SandboxUnavailable, detect_isolation
@@ -89,9 +92,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tier == "none":
         print("WARNING: running model-written code WITHOUT a sandbox (--unsafe-no-sandbox)", file=sys.stderr)
     decoder, model_name = None, None
-    if args.model:
+    if not args.samples:
         samples, decoder = _generate(args, problems, out / SAMPLES)
-        model_name = str(args.model)
+        model_name = str(args.model or default_model_dir())
     elif args.samples in ("canonical", "empty"):
         records = [p.canonical_sample() if args.samples == "canonical" else {"task_id": p.task_id, "completion": ""}
                    for p in problems]

@@ -9,7 +9,8 @@ Isolation tiers, best first (see docs/eval.md for the threat model):
   seccomp filter (libseccomp) before the program runs.
 - "none": only rlimits and a process group; allowed only with `--unsafe-no-sandbox`.
 Every tier applies the same rlimits (address space, CPU time, file size, open files,
-processes), a wall-clock timeout that kills the whole process group, and an output cap.
+processes), a wall-clock timeout that kills the whole process group, and an output cap, and
+starts every process, the sandbox's init included, with the minimal `_SANDBOX_ENV`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import secrets
 import selectors
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,6 +31,14 @@ from pathlib import Path
 STATUSES = ("passed", "failed", "timeout", "error", "oom")
 _RUNNER_SOURCE = (Path(__file__).with_name("_runner.py")).read_text(encoding="utf-8")
 _MERGED_USR_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# The whole environment of every process started for a job, the sandbox's own included: what
+# the harness inherited (tokens, keys) stays out of /proc/*/environ inside the sandbox. One
+# hash seed for the runner's two processes, so that the reference (or the tests) and the
+# program iterate sets of strings in the same order.
+_SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+# Not -I: PYTHONHASHSEED must reach the interpreter (the environment is _SANDBOX_ENV alone);
+# the runner drops the working directory from sys.path itself.
+_PYTHON_FLAGS = ("-s", "-S")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -142,7 +152,7 @@ def bwrap_path() -> str | None:
 
 def _probe(cmd: list[str]) -> tuple[bool, str]:
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, env=dict(_SANDBOX_ENV))
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     return r.returncode == 0 and r.stdout.strip() == "ok", (r.stderr or r.stdout).strip()[:300]
@@ -209,8 +219,8 @@ class Sandbox:
     def _python_argv(self, extra: list[str]) -> list[str]:
         exe, _ = _python_paths()
         if self.probe:
-            return [exe, "-I", "-S", "-c", "print('ok')"]
-        return [exe, "-I", "-S", "-c", _RUNNER_SOURCE, *extra]
+            return [exe, *_PYTHON_FLAGS, "-c", "print('ok')"]
+        return [exe, *_PYTHON_FLAGS, "-c", _RUNNER_SOURCE, *extra]
 
     def _bwrap_argv(self) -> list[str]:
         _, prefix = _python_paths()
@@ -227,12 +237,13 @@ class Sandbox:
             argv += ["--ro-bind", prefix, prefix]
         argv += ["--proc", "/proc", "--dev", "/dev",
                  "--size", str(self.limits.tmpfs_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
-                 "--chdir", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-                 "--setenv", "LANG", "C.UTF-8", "--"]
-        return argv
+                 "--chdir", "/tmp"]
+        for name, value in _SANDBOX_ENV.items():
+            argv += ["--setenv", name, value]
+        return argv + ["--"]
 
     def _unshare_argv(self) -> list[str]:
-        return ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child",
+        return [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child",
                 "--mount", "--ipc", "--uts", "--mount-proc", "--"]
 
     def _command(self, extra: list[str] | None = None) -> list[str]:
@@ -244,9 +255,11 @@ class Sandbox:
         else:
             cmd = py
         if self._cgroup is not None:
-            # Join the cgroup before exec, so that every descendant is counted.
+            # Join the cgroup before exec, so that every descendant is counted; `env -i` drops
+            # the PWD that the shell exports.
             procs = os.path.join(self._cgroup.path, "cgroup.procs")
-            cmd = ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd]
+            env = " ".join(shlex.quote(f"{k}={v}") for k, v in _SANDBOX_ENV.items())
+            cmd = ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec env -i {env} "$@"', "sh", *cmd]
         return cmd
 
     # -- running ---------------------------------------------------------------------------
@@ -292,7 +305,7 @@ class Sandbox:
             proc = subprocess.Popen(
                 self._command([str(nonce_r), str(result_w)]), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(nonce_r, result_w),
-                start_new_session=True, close_fds=True, cwd=scratch)
+                start_new_session=True, close_fds=True, cwd=scratch, env=dict(_SANDBOX_ENV))
         except OSError as exc:
             for fd in (nonce_r, result_w, result_r):
                 os.close(fd)
@@ -385,8 +398,8 @@ class Sandbox:
             return res("failed", "pass marker without the harness nonce (forged or truncated)")
         if status == "ERROR" and reason.startswith("sandbox-setup:"):
             raise SandboxUnavailable(f"the {self.tier} sandbox failed to start: {reason}")
-        if status in ("FAILED", "ERROR", "OOM"):
-            return res({"FAILED": "failed", "ERROR": "error", "OOM": "oom"}[status], reason)
+        if status in ("FAILED", "ERROR", "OOM", "TIMEOUT"):
+            return res({"FAILED": "failed", "ERROR": "error", "OOM": "oom", "TIMEOUT": "timeout"}[status], reason)
         self._raise_if_sandbox_broken(out["stderr"])
         signo = -rc if rc < 0 else (rc - 128 if rc > 128 else 0)
         if signo == signal.SIGXCPU:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import threading
 import time
@@ -27,6 +28,9 @@ from diffcoder.serve.metrics import CONTENT_TYPE, Metrics
 from diffcoder.serve.protocol import ChatRequest, CompletionRequest
 from diffcoder.serve.scheduler import BatchStats, Job, QueueFull, Scheduler, ServerStopping
 
+log = logging.getLogger("diffcoder.serve")
+IGNORED_HEADER = "x-diffcoder-ignored-fields"
+
 
 @dataclass
 class ServeConfig:
@@ -37,6 +41,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     batch_window_s: float = 0.01
     runner: str = "auto"  # how each pass runs (diffcoder.runners.RUNNERS)
+    stall_timeout: float = 120.0  # /health is 503 when the engine made no progress for this long with work
 
     def __post_init__(self) -> None:
         from diffcoder.config import RUNNERS
@@ -51,6 +56,8 @@ class ServeConfig:
             raise ValueError(f"--request-timeout must be positive seconds (got {self.request_timeout})")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes must be at least 1024 (got {self.max_body_bytes})")
+        if self.stall_timeout <= 0:
+            raise ValueError(f"--stall-timeout must be positive seconds (got {self.stall_timeout})")
         if not 0 <= self.batch_window_s <= 10:
             raise ValueError(f"--batch-window-ms must be within 0..10000 (got {self.batch_window_s * 1000:g})")
 
@@ -97,9 +104,13 @@ def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None
     auth = _auth_dependency(cfg.api_key)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Response:
         sched = holder.get("s")
-        return {"status": "ok", "model": info.name, "queue_depth": sched.queue_depth if sched else 0}
+        body: dict[str, Any] = {"status": "ok", "model": info.name, "queue_depth": sched.queue_depth if sched else 0}
+        stalled = sched.stall(cfg.stall_timeout) if sched else None
+        if stalled:
+            return JSONResponse({**body, "status": "stalled", "reason": stalled}, status_code=503)
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -136,6 +147,10 @@ def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None
 
     async def _serve(request: Request, plan: Plan, chat: bool) -> Response:
         sched = holder["s"]
+        headers = {}
+        if plan.ignored:
+            log.info("%s: ignored field(s) without effect here: %s", request.url.path, ", ".join(plan.ignored))
+            headers[IGNORED_HEADER] = ", ".join(plan.ignored)
         job = Job(prompts=plan.prompts, key=plan.key, want_steps=plan.want_steps, loop=asyncio.get_running_loop())
         try:
             sched.submit(job)
@@ -156,9 +171,9 @@ def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None
         run.push_back(first)
         if plan.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         try:
-            return JSONResponse(await run.collect(request))
+            return JSONResponse(await run.collect(request), headers=headers)
         finally:
             sched.withdraw(job)
 
@@ -360,6 +375,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
+    surrogate = next((e for e in errors if e.get("type") == "lone_surrogate"), None)
+    if surrogate is not None:
+        # Reported alone: for a union field pydantic also lists every alternative that did not match.
+        name = ".".join(str(p) for p in surrogate["loc"] if p != "body" and not _is_type_tag(str(p))) or "body"
+        return (f"'{name}' {surrogate['msg']}: JSON text must be valid Unicode; send a character outside the "
+                "Basic Multilingual Plane as a surrogate pair (high then low), or as UTF-8"), name
     err = errors[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     kind = err.get("type", "")

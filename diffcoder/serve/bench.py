@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="server --max-batch values to compare (in-process server only; default: 1 8)")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="server batch window in ms (in-process server only; default 10)")
-    p.add_argument("--device", default="cpu", help="torch device for the in-process model (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device for the in-process model: cpu, cuda, cuda:N "
+                   "or auto (cuda when available; the default)")
     p.add_argument("--verify", action="store_true",
                    help="also decode every prompt alone with the engine and count outputs that differ "
                         "from the served (batched) ones (in-process server only)")
@@ -60,7 +61,9 @@ def run_bench(args: argparse.Namespace) -> int:
         from diffcoder.serve.app import ServeConfig, create_app
         from diffcoder.serve.background import BackgroundServer
 
-        model = diffcoder.load(args.model or diffcoder.default_model_dir(), device=args.device)
+        from diffcoder.run_cli import pick_device
+
+        model = diffcoder.load(args.model or diffcoder.default_model_dir(), device=pick_device(args.device))
         for max_batch in args.max_batch:
             config = ServeConfig(max_batch=max_batch, max_queue=max(64, args.clients),
                                  batch_window_s=args.batch_window_ms / 1000)

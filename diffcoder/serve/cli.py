@@ -7,7 +7,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from diffcoder.run_cli import add_runner_flag
+    from diffcoder.run_cli import add_model_flags, add_runner_flag
 
     p = subparsers.add_parser(
         "serve",
@@ -15,8 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a model: /v1/completions, /v1/chat/completions, /v1/models, /health, "
         "/metrics, and the playground page at /. See docs/serving.md.",
     )
-    p.add_argument("--model", default=None,
-                   help="model directory (Hugging Face layout); default: diffcoder.default_model_dir()")
+    add_model_flags(p)  # --model, --device, --dtype: the same defaults as generate, chat and eval
     p.add_argument("--model-name", default=None,
                    help="the name clients send as 'model' (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1",
@@ -35,9 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long the engine waits after the first waiting request for others to batch "
                         "with it, in ms (default 10; 0 = start at once)")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="/health answers 503 when the engine has made no progress for this many seconds "
+                        "while requests wait or run (default 120)")
     add_runner_flag(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level (default info)")
@@ -52,6 +51,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     import diffcoder
+    from diffcoder.run_cli import load_auto
     from diffcoder.serve.app import ServeConfig, create_app
 
     # ValueError / FileNotFoundError: the CLI prints them as one line and exits 2.
@@ -65,16 +65,12 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         batch_window_s=args.batch_window_ms / 1000,
         runner=args.runner,
+        stall_timeout=args.stall_timeout,
     )
     model_dir = args.model or str(diffcoder.default_model_dir())
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist; pass --model DIR")
-    dtype = None
-    if args.dtype:
-        import torch
-
-        dtype = getattr(torch, args.dtype)
-    model = diffcoder.load(model_dir, device=args.device, dtype=dtype)
+    model = load_auto(model_dir, args.device, args.dtype)
     name = args.model_name or os.path.basename(os.path.normpath(model_dir))
     app = create_app(model, model_name=name, config=config)
     where = f"http://{args.host}:{args.port}/" if args.port else f"{args.host} (a free port; uvicorn prints it)"

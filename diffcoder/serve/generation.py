@@ -19,6 +19,7 @@ from diffcoder.serve.scheduler import BatchKey
 DEFAULT_MAX_TOKENS_COMPLETION = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS_CHAT = 256
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each stop string is looked for at the end of every block's text
 DEFAULT_BLOCK_LENGTH = 4  # Stable-DiffCoder's block size, used when generation_config.json names none
 
 
@@ -66,6 +67,11 @@ class Plan:
     include_usage: bool
     want_steps: bool
     prompt_tokens: int  # usage: each distinct prompt counted once
+    ignored: list[str] = field(default_factory=list)  # request fields that had no effect
+
+
+def _temperature(req: DecoderOptions, info: ModelInfo) -> float:
+    return float(req.temperature if req.temperature is not None else info.defaults.get("temperature", 0.0))
 
 
 def _check_model(req: DecoderOptions, info: ModelInfo) -> None:
@@ -76,7 +82,7 @@ def _check_model(req: DecoderOptions, info: ModelInfo) -> None:
             param="model",
             code="model_not_found",
         )
-    for name, why in req.unsupported_fields():
+    for name, why in req.unsupported_fields(_temperature(req, info)):
         raise bad_request(why, name)
 
 
@@ -86,6 +92,8 @@ def _stops(req: DecoderOptions) -> list[str]:
         raise bad_request(f"stop has {len(stop)} strings; send at most {MAX_STOP_STRINGS}", "stop")
     if any(s == "" for s in stop):
         raise bad_request("stop strings must not be empty", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad_request(f"stop strings must be at most {MAX_STOP_CHARS} characters long", "stop")
     return stop
 
 
@@ -95,7 +103,9 @@ def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max
     block = req.block_length or int(d.get("block_length", DEFAULT_BLOCK_LENGTH))
     gen_length = -(-max_tokens // block) * block  # max_tokens rounded up to whole blocks
     n_blocks = gen_length // block
-    steps = req.steps if req.steps is not None else gen_length  # one token per forward pass
+    # One token per forward pass is the most steps can do: more passes find no mask to fill
+    # (a larger value decodes exactly as gen_length does, so it is clamped to that).
+    steps = min(req.steps, gen_length) if req.steps is not None else gen_length
     if steps % n_blocks:
         raise bad_request(
             f"steps ({steps}) must be a multiple of the number of blocks ({n_blocks} = max_tokens "
@@ -110,7 +120,7 @@ def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max
             f"exceeds the model's context of {info.context_length} tokens; shorten the prompt or lower max_tokens",
             "max_tokens",
         )
-    temperature = req.temperature if req.temperature is not None else float(d.get("temperature", 0.0))
+    temperature = _temperature(req, info)
     threshold = req.threshold if req.threshold is not None else d.get("threshold")
     sampled = temperature > 0
     return BatchKey(
@@ -205,9 +215,18 @@ def plan_chat(req: ChatRequest, info: ModelInfo, job_tag: int) -> Plan:
     _check_model(req, info)
     if not req.messages:
         raise bad_request("messages is empty; send at least one message", "messages")
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-    ]
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise bad_request(f"messages[{i}] ({m.role}) has no content; only an assistant turn with "
+                              "tool_calls may omit it", f"messages.{i}.content")
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        # Templates that know tool calls render them; the others show the content only.
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
     try:
         ids = info.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as exc:
@@ -233,6 +252,7 @@ def _plan(
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         want_steps=req.include_steps,
         prompt_tokens=sum(len(p) for p in prompts),
+        ignored=req.ignored_fields(),
     )
 
 

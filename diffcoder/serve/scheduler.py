@@ -10,6 +10,10 @@ Jobs with other settings wait for a later batch (FIFO by their oldest member).
 Cancellation (client gone, stop string seen, timeout) is a flag the handler sets; the engine
 looks at the flags after every event and calls `Decoding.cancel(row)`, so the row stops
 costing compute at the next block, and a batch whose rows are all cancelled ends at once.
+
+Watchdog: the engine stamps `last_progress` whenever it starts a batch, hands out an event
+(a committed block, or a denoising step) or ends a batch; `stall()` says when work is waiting
+or running and that stamp is older than the stall limit, which `/health` reports as 503.
 """
 from __future__ import annotations
 
@@ -149,6 +153,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._posted = False  # whether the running batch has handed out any event yet
         self._avg_batch_s = 1.0  # for Retry-After; updated after every batch
+        self.last_progress = time.monotonic()  # the watchdog's stamp (see the module docstring)
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +177,19 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    def stall(self, limit_s: float) -> str | None:
+        """Why the engine counts as stuck (its thread died, or no progress for `limit_s` seconds
+        while requests wait or run), or None when it is idle or making progress."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread has stopped; see the server log and restart the server"
+        waiting, rows = len(self._pending), self.running_rows
+        quiet = time.monotonic() - self.last_progress
+        if (waiting or rows) and quiet > limit_s:
+            return (f"the engine has made no progress for {quiet:.0f}s (limit {limit_s:g}s) with {rows} row(s) "
+                    f"running and {waiting} request(s) waiting; see the server log, and restart the server "
+                    "if it does not recover")
+        return None
+
     def submit(self, job: Job) -> None:
         """Queue a job or raise `QueueFull`; never blocks."""
         if len(job.prompts) > self.max_batch:
@@ -184,6 +202,8 @@ class Scheduler:
                 raise QueueFull(retry_after=5)
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(retry_after=max(1, round(self._avg_batch_s)))
+            if not self._pending and not self.running_rows:
+                self.last_progress = time.monotonic()  # an idle engine starts its clock now
             self._pending.append(job)
             self._cond.notify_all()
 
@@ -234,9 +254,11 @@ class Scheduler:
     def _run_batch(self, jobs: list[Job]) -> None:
         jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
+            self.running_rows = 0
             return
         self._running = jobs
         self._posted = False
+        self.last_progress = time.monotonic()
         try:
             stats = self._decode(jobs)
         except Exception as exc:  # noqa: BLE001 - reported to the jobs, never kills the thread
@@ -254,6 +276,7 @@ class Scheduler:
         finally:
             self.running_rows = 0
             self._running = []
+            self.last_progress = time.monotonic()
         self._avg_batch_s = 0.8 * self._avg_batch_s + 0.2 * stats.seconds
         if self.on_batch is not None:
             self.on_batch(stats)
@@ -282,6 +305,7 @@ class Scheduler:
         tokens = 0
         for ev in dec:
             self._posted = True
+            self.last_progress = time.monotonic()
             job, r = owners[ev.row]
             if isinstance(ev, StepEvent):
                 if job.want_steps and ev.row in live:
