@@ -328,3 +328,24 @@ def test_lr_schedules() -> None:
     assert cos(10) == pytest.approx(1.0) and cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
     wsd = lr_lambda(TrainConfig(steps=100, lr=1.0, min_lr=0.0, lr_warmup=0, lr_schedule="wsd", wsd_decay_frac=0.2))
     assert wsd(0) == 1.0 and wsd(79) == 1.0 and wsd(89) == pytest.approx(0.5) and wsd(99) == pytest.approx(0.0)
+
+
+def test_resume_refuses_code_in_trainer_state(one_process_dir: Path, train_data_dir: Path, train_tokenizer_dir: Path,
+                                              tiny_json: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_process_dir, run)
+    shutil.rmtree(run / "final")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204 (what a hostile pickle does on load)
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    torch.save({"optimizer": Payload()}, ckpt / "trainer.pt")
+    args = base_args(train_data_dir, train_tokenizer_dir, tiny_json, run, *ONE_EXTRA, "--resume")
+    assert cli_main(args) == 2
+    assert "not a trainer state this version can read safely" in capsys.readouterr().err
+    assert not marker.exists()

@@ -170,7 +170,7 @@ def model_config_fields(spec: str) -> dict[str, Any]:
     unknown = sorted(set(raw) - known - HF_IGNORED_FIELDS - {"architectures", "model_type"})
     if unknown:
         raise ValueError(f"--model-config {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = ModelConfig.from_dict({"vocab_size": 0, **raw}, source=str(path))  # validates heads etc.
+    cfg = ModelConfig.from_dict({"vocab_size": 1, **raw}, source=str(path))  # validates heads etc. (vocab from the tokenizer)
     fields = {k: getattr(cfg, k) for k in raw if k in known and k not in ("vocab_size",)}
     fields["rope_theta"] = cfg.rope_theta
     return fields
