@@ -146,6 +146,11 @@ def test_model_path_generates_resumably(sandbox: None, tmp_path: Path, tiny_mode
     assert results["n_problems"] == 2
     assert results["decoder"]["gen_length"] == 16 and results["decoder"]["steps"] == 8
     assert results["model"] == str(tiny_model_dir)
+    assert all("raw" in s for s in samples)  # the model's whole text is kept beside the extracted code
+    if bench != "humaneval-infill-single":  # 16 tokens, 8 steps: at most 2 per pass (a block shared with the prompt)
+        assert all(1 <= s["committed"] <= 16 and s["committed"] / 2 <= s["passes"] <= 12 for s in samples)
+        want = sum(s["committed"] for s in samples) / sum(s["passes"] for s in samples)
+        assert results["tokens_per_pass"] == pytest.approx(want, abs=1e-4) and 1 < want <= 2
     # Re-running generates nothing new and executes nothing new.
     assert main(args) == 0
     assert _rows(out / "samples.jsonl") == samples

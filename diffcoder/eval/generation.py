@@ -58,23 +58,35 @@ def _prompt_ids(problem: Problem, style: str, tok: Any) -> list[int]:
     return ([tok.bos_id] if tok.bos_id is not None else []) + ids
 
 
-def _to_sample(problem: Problem, style: str, text: str) -> dict:
+def _to_sample(problem: Problem, style: str, text: str, stats: dict) -> dict:
     if problem.kind == "infill":
-        return {"task_id": problem.task_id, "completion": text}
-    return instruct_sample(problem, text) if style == "instruct" else base_sample(problem, text)
+        sample = {"task_id": problem.task_id, "completion": text}
+    else:
+        sample = instruct_sample(problem, text) if style == "instruct" else base_sample(problem, text)
+    return {**sample, "raw": text, **stats}  # the model's whole text beside what was extracted from it
 
 
-def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict, seed: int) -> list[str]:
-    """Texts for one batch: FIM problems through `diffcoder.infill_many`, others through `generate`."""
+def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict,
+                  seed: int) -> tuple[list[str], list[dict]]:
+    """Texts for one batch, and per row the decoding's cost: forward passes it took part in and
+    tokens committed (FIM problems through `diffcoder.infill_many`, others through `generate`)."""
     import diffcoder
+    from diffcoder.decode import Decoding, StepEvent
 
     tok = model.tokenizer
     if batch[0].kind == "infill":  # a benchmark is all-infill or none
         pairs = [(p.prompt, p.suffix) for p in batch]
-        return diffcoder.infill_many(model, pairs, seed=seed, **kwargs)
+        return diffcoder.infill_many(model, pairs, seed=seed, **kwargs), [{} for _ in batch]
     prompts = [_prompt_ids(p, style, tok) for p in batch]
-    result = diffcoder.generate(model, prompts, eos_id=tok.eos_id, seed=seed, **kwargs)
-    return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in result.tokens]
+    passes: list[set[int]] = [set() for _ in batch]  # the passes (by number) in which a row committed tokens
+    committed = [0] * len(batch)
+    dec = Decoding(model, prompts, eos_id=tok.eos_id, seed=seed, step_events=True, **kwargs)
+    for event in dec:
+        if isinstance(event, StepEvent):  # pipelined blocks commit in one pass: count the pass once
+            passes[event.row].add(dec.nfe)
+            committed[event.row] += len(event.positions)
+    stats = [{"passes": len(p), "committed": c} for p, c in zip(passes, committed)]
+    return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in dec.result.tokens], stats
 
 
 def generate_samples(model: Any, problems: list[Problem], path: Path, spec: GenSpec,
@@ -102,9 +114,8 @@ def generate_samples(model: Any, problems: list[Problem], path: Path, spec: GenS
     kwargs = spec.decoder_kwargs()
     for start in range(0, len(todo), spec.batch_size):
         batch = todo[start:start + spec.batch_size]
-        records = [_to_sample(problem, style, text)
-                   for problem, text in zip(batch, _decode_batch(model, batch, style, kwargs, spec.seed + start),
-                                            strict=True)]
+        texts, stats = _decode_batch(model, batch, style, kwargs, spec.seed + start)
+        records = [_to_sample(problem, style, text, st) for problem, text, st in zip(batch, texts, stats, strict=True)]
         with open(path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
             f.flush()

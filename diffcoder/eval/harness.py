@@ -191,6 +191,10 @@ def summarize(problems: list[Problem], samples: dict[str, list[dict]], outdir: P
     summary: dict[str, Any] = {"benchmark": spec.benchmark, "n_problems": len(counts), "n_samples": n_samples}
     for k in report_ks(n_samples):
         summary[f"pass@{k}"] = round(mean_pass_at_k(counts, k), 6)
+    passes = sum(int(x.get("passes", 0)) for xs in samples.values() for x in xs)
+    if passes:  # made by `eval --model`: how many tokens each forward pass committed, on average
+        summary["tokens_per_pass"] = round(sum(int(x.get("committed", 0)) for xs in samples.values() for x in xs)
+                                           / passes, 4)
     summary.update({
         "n_passed_samples": sum(c for _, c in counts), "statuses": dict(sorted(statuses.items())),
         "decoder": spec.decoder or {}, "model": spec.model, "execution": describe(spec.tier, spec.limits),
