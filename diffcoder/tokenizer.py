@@ -121,13 +121,21 @@ class Tokenizer:
         # The template writes the special tokens itself; encode without adding more.
         return self.encode(text)
 
+    @property
+    def fim_order(self) -> str:
+        """The order the model was trained on: "spm" (suffix-prefix-middle) for Seed-Coder's
+        `<[fim-...]>` tokens (and ours), "psm" (prefix-suffix-middle) for the `<|fim_...|>` /
+        `<fim_...>` spellings of Qwen2.5-Coder, StarCoder and DeepSeek-Coder-style models."""
+        return "spm" if self.fim_prefix_id == self.token_id(FIM_PREFIX[0]) else "psm"
+
     def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
-        """Suffix-prefix-middle order (Seed-Coder): <suffix>S<prefix>P<middle> -> model writes the middle."""
+        """The infilling prompt in the model's own order (`fim_order`); the model writes the middle:
+        spm: <suffix>S<prefix>P<middle>   psm: <prefix>P<suffix>S<middle>."""
         if not self.has_fim:
             raise ValueError("this tokenizer has no FIM tokens (<[fim-prefix]>, <[fim-suffix]>, <[fim-middle]>): "
                              "infilling needs a model trained with them")
-        return ([self.fim_suffix_id] + self.encode(suffix) + [self.fim_prefix_id] + self.encode(prefix)
-                + [self.fim_middle_id])
+        pre, suf = [self.fim_prefix_id] + self.encode(prefix), [self.fim_suffix_id] + self.encode(suffix)
+        return (suf + pre if self.fim_order == "spm" else pre + suf) + [self.fim_middle_id]
 
 
 def _token_text(value: Any) -> str:

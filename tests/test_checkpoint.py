@@ -208,3 +208,20 @@ def test_infill_without_fim_tokens_is_an_error(tiny_model_dir, tmp_path):
     model.tokenizer.fim_prefix_id = None
     with pytest.raises(ValueError, match="FIM"):
         diffcoder.infill(model, "def f():\n    ", "\n")
+
+
+def test_fim_prompt_follows_the_models_own_order():
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"])  # Qwen2.5-Coder's spelling
+    qwen = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>"))
+    assert qwen.fim_order == "psm"
+    assert qwen.fim_prompt("a", "b") == [qwen.fim_prefix_id, 0, qwen.fim_suffix_id, 1, qwen.fim_middle_id]
+    raw.add_special_tokens(["<[fim-prefix]>", "<[fim-suffix]>", "<[fim-middle]>"])  # Seed-Coder's: takes precedence
+    seed = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>"))
+    assert seed.fim_order == "spm"
+    assert seed.fim_prompt("a", "b") == [seed.fim_suffix_id, 1, seed.fim_prefix_id, 0, seed.fim_middle_id]

@@ -24,6 +24,16 @@ def test_fim_rewrite_is_a_permutation_in_spm_order() -> None:
         assert np.array_equal(np.concatenate([prefix, middle, suffix]), window[:-4])
 
 
+def test_fim_rewrite_in_psm_order() -> None:
+    window, psm = np.arange(100, 164), FimSpec(rate=1.0, prefix_id=3, suffix_id=4, middle_id=6, eos_id=2, order="psm")
+    for seed in range(50):
+        out = fim_rewrite(window, np.random.default_rng(seed), psm)
+        assert len(out) == len(window) and out[0] == psm.prefix_id and out[-1] == psm.eos_id
+        s, m = int(np.where(out == psm.suffix_id)[0][0]), int(np.where(out == psm.middle_id)[0][0])
+        prefix, suffix, middle = out[1:s], out[s + 1:m], out[m + 1:-1]
+        assert np.array_equal(np.concatenate([prefix, middle, suffix]), window[:-4])
+
+
 def test_stream_fim_rate_and_determinism(train_data_dir: Path) -> None:
     split = PretrainSplit(train_data_dir, "train", read_manifest(train_data_dir))
     plain = PretrainStream(split, 64, seed=0)

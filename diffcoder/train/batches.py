@@ -23,26 +23,30 @@ def _memo(cache: dict, key: int, make, keep: int = 4):  # noqa: ANN001, ANN202
 
 @dataclass(frozen=True)
 class FimSpec:
-    """Fill-in-the-middle augmentation: the share of rows rewritten, and the special ids it needs."""
+    """Fill-in-the-middle augmentation: the share of rows rewritten, the special ids it needs, and
+    the tokenizer's order (`Tokenizer.fim_order`: "spm" or "psm")."""
     rate: float
     prefix_id: int
     suffix_id: int
     middle_id: int
     eos_id: int
+    order: str = "spm"
 
 
 def fim_rewrite(window: np.ndarray, rng: np.random.Generator, fim: FimSpec) -> np.ndarray:
-    """One window in suffix-prefix-middle order (Seed-Coder's, the order `Tokenizer.fim_prompt` uses):
+    """One window in the order `Tokenizer.fim_prompt` uses for this tokenizer:
 
-        <fim-suffix> S <fim-prefix> P <fim-middle> M <eos>
+        spm: <fim-suffix> S <fim-prefix> P <fim-middle> M <eos>     (Seed-Coder, ours)
+        psm: <fim-prefix> P <fim-suffix> S <fim-middle> M <eos>     (Qwen2.5-Coder, StarCoder)
 
     The window's first len-4 tokens are cut at two uniform token positions into P | M | S, so
     the row keeps its length; the EOS teaches the model where a middle ends.
     """
     body = window[:len(window) - 4]
     i, j = sorted(int(x) for x in rng.integers(0, len(body) + 1, size=2))
-    return np.concatenate([[fim.suffix_id], body[j:], [fim.prefix_id], body[:i], [fim.middle_id], body[i:j],
-                           [fim.eos_id]]).astype(window.dtype)
+    pre, suf = [[fim.prefix_id], body[:i]], [[fim.suffix_id], body[j:]]
+    head = suf + pre if fim.order == "spm" else pre + suf
+    return np.concatenate([*head, [fim.middle_id], body[i:j], [fim.eos_id]]).astype(window.dtype)
 
 
 class PretrainStream:

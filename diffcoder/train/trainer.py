@@ -377,7 +377,7 @@ class Trainer:
             raise ValueError("--fim-rate needs a tokenizer with <[fim-prefix]>, <[fim-suffix]>, <[fim-middle]> "
                              "(`diffcoder tokenizer train` adds them)")
         return FimSpec(self.cfg.fim_rate, self.tok.fim_prefix_id, self.tok.fim_suffix_id, self.tok.fim_middle_id,
-                       self.tok.eos_id)
+                       self.tok.eos_id, self.tok.fim_order)
 
     def _stream(self, split: str, shuffle: bool) -> Any:
         cfg, tok = self.cfg, self.manifest["tokenizer"]

@@ -1,0 +1,117 @@
+"""The model card of diffcoder-0.5b and docs/replication-0.5b.md, from the files of this folder:
+
+    python runs/diffcoder_05b/report.py
+
+Reads train/metrics.jsonl + train/run.json (the training run), data/contamination.json (the
+n-gram check) and results/ARM/BENCH/{results,per_problem}.json[l] (evaluate.py); prints the
+tables and writes them into the two documents. Nothing here is typed in by hand except the
+published numbers of other models, each with its source.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CARD = REPO / "diffcoder" / "weights" / "diffcoder-0.5b" / "MODEL_CARD.md"
+DOC = REPO / "docs" / "replication-0.5b.md"
+sys.path.insert(0, str(HERE))
+from evaluate import ARMS  # noqa: E402
+
+BENCHES = (("humaneval", "HumanEval"), ("mbpp", "MBPP (sanitized)"), ("humaneval-infill-single", "HE single-line infill"))
+# Published pass@1 of other models, their harnesses (not comparable to ours; see the card's text).
+PUBLISHED = [
+    ("Qwen2.5-Coder-0.5B-Instruct (Qwen's report, arXiv 2409.12186, Table 15)", "61.6", "52.4"),
+    ("dllm Tiny-A2D Qwen2.5-Coder-0.5B-Instruct-diffusion-bd3lm-v0.1 (dllm's README)", "41.5", "33.6"),
+    ("the same AR base in dllm's harness (dllm's README)", "28.0", "-"),
+    ("open-dcoder-0.5B (dllm's README)", "20.8", "35.2"),
+]
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cell(arm: str, bench: str) -> tuple[str, dict | None]:
+    res = read_json(HERE / "results" / arm / bench / "results.json")
+    if not res:
+        return "not run", None
+    n, k = res["n_problems"], res["n_passed_samples"]
+    p = k / n if n else 0.0
+    se = math.sqrt(p * (1 - p) / n) if n else 0.0
+    return f"{100 * p:.1f} ± {100 * se:.1f} ({k}/{n})", res
+
+
+def arms_table() -> list[str]:
+    head = "| arm | what | " + " | ".join(name for _, name in BENCHES) + " | tokens per pass (HumanEval) |"
+    rows = [head, "|" + " --- |" * (len(BENCHES) + 3)]
+    for arm, (_, _, what) in ARMS.items():
+        cells, tpp = [], "-"
+        for bench, _ in BENCHES:
+            text, res = cell(arm, bench)
+            cells.append(text)
+            if bench == "humaneval" and res and "tokens_per_pass" in res:
+                tpp = f"{res['tokens_per_pass']:.2f}"
+        rows.append(f"| `{arm}` | {what} | " + " | ".join(cells) + f" | {tpp} |")
+    return rows
+
+
+def training_facts() -> dict:
+    recs = [json.loads(l) for l in (HERE / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    run = read_json(HERE / "train" / "run.json") or {}
+    wall = sum(r["step_time_s"] for r in recs)
+    last = recs[-10:]
+    return {"steps": recs[-1]["step"], "tokens": recs[-1]["tokens"], "wall_h": wall / 3600,
+            "tok_s": recs[-1]["tokens"] / wall, "loss_last10": sum(r["loss"] for r in last) / len(last),
+            "rank": run.get("lora_rank"), "alpha": run.get("lora_alpha"), "lr": run.get("lr"),
+            "seq_len": run.get("seq_len"), "batch": run.get("batch_size"), "warm": run.get("warmup_steps")}
+
+
+def adapter_facts() -> dict:
+    from safetensors import safe_open
+
+    folder = CARD.parent
+    f = folder / "adapter_model.safetensors"
+    with safe_open(str(f), "pt") as fh:
+        params = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return {"bytes": f.stat().st_size, "params": params, "sha": json.loads((folder / "result.json").read_text())["sha256"]}
+
+
+def main() -> int:
+    t = training_facts()
+    d = read_json(HERE / "data" / "contamination.json")["summary"]
+    a = adapter_facts()
+    table = arms_table()
+    published = ["| model (their harness) | HumanEval | MBPP |", "| --- | --- | --- |",
+                 *[f"| {m} | {h} | {p} |" for m, h, p in PUBLISHED]]
+    print("\n".join(table))
+    facts = [
+        f"- Training: {t['steps']} optimizer steps, {t['tokens'] / 1e6:.2f} M tokens (prompt and answer, packed rows of "
+        f"{t['seq_len']}; the loss is on masked answer tokens only), {t['wall_h']:.2f} h of optimizer steps on 2 CPU "
+        f"cores ({t['tok_s']:.0f} tokens/s); mean loss of the last 10 steps {t['loss_last10']:.3f} (block-diffusion "
+        "loss: masked answer tokens, weighted 1/u after the corruption warmup).",
+        f"- Adapter: LoRA rank {t['rank']}, alpha {t['alpha']:g}, on every linear layer of all 24 blocks, plus the mask "
+        f"token's input embedding; {a['params'] / 1e6:.2f} M parameters, {a['bytes'] / 1e6:.1f} MB in bfloat16.",
+        f"- Data: {d['chats']} self-distilled chats; {d['dropped']} dropped by the contamination check "
+        f"(any shared {d['ngram_words']}-word n-gram with HumanEval, MBPP sanitized or MBPP full: prompt, solution "
+        f"or tests), {d['kept']} kept.",
+        f"- Merged weights (`diffcoder pull diffcoder-0.5b`): sha256 `{a['sha']}`.",
+    ]
+    block = "\n".join([*facts, "", *table, "", "Published numbers, other harnesses (for orientation only):", "",
+                       *published])
+    for path in (CARD, DOC):
+        text = path.read_text()
+        start, end = "<!-- generated: runs/diffcoder_05b/report.py -->", "<!-- end generated -->"
+        if start not in text or end not in text:
+            raise SystemExit(f"{path}: missing the generated-section markers")
+        head, rest = text.split(start, 1)
+        path.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
