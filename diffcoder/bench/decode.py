@@ -311,6 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=4)
     p.add_argument("--steps", type=int, help="default: gen_length (one token per pass)")
     p.add_argument("--threshold", type=float)
+    p.add_argument("--shift", action="store_true", help="logit shift (AR-initialised models; with --block-length 1 "
+                   "this is AR decoding); our engine only")
     p.add_argument("--runner", default="auto", choices=list(RUNNERS))
     p.add_argument("--confidence-dtype", default="float64", choices=["float64", "float32"],
                    help="float64 = release parity; float32 = faster, may reorder near-ties")
@@ -398,6 +400,10 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
     kw = dict(steps=args.steps or args.gen_length, gen_length=args.gen_length, block_length=args.block_length,
               threshold=args.threshold, mask_id=model.mask_id, runner=args.runner,
               confidence_dtype=getattr(torch, args.confidence_dtype))
+    if args.shift:
+        if not args.no_baseline:
+            raise SystemExit("--shift: the release-approach baseline has no correct shift decoding; add --no-baseline")
+        kw["shift"] = True
     wbytes = weight_bytes_per_pass(model)
     readers = measure_bandwidth(device, 1 << 30 if device.type == "cpu" else 4 << 30)
     bandwidth = max(readers.values())
@@ -480,7 +486,7 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, fold: bool,
         "hardware": hw, "device": device.type, "model": label, "dtype": args.dtype, "params": cfg.num_parameters,
         "weight_bytes_per_pass": wbytes, "bandwidth_bytes_per_s": bandwidth,
         "bandwidth_readers": readers, "prompt_len": args.prompt_len,
-        "gen_length": args.gen_length, "block_length": args.block_length, "steps": kw["steps"],
+        "gen_length": args.gen_length, "block_length": args.block_length, "steps": kw["steps"], "shift": args.shift,
         "threshold": args.threshold, "runner": args.runner, "confidence_dtype": args.confidence_dtype,
         "fold_query_groups": fold, "cpu_matmul": matmul_kernel, "native_ops": native,
         "weight_read_passes_per_s": read_rate,
