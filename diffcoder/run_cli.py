@@ -64,8 +64,18 @@ def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 def pick_device(name: str) -> str:
     import torch
 
+    from .cli import UserError
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                            "use --device cpu or auto")
+        index = name.partition(":")[2]
+        if index.isdigit() and int(index) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return name
 
 

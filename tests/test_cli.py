@@ -190,3 +190,20 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(tiny_model_dir, tmp_p
     assert code == 0 and len(prompts) == 3
     assert "first" in prompts[2] and "second" not in prompts[2] and "third" in prompts[2]
     assert "stopped" in capsys.readouterr().err
+
+
+def test_version_flag():
+    res = run("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"diffcoder {diffcoder.__version__}"
+
+
+@pytest.mark.parametrize("args", [["generate", "x"], ["chat"], ["serve", "--port", "0"],
+                                  ["eval", "humaneval", "--limit", "1", "--no-execute", "--out", "OUT"]])
+def test_device_cuda_without_cuda_is_one_line(args, tmp_path, monkeypatch, capsys):
+    from diffcoder.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("chat read a line"))
+    assert main([a.replace("OUT", str(tmp_path / "o")) for a in args] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "CUDA is not available" in err[-1] and "--device cpu or auto" in err[-1] and "Traceback" not in "".join(err)
