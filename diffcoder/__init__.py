@@ -1,9 +1,10 @@
 """diffcoder: block-diffusion code language models (Stable-DiffCoder style).
 
-    model = diffcoder.load("path/to/checkpoint")
-    ids = model.tokenizer.encode("def fibonacci(n):")
-    out = diffcoder.generate(model, [ids], steps=64, gen_length=64, eos_id=model.tokenizer.eos_id)
-    print(model.tokenizer.decode(out.tokens[0]))
+    model = diffcoder.load()  # the default model; or diffcoder.load("path/to/checkpoint")
+    out = diffcoder.generate(model, "def fibonacci(n):", max_new_tokens=64)
+    print(out.texts[0])
+
+Token ids work too: diffcoder.generate(model, [ids], gen_length=64, eos_id=...) -> out.tokens.
 """
 from __future__ import annotations
 
@@ -35,3 +36,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'diffcoder' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

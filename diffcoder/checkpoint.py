@@ -88,13 +88,14 @@ def resolve_mask_id(config: ModelConfig, tokenizer: Tokenizer | None, source: Pa
                      "<[MASK_TOKEN]> / mask_token (block-diffusion decoding needs one)")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          mask_id: int | None = None) -> DiffCoderLM:
     """Load a Hugging Face-layout checkpoint directory, or a model name of `diffcoder pull` (pulled
-    on first use), into a `DiffCoderLM` (eval mode)."""
+    on first use), into a `DiffCoderLM` (eval mode); no path: the default model (`default_model_dir()`)."""
+    from .defaults import default_model_dir
     from .pull import resolve
 
-    path = resolve(path)
+    path = resolve(default_model_dir() if path is None else path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
     config = ModelConfig.from_json(path / "config.json")

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffcoder",
         description="Block-diffusion code language models: generate, chat, serve, train, evaluate.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -62,6 +62,7 @@ class GenerateResult:
     tokens: list[list[int]]
     nfe: int
     finish_reasons: list[str] = field(default_factory=list)
+    texts: list[str] | None = None  # `generate` with text prompts: each row's text, EOS dropped
 
 
 @dataclass(frozen=True)
@@ -463,16 +464,37 @@ class Decoding:
         self.cache.select_rows(idx)
 
 
-def generate(model: torch.nn.Module, prompts: list[list[int]], *, steps: int, gen_length: int,
-             block_length: int = 4, temperature: float = 0.0, remasking: str = "low_confidence",
-             threshold: float | None = None, shift: bool = False, eos_id: int | None = None,
-             mask_id: int | None = None, seed: int | None = None,
+def generate(model: torch.nn.Module, prompts: str | list[str] | list[list[int]], *, steps: int | None = None,
+             gen_length: int | None = None, max_new_tokens: int | None = None, block_length: int = 4,
+             temperature: float = 0.0, remasking: str = "low_confidence", threshold: float | None = None,
+             shift: bool = False, eos_id: int | None = None, mask_id: int | None = None, seed: int | None = None,
              on_event: Callable[[StepEvent | BlockEvent], None] | None = None,
              step_events: bool = False, confidence_dtype: torch.dtype = torch.float64,
              runner: str = "auto", max_active_blocks: int = 1, block_add_threshold: float = 0.5) -> GenerateResult:
-    """Decode every prompt (token-id lists) with block diffusion; see `Decoding` for the rules.
+    """Decode every prompt with block diffusion; see `Decoding` for the rules.
 
-    max_active_blocks > 1 turns on multi-block pipelining (approximate; needs a threshold)."""
+    `prompts` are token-id lists, or text (a str or a list of str) encoded with `model.tokenizer`;
+    for text, `eos_id` defaults to the tokenizer's and `result.texts` holds each row's decoded text.
+    `gen_length` (alias `max_new_tokens`) tokens are generated in `steps` steps (default gen_length:
+    one token per forward pass). max_active_blocks > 1 turns on multi-block pipelining
+    (approximate; needs a threshold)."""
+    if max_new_tokens is not None:
+        if gen_length is not None and gen_length != max_new_tokens:
+            raise ValueError(f"gen_length={gen_length} and max_new_tokens={max_new_tokens} name the same setting; "
+                             "give one")
+        gen_length = max_new_tokens
+    if gen_length is None:
+        raise TypeError("generate() needs gen_length= (or max_new_tokens=): how many tokens to generate")
+    tok = None
+    if isinstance(prompts, str) or (prompts and all(isinstance(p, str) for p in prompts)):
+        tok = getattr(model, "tokenizer", None)
+        if tok is None:
+            raise ValueError("text prompts need the model's tokenizer and this model has none; pass token-id lists")
+        prompts = [tok.encode(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        eos_id = tok.eos_id if eos_id is None else eos_id
+    elif any(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be all text or all token-id lists, not a mix")
+    steps = gen_length if steps is None else steps
     dec = Decoding(model, prompts, steps=steps, gen_length=gen_length, block_length=block_length,
                    temperature=temperature, remasking=remasking, threshold=threshold, shift=shift,
                    eos_id=eos_id, mask_id=mask_id, seed=seed, step_events=step_events,
@@ -482,6 +504,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, steps: int, ge
         if on_event is not None:
             on_event(event)
     assert dec.result is not None
+    if tok is not None:
+        dec.result.texts = [tok.decode([t for t in ids if t != eos_id]) for ids in dec.result.tokens]
     return dec.result
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -63,8 +64,18 @@ def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 def pick_device(name: str) -> str:
     import torch
 
+    from .cli import UserError
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                            "use --device cpu or auto")
+        index = name.partition(":")[2]
+        if index.isdigit() and int(index) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return name
 
 
@@ -170,35 +181,107 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    model = load_model(args)
-    tok = model.tokenizer
-    kw = {**decoder_kwargs(args, model), "runner": args.runner}
-    history: list[dict[str, str]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("diffcoder chat: /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
-    while True:
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "start a new conversation (the --system message stays)",
+    "/exit": "quit (also /quit, Ctrl-D, or Ctrl-C at the prompt)",
+}
+HISTORY_FILE = "chat_history"
+
+
+def _readline_history() -> Any:
+    """Line editing and history (Up/Down, kept in the cache dir) where Python has readline; a
+    callable that saves the history, or None."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    from .defaults import cache_root
+
+    path = cache_root() / HISTORY_FILE
+    readline.set_auto_history(False)  # only real turns and commands go in, blank lines not
+    readline.set_history_length(1000)
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+
+    def save() -> None:
         try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        history.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(history)
-        if interactive:
-            sys.stdout.write("assistant> ")
-        answer, _ = stream_decode(model, ids, kw, args.show_steps)
-        history.append({"role": "assistant", "content": answer})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError as exc:
+            print(f"note: could not save the chat history to {path}: {exc}", file=sys.stderr)
+
+    return save
+
+
+def chat_repl(model: Any, kw: dict[str, Any], system: str | None = None, show_steps: bool = False,
+              interactive: bool | None = None) -> int:
+    """Read turns with input() and stream each answer; commands (CHAT_COMMANDS) never reach the
+    model. Ctrl-C during an answer stops it and drops that turn; Ctrl-C or Ctrl-D at the prompt quits."""
+    tok = model.tokenizer
+    start = [{"role": "system", "content": system}] if system else []
+    history: list[dict[str, str]] = list(start)
+    interactive = sys.stdin.isatty() if interactive is None else interactive
+    save_history = _readline_history() if interactive else None
+    if interactive:
+        print("diffcoder chat: /help lists the commands; Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except (EOFError, KeyboardInterrupt):
+                if interactive:
+                    print(file=sys.stderr)
+                break
+            if not line.strip():
+                continue
+            if save_history:
+                import readline
+
+                if readline.get_history_item(readline.get_current_history_length()) != line:
+                    readline.add_history(line)
+            command = line.strip()
+            if re.fullmatch(r"/[A-Za-z]+", command):
+                if command in ("/exit", "/quit"):
+                    break
+                if command == "/help":
+                    for name, what in CHAT_COMMANDS.items():
+                        print(f"  {name:<7} {what}", file=sys.stderr)
+                    print("  Ctrl-C during an answer stops it; the conversation before it is kept", file=sys.stderr)
+                elif command == "/reset":
+                    history = list(start)
+                    print("conversation cleared" + (" (the system message stays)" if start else ""),
+                          file=sys.stderr)
+                else:
+                    print(f"unknown command {command}; /help lists them", file=sys.stderr)
+                continue
+            history.append({"role": "user", "content": line})
+            ids = tok.apply_chat_template(history)
+            if interactive:
+                sys.stdout.write("assistant> ")
+            try:
+                answer, _ = stream_decode(model, ids, kw, show_steps)
+            except KeyboardInterrupt:
+                history.pop()
+                sys.stdout.write("\n")
+                print("[stopped; this turn is left out of the conversation]", file=sys.stderr)
+                continue
+            history.append({"role": "assistant", "content": answer})
+    finally:
+        if save_history:
+            save_history()
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .defaults import default_model_dir
+
+    print(f"loading {args.model or default_model_dir(announce=False).name}...", file=sys.stderr)
+    model = load_model(args)
+    kw = {**decoder_kwargs(args, model), "runner": args.runner}
+    return chat_repl(model, kw, system=args.system, show_steps=args.show_steps)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -214,7 +297,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive terminal chat with history (reads lines from stdin when piped)",
-                       description="Chat with a model; each answer streams as blocks are committed.")
+                       description="Chat with a model; each answer streams as blocks are committed. "
+                       "On a terminal: line editing and history (kept in the cache directory), /help lists "
+                       "the commands, Ctrl-C stops an answer, Ctrl-D quits.")
     c.add_argument("--system", help="a system message to start the conversation with")
     c.add_argument("--show-steps", action="store_true", help="print the denoising order of each answer to stderr")
     add_model_flags(c)

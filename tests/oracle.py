@@ -2,7 +2,7 @@
 
 No cache: every step recomputes the whole prefix with the block-causal mask (which is what the
 release's cache holds, since earlier blocks never see later ones). Batch size 1. It follows
-docs/decoding.md rule by rule, with the two fixes the notes prescribe (never choose the mask
+docs/decoding.md rule by rule, with the two fixes listed there (never choose the mask
 token; with a threshold keep stepping until the block is decoded).
 """
 from __future__ import annotations

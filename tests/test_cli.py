@@ -127,3 +127,83 @@ def test_bench_decode_subcommand_prints_json_last():
     assert summary["tokens_identical"] is True and summary["ours"]["batch1"]["tokens"] == 8
     assert summary["ours"]["batch1"]["matmul_only_bandwidth_fraction"] > 0
     assert "its matmuls alone (4 rows)" in res.stdout
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+def _drive_chat(monkeypatch, tiny_model_dir, lines, fail_on=()):
+    """`diffcoder chat` in this process on a terminal: `lines` are typed (an exception is raised
+    at the prompt instead); the answers to the turns numbered in `fail_on` are interrupted.
+    Returns the exit code and the chat-templated prompts the model was asked to answer."""
+    from diffcoder import run_cli
+    from diffcoder.cli import main
+
+    typed = iter(lines)
+
+    def fake_input(prompt=""):
+        item = next(typed, EOFError())
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    prompts = []
+    decode = run_cli.stream_decode
+
+    def spy(model, ids, kw, show_steps, out=None, echo=""):
+        prompts.append(model.tokenizer.decode(ids, skip_special_tokens=False))
+        if len(prompts) in fail_on:
+            raise KeyboardInterrupt
+        return decode(model, ids, kw, show_steps, out, echo)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(run_cli, "stream_decode", spy)
+    code = main(["chat", "--model", str(tiny_model_dir), "--gen-length", "8", "--device", "cpu", "--dtype",
+                 "float32"])
+    return code, prompts
+
+
+def test_chat_commands_never_reach_the_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFCODER_HOME", str(tmp_path))
+    (tmp_path / "chat_history").write_text("from last time\n")
+    code, prompts = _drive_chat(monkeypatch, tiny_model_dir, ["/help", "hi", "/reset", "/bogus", "again", "/exit",
+                                                             "never read"])
+    err = capsys.readouterr().err
+    assert code == 0 and len(prompts) == 2
+    assert "/help" not in "".join(prompts) and "/bogus" not in "".join(prompts)
+    assert "hi" in prompts[0] and "hi" not in prompts[1] and "again" in prompts[1]
+    assert err.startswith(f"loading {tiny_model_dir}...")
+    for command in ("/help", "/reset", "/exit"):
+        assert f"\n  {command} " in err  # listed by /help
+    assert "conversation cleared" in err and "unknown command /bogus" in err
+    history = (tmp_path / "chat_history").read_text().splitlines()
+    assert history[0] == "from last time" and {"/help", "hi", "/reset", "again", "/exit"} <= set(history)
+
+
+def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFCODER_HOME", str(tmp_path))
+    code, prompts = _drive_chat(monkeypatch, tiny_model_dir, ["first", "second", "third", KeyboardInterrupt(),
+                                                             "never read"], fail_on=(2,))
+    assert code == 0 and len(prompts) == 3
+    assert "first" in prompts[2] and "second" not in prompts[2] and "third" in prompts[2]
+    assert "stopped" in capsys.readouterr().err
+
+
+def test_version_flag():
+    res = run("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"diffcoder {diffcoder.__version__}"
+
+
+@pytest.mark.parametrize("args", [["generate", "x"], ["chat"], ["serve", "--port", "0"],
+                                  ["eval", "humaneval", "--limit", "1", "--no-execute", "--out", "OUT"]])
+def test_device_cuda_without_cuda_is_one_line(args, tmp_path, monkeypatch, capsys):
+    from diffcoder.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("chat read a line"))
+    assert main([a.replace("OUT", str(tmp_path / "o")) for a in args] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "CUDA is not available" in err[-1] and "--device cpu or auto" in err[-1] and "Traceback" not in "".join(err)

@@ -86,6 +86,20 @@ def test_samples_file_resume_and_results(sandbox: None, tmp_path: Path, capsys: 
     assert json.loads((out / "results.json").read_text())["pass@1"] == pytest.approx(0.5)
 
 
+def test_partial_samples_are_flagged(sandbox: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    p = load_benchmark("humaneval", 1)[0]
+    samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": p.task_id, "completion": p.canonical}])
+    assert main(["eval", "humaneval", "--samples", str(samples), "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert results["complete"] is False and results["n_problems"] == 1 and results["n_problems_total"] == 164
+    assert "PARTIAL: 1 of 164 problems" in " ".join(capsys.readouterr().out.split())
+    # --limit runs are complete for their subset.
+    assert main(["eval", "humaneval", "--samples", str(samples), "--out", str(tmp_path / "one"), "--limit", "1",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["complete"] is True
+    assert "PARTIAL" not in capsys.readouterr().out
+
+
 def test_evalplus_solution_field_is_accepted(sandbox: None, tmp_path: Path) -> None:
     p = load_benchmark("mbpp", 1)[0]
     samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": p.task_id, "solution": p.canonical}])
@@ -182,6 +196,29 @@ def test_resume_refuses_results_of_other_samples(sandbox: None, tmp_path: Path, 
     assert main([*base, "--samples", "canonical"]) == 0  # the same code as a.jsonl: resumes, nothing to run
     assert main([*base, "--samples", "empty"]) == 2
     assert "holds other samples" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_decoder_settings(tmp_path: Path, tiny_model_dir: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    args = ["eval", "humaneval", "--model", str(tiny_model_dir), "--out", str(out), "--gen-length", "8",
+            "--device", "cpu", "--dtype", "float32", "--no-execute", "--no-progress"]
+    assert main([*args, "--limit", "1", "--steps", "2"]) == 0
+    samples = _rows(out / "samples.jsonl")
+    assert json.loads((out / "generation.json").read_text())["steps"] == 2
+    assert main([*args, "--limit", "2", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "steps=2" in err and "steps=4" in err and "use a new --out" in err
+    assert _rows(out / "samples.jsonl") == samples
+    # The recorded settings resume, and more samples per problem may be asked for.
+    assert main([*args, "--limit", "2", "--steps", "2", "--n-samples", "2"]) == 0
+    assert len(_rows(out / "samples.jsonl")) == 4
+    # Samples that no generation.json accounts for (here: the canonical ones) are not added to.
+    canon = tmp_path / "c"
+    canon.mkdir()
+    _write_jsonl(canon / "samples.jsonl", [load_benchmark("humaneval", 1)[0].canonical_sample()])
+    assert main([*args[:5], str(canon), *args[6:], "--limit", "1", "--steps", "2"]) == 2
+    assert "no record of the settings" in capsys.readouterr().err
 
 
 def test_no_execute_writes_samples_only(sandbox: None, tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -349,3 +349,26 @@ def test_resume_refuses_code_in_trainer_state(one_process_dir: Path, train_data_
     assert cli_main(args) == 2
     assert "not a trainer state this version can read safely" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_without_a_terminal_steps_are_logged_and_a_report_closes_the_run(
+        train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(name: str, **kw) -> str:
+        train(TrainConfig(objective="ar", data=str(train_data_dir), tokenizer=str(train_tokenizer_dir),
+                          model_config=str(tiny_json), out=str(tmp_path / name), steps=12, batch_size=2,
+                          seq_len=32, eval_every=12, eval_batches=1, **kw))
+        return capsys.readouterr().out
+
+    out = run("piped")
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/12", "10/12", "12/12"]
+    assert all(w in steps[0] for w in ("loss", "lr", "tok/s", "elapsed"))
+    assert "val_loss" in steps[-1]
+    report = out[out.index("done: ar"):]
+    for what in ("steps      12", f"{12 * 2 * 32:,} tokens", "wall time", "val loss", "step 12",
+                 str(tmp_path / "piped" / "metrics.jsonl"), str(tmp_path / "piped" / "final"), "diffcoder plot"):
+        assert what in report, what
+    assert "step " not in run("quiet", quiet=True).split("done: ar")[0]
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal: the progress bar, no plain lines
+    assert not [line for line in run("tty").splitlines() if line.startswith("step ")]

@@ -19,14 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a model (or samples) on HumanEval, MBPP, MBPP+ or HumanEval-Infilling",
         description="Generate samples with --model (default: the model shipped with diffcoder), or take "
         "them from --samples, run each one in a sandbox (no network, read-only filesystem, resource limits) and report pass@k. "
-        "Resumable: re-running with the same --out skips what is done.")
+        "Resumable: re-running with the same --out (and decoder settings) skips what is done.")
     p.add_argument("benchmark", metavar="BENCH", choices=BENCHMARKS, help="one of: " + ", ".join(BENCHMARKS))
     add_model_flags(p)
     p.add_argument("--samples", metavar="FILE", help="a JSONL of {task_id, completion} (human-eval) or "
                    "{task_id, solution} (EvalPlus) to execute instead of generating; 'canonical' uses the "
                    "reference solutions, 'empty' empty completions")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="output directory (samples.jsonl, "
-                   "per_problem.jsonl, results.json)")
+                   "generation.json, per_problem.jsonl, results.json)")
     p.add_argument("--n-samples", type=int, default=1, help="samples per problem with --model (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--prompt-style", choices=["auto", "base", "instruct"], default="auto",
@@ -71,7 +71,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError
-    from ..defaults import default_model_dir
     from .benchmarks import load_benchmark
     from .harness import SAMPLES, EvalSpec, group_samples, read_jsonl, write_atomic
     from .sandbox import Limits, SandboxUnavailable, detect_isolation
@@ -94,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     decoder, model_name = None, None
     if not args.samples:
         samples, decoder = _generate(args, problems, out / SAMPLES)
-        model_name = str(args.model or default_model_dir())
+        model_name = _model_of(args)
     elif args.samples in ("canonical", "empty"):
         records = [p.canonical_sample() if args.samples == "canonical" else {"task_id": p.task_id, "completion": ""}
                    for p in problems]
@@ -134,7 +133,7 @@ def _covering(problems: list, records: list[dict], args: argparse.Namespace) -> 
 
 def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dict, dict]:
     from ..run_cli import decoder_kwargs, load_model
-    from .generation import GenSpec, generate_samples
+    from .generation import GenSpec, check_settings, generate_samples
 
     model = load_model(args)
     saved = getattr(model, "generation_defaults", {}) or {}
@@ -150,12 +149,19 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
     if args.n_samples > 1 and spec.temperature == 0 and spec.remasking != "random":
         print("note: --n-samples > 1 with temperature 0 gives identical samples; pass --temperature",
               file=sys.stderr)
-    with _progress(not args.no_progress, "generating") as update:
-        samples = generate_samples(model, problems, path, spec, on_progress=update)
     decoder = {**spec.decoder_kwargs(), "seed": spec.seed, "batch_size": spec.batch_size,
                "prompt_style": spec.prompt_style, "n_samples": spec.n_samples,
                "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+    check_settings(path.parent, path, {"model": _model_of(args), **decoder})
+    with _progress(not args.no_progress, "generating") as update:
+        samples = generate_samples(model, problems, path, spec, on_progress=update)
     return samples, decoder
+
+
+def _model_of(args: argparse.Namespace) -> str:
+    from ..defaults import default_model_dir
+
+    return str(args.model or default_model_dir())
 
 
 class _progress:
@@ -206,4 +212,7 @@ def _print_summary(results: dict, out: Path) -> None:
                   ", ".join(f"{k} {v}" for k, v in results["statuses"].items()))
     console = Console()
     console.print(table)
+    if not results["complete"]:
+        console.print(f"[bold red]PARTIAL: {results['n_problems']} of {results['n_problems_total']} problems "
+                      "have samples; pass@k is over those only, not the benchmark[/]")
     console.print(f"results: {out / 'results.json'}   per problem: {out / 'per_problem.jsonl'}")

@@ -10,6 +10,8 @@ from typing import Any, Callable
 from .benchmarks import Problem
 from .prompts import base_prompt, base_sample, instruct_messages, instruct_sample
 
+GENERATION = "generation.json"
+
 
 @dataclass
 class GenSpec:
@@ -39,6 +41,31 @@ class GenSpec:
         if self.runner != "auto":  # exact modes decode the same tokens; bf16 kernels may round differently
             kw["runner"] = self.runner
         return kw
+
+
+def check_settings(outdir: Path, samples: Path, settings: dict[str, Any]) -> None:
+    """Record in OUTDIR/generation.json the settings that make `samples`, or refuse to add to
+    samples made with other settings (n_samples may grow: it only says how many to make)."""
+    from .harness import read_jsonl, write_atomic
+
+    path = outdir / GENERATION
+    wanted = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "n_samples"}
+    if not path.exists():
+        if read_jsonl(samples, what="samples file"):
+            raise ValueError(f"{samples} holds samples with no record of the settings that made them ({path}); "
+                             "use a new --out")
+        write_atomic(path, json.dumps(wanted, indent=2) + "\n")
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg}); use a new --out") from exc
+    diff = [k for k in sorted(set(wanted) | set(stored)) if wanted.get(k) != stored.get(k)]
+    if diff:
+        was = ", ".join(f"{k}={stored.get(k)!r}" for k in diff)
+        now = ", ".join(f"{k}={wanted.get(k)!r}" for k in diff)
+        raise ValueError(f"{samples} was generated with {was}, this run asks for {now}; resuming would mix "
+                         "samples of different settings: use a new --out (or the recorded settings to resume)")
 
 
 def resolve_style(style: str, tokenizer: Any) -> str:

@@ -172,7 +172,8 @@ def execute(problems: list[Problem], samples: dict[str, list[dict]], outdir: Pat
 
 
 def summarize(problems: list[Problem], samples: dict[str, list[dict]], outdir: Path, spec: EvalSpec) -> dict:
-    """results.json from per_problem.jsonl (only problems that have samples count)."""
+    """results.json from per_problem.jsonl (only problems that have samples count; `complete` says
+    whether every problem asked for, all of the benchmark or the --limit subset, has them)."""
     records = read_jsonl(outdir / PER_PROBLEM, what="per-problem file")
     by_task: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in records:
@@ -188,7 +189,8 @@ def summarize(problems: list[Problem], samples: dict[str, list[dict]], outdir: P
         for r in runs:
             statuses[r["status"]] += 1
     n_samples = min((n for n, _ in counts), default=0)
-    summary: dict[str, Any] = {"benchmark": spec.benchmark, "n_problems": len(counts), "n_samples": n_samples}
+    summary: dict[str, Any] = {"benchmark": spec.benchmark, "n_problems": len(counts), "n_samples": n_samples,
+                               "n_problems_total": len(problems), "complete": len(counts) == len(problems)}
     for k in report_ks(n_samples):
         summary[f"pass@{k}"] = round(mean_pass_at_k(counts, k), 6)
     passes = sum(int(x.get("passes", 0)) for xs in samples.values() for x in xs)

@@ -60,7 +60,7 @@ TRAIN_HELP = {
             "gradients and optimizer state sharded)",
     "activation_checkpointing": "recompute layer activations in backward (less memory, more compute)",
     "save_dtype": "dtype of final/ (float32, bfloat16); checkpoints keep float32 for exact resume",
-    "quiet": "no progress bar",
+    "quiet": "no progress bar, nor (without a terminal) the line every 10 steps",
 }
 
 

@@ -44,6 +44,8 @@ from .parallel import as_float, full_states, grad_sync, is_fsdp, shell_model, wr
 CKPT_DIR = "checkpoints"
 # Fields of a metrics record that depend on wall-clock time (excluded when comparing runs).
 TIMING_FIELDS = ("tokens_per_s", "step_time_s", "elapsed_s")
+# Without a terminal (nohup, CI, a pipe): a plain line for the first step and every LOG_EVERY steps.
+LOG_EVERY = 10
 # Llama config fields accepted in a --model-config JSON besides ModelConfig's own.
 HF_IGNORED_FIELDS = {"hidden_act", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp",
                      "transformers_version", "rope_parameters", "torch_dtype", "dtype"}
@@ -510,6 +512,7 @@ class Trainer:
         self._barrier()
         # Fault injection for the resume tests: SIGKILL this process right after step N is logged.
         kill_at = int(os.environ.get("DIFFCODER_TRAIN_KILL_AFTER_STEP", "0"))
+        started, first = time.perf_counter(), self.state["step"] + 1
         with self._progress() as bar, open(metrics, "a") if self.d.main else nullcontext() as fh:
             task = bar.add_task("train", total=cfg.steps, completed=self.state["step"], info="")
             for step in range(self.state["step"], cfg.steps):
@@ -523,6 +526,8 @@ class Trainer:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
                 bar.update(task, completed=done, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:.0f} tok/s")
+                if not bar.console.is_terminal and (done == first or done % LOG_EVERY == 0 or done == cfg.steps):
+                    self._log_step(rec, started)
                 if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
                     self._save()  # the last step too: a finished run resumes as a no-op or extends
                 if kill_at and done == kill_at:
@@ -540,6 +545,7 @@ class Trainer:
                 model = merge(self.lora)
             diffcoder.save(model, final, tokenizer=self.tok, dtype=cfg.save_dtype,
                            generation_config=generation_config(cfg))
+            self._report(metrics, final, started)
         self._barrier()
         return final
 
@@ -569,9 +575,45 @@ class Trainer:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=self.cfg.quiet or not self.d.main)
 
+    def _log_step(self, rec: dict[str, Any], started: float) -> None:
+        if self.cfg.quiet or not self.d.main:
+            return
+        val = f"  val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+        print(f"step {rec['step']}/{self.cfg.steps}  loss {rec['loss']:.4f}{val}  lr {rec['lr']:.3g}  "
+              f"{rec['tokens_per_s']:.0f} tok/s  elapsed {_hms(time.perf_counter() - started)}", flush=True)
+
+    def _report(self, metrics: Path, final: Path, started: float) -> None:
+        """The end-of-run summary: what was trained, the last losses, and where everything is."""
+        recs = []
+        for line in metrics.read_text().splitlines() if metrics.exists() else []:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        last = recs[-1] if recs else {}
+        val = next((r for r in reversed(recs) if "val_loss" in r), None)
+        cfg = self.cfg
+        lines = [
+            f"done: {cfg.objective}" + (f" from {cfg.init}" if cfg.init else "") + (" (LoRA)" if self.lora else ""),
+            f"  steps      {self.state['step']}  ({self.state['tokens']:,} tokens)",
+            f"  wall time  {_hms(time.perf_counter() - started)} (this run)",
+            f"  loss       {last['loss']:.4f}" if "loss" in last else "  loss       -",
+            f"  val loss   {val['val_loss']:.4f} (step {val['step']})" if val else
+            "  val loss   - (set --eval-every N to measure it)",
+            f"  metrics    {metrics}",
+            f"  model      {final}",
+            f"  plot       diffcoder plot {self.out} --out {self.out / 'curves.png'}",
+        ]
+        print("\n".join(lines), flush=True)
+
     def close(self) -> None:
         if self.d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def train(cfg: TrainConfig) -> Path:
