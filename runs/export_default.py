@@ -146,8 +146,11 @@ def write_card(out: Path, run: Path, m: dict[str, Any]) -> None:
         L.append(f"| {name} (`runs/configs/{cfg}`) | {what} | {s['steps']} | {s['tokens'] / 1e6:.2f} M | "
                  f"{s['seconds'] / 60:.1f} min | {s['final_loss']:.3f} | {val} |")
     L += [f"| all | | | {sum(s['tokens'] for s in stats.values()) / 1e6:.2f} M | {total_s / 60:.1f} min | | |", "",
-          "CPT and SFT losses are block-diffusion losses (masked tokens only, weighted 1/t after the",
-          "warmup); they are not on the scale of the AR loss.", "",
+          "CPT and SFT losses are block-diffusion losses: the cross entropy at masked tokens only, weighted",
+          "1/u_blk (the block's clipped masking rate) after the corruption warmup and 1 during it, divided",
+          "by the number of eligible tokens as the AR loss is. Same unit (nats per token), different",
+          "quantity (a masked-diffusion bound, not the next-token NLL): they are not comparable with the AR",
+          "stage's numbers (docs/training.md, *Objectives*).", "",
           "## Data and licences",
           f"Pretraining: {manifest['splits']['train']['files']} Python files, "
           f"{manifest['splits']['train']['tokens'] / 1e6:.2f} M tokens; "
