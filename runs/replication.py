@@ -278,6 +278,8 @@ def stage_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
         "(resumable: stages that are done are skipped; the raw results are in `docs/replication/results.json`).",
         "It trains the default model's AR and CPT stages (`runs/default_model.sh`), the AR arm and the",
         "ablations, then evaluates everything. The shipped `diffcoder-tiny` is the CPT arm plus SFT.",
+        "The same path from a real AR coder (Qwen2.5-Coder-0.5B-Instruct), with every decoding mode beside",
+        "the AR base: [replication-0.5b.md](replication-0.5b.md).",
         "",
         "## Set-up",
         f"- Model: `runs/configs/model-default.json`, {results['params_m']:.1f} M parameters; tokenizer: 8192-token code BPE.",
