@@ -250,3 +250,21 @@ def build_parser_help(command: str) -> str:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     return " ".join(sub.choices[command].format_help().split())
+
+
+def test_stop_after_code_stops_rows_and_is_recorded(sandbox: None, tmp_path: Path, tiny_model_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    from diffcoder.eval import generation
+
+    args = ["eval", "humaneval", "--model", str(tiny_model_dir), "--limit", "2", "--gen-length", "32", "--steps", "32",
+            "--batch-size", "2", "--prompt-style", "instruct", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    # The tiny model writes no code fences: let any text count as a closed block.
+    monkeypatch.setattr(generation, "_CLOSED_BLOCK", re.compile(r"\S"))
+    assert main([*args, "--out", str(tmp_path / "stop"), "--stop-after-code"]) == 0
+    full, stop = _rows(tmp_path / "full" / "samples.jsonl"), _rows(tmp_path / "stop" / "samples.jsonl")
+    assert all(s["committed"] == 32 for s in full)
+    assert all(s["committed"] < 32 for s in stop)
+    assert json.loads((tmp_path / "stop" / "results.json").read_text())["decoder"]["stop_after_code"] is True

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="isolation: bubblewrap, else namespaces via unshare + seccomp (default auto)")
     x.add_argument("--unsafe-no-sandbox", action="store_true", help="run model-written code WITHOUT "
                    "isolation (rlimits only) when no sandbox works; never on a machine you care about")
+    p.add_argument("--stop-after-code", action="store_true", help="instruct prompts: stop each answer once its "
+                   "first code block is closed (the rest is explanation, never scored; saves passes)")
     p.add_argument("--no-execute", action="store_true", help="with --model: only write OUTDIR/samples.jsonl "
                    "(e.g. on a GPU box without a sandbox); execute later with --samples OUTDIR/samples.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
@@ -145,12 +147,13 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
                    shift=bool(kw["shift"]), batch_size=args.batch_size, n_samples=args.n_samples,
                    seed=kw["seed"] or 0, prompt_style=args.prompt_style,
                    max_active_blocks=kw["max_active_blocks"], block_add_threshold=kw["block_add_threshold"],
-                   runner=args.runner)
+                   runner=args.runner, stop_after_code=args.stop_after_code)
     if args.n_samples > 1 and spec.temperature == 0 and spec.remasking != "random":
         print("note: --n-samples > 1 with temperature 0 gives identical samples; pass --temperature",
               file=sys.stderr)
     decoder = {**spec.decoder_kwargs(), "seed": spec.seed, "batch_size": spec.batch_size,
                "prompt_style": spec.prompt_style, "n_samples": spec.n_samples,
+               **({"stop_after_code": True} if spec.stop_after_code else {}),
                "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
     check_settings(path.parent, path, {"model": _model_of(args), **decoder})
     with _progress(not args.no_progress, "generating") as update:

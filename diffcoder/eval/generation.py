@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ class GenSpec:
     max_active_blocks: int = 1
     block_add_threshold: float = 0.5
     runner: str = "auto"  # how each pass runs (diffcoder.runners); recorded when not the default
+    stop_after_code: bool = False  # instruct answers: stop a row once its first code block is closed
 
     def decoder_kwargs(self) -> dict[str, Any]:
         kw = {"steps": self.steps or self.gen_length, "gen_length": self.gen_length,
@@ -93,12 +95,17 @@ def _to_sample(problem: Problem, style: str, text: str, stats: dict) -> dict:
     return {**sample, "raw": text, **stats}  # the model's whole text beside what was extracted from it
 
 
-def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict,
-                  seed: int) -> tuple[list[str], list[dict]]:
+_CLOSED_BLOCK = re.compile(r"```[^\n]*\n.*?```", re.DOTALL)
+
+
+def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict, seed: int,
+                  stop_after_code: bool = False) -> tuple[list[str], list[dict]]:
     """Texts for one batch, and per row the decoding's cost: forward passes it took part in and
-    tokens committed (FIM problems through `diffcoder.infill_many`, others through `generate`)."""
+    tokens committed (FIM problems through `diffcoder.infill_many`, others through `generate`).
+    `stop_after_code`: a row stops once its text holds a closed code block (what is scored; the
+    explanation an instruct model writes after it would only cost passes)."""
     import diffcoder
-    from diffcoder.decode import Decoding, StepEvent
+    from diffcoder.decode import BlockEvent, Decoding, StepEvent
 
     tok = model.tokenizer
     if batch[0].kind == "infill":  # a benchmark is all-infill or none
@@ -107,11 +114,16 @@ def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict,
     prompts = [_prompt_ids(p, style, tok) for p in batch]
     passes: list[set[int]] = [set() for _ in batch]  # the passes (by number) in which a row committed tokens
     committed = [0] * len(batch)
+    final: list[list[int]] = [[] for _ in batch]
     dec = Decoding(model, prompts, eos_id=tok.eos_id, seed=seed, step_events=True, **kwargs)
     for event in dec:
         if isinstance(event, StepEvent):  # pipelined blocks commit in one pass: count the pass once
             passes[event.row].add(dec.nfe)
             committed[event.row] += len(event.positions)
+        elif stop_after_code and isinstance(event, BlockEvent) and not event.finished:
+            final[event.row].extend(event.tokens)
+            if _CLOSED_BLOCK.search(tok.decode(final[event.row])):
+                dec.cancel(event.row)
     stats = [{"passes": len(p), "committed": c} for p, c in zip(passes, committed)]
     return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in dec.result.tokens], stats
 
@@ -141,7 +153,8 @@ def generate_samples(model: Any, problems: list[Problem], path: Path, spec: GenS
     kwargs = spec.decoder_kwargs()
     for start in range(0, len(todo), spec.batch_size):
         batch = todo[start:start + spec.batch_size]
-        texts, stats = _decode_batch(model, batch, style, kwargs, spec.seed + start)
+        texts, stats = _decode_batch(model, batch, style, kwargs, spec.seed + start,
+                                     spec.stop_after_code and style == "instruct")
         records = [_to_sample(problem, style, text, st) for problem, text, st in zip(batch, texts, stats, strict=True)]
         with open(path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BASE, MODEL = "qwen2.5-coder-0.5b-instruct", "diffcoder-0.5b"
-GEN = ["--gen-length", "384"]
+GEN = ["--gen-length", "384", "--stop-after-code"]
 # name -> (model, decoder flags, what the arm is)
 ARMS: dict[str, tuple[str, list[str], str]] = {
     "ar-base": (BASE, ["--block-length", "1", "--shift"], "the AR base, AR decoding"),
