@@ -126,7 +126,8 @@ def create_app(model: Any, *, model_name: str, config: ServeConfig | None = None
         return {
             "object": "list",
             "data": [{"id": info.name, "object": "model", "created": 0, "owned_by": "diffcoder",
-                      "context_length": info.context_length}],
+                      "context_length": info.context_length, "chat": info.tokenizer.has_chat_template,
+                      "generation_defaults": info.defaults}],
         }
 
     # Planning tokenizes the prompt: done in a worker thread so a long prompt never stalls the loop,
@@ -350,7 +351,8 @@ class _Run:
                 "seconds": round(seconds, 4), "forward_passes": nfe,
                 "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
                 "forward_passes_per_token": round(nfe / per_row, 3) if per_row else None,
-                "texts": [row.text for row in self.rows]}
+                "texts": [row.text for row in self.rows],
+                "answer_tokens": [row.completion_tokens for row in self.rows]}
 
 
 def _sse(obj: dict[str, Any]) -> str:
