@@ -59,6 +59,81 @@ def arms_table() -> list[str]:
     return rows
 
 
+SPEED = REPO / "benchmarks" / "results" / "cpu-real-0.5b"
+SPEED_RUNS = (("ar_base", "AR base, block length 1"), ("diffcoder_05b", "diffcoder-0.5b, B = 4, one token per pass"))
+
+
+def speed_results() -> dict[str, dict]:
+    """The last (JSON) line of each benchmarks/run_real_05b.sh output."""
+    out = {}
+    for name, _ in SPEED_RUNS:
+        f = SPEED / f"{name}.txt"
+        if f.exists():
+            out[name] = json.loads(f.read_text().strip().splitlines()[-1])
+    return out
+
+
+def speed_table(speed: dict[str, dict]) -> list[str]:
+    if not speed:
+        return ["Speed: not measured yet (`bash benchmarks/run_real_05b.sh`)."]
+    first = next(iter(speed.values()))
+    rows = [f"Decode speed (`benchmarks/run_real_05b.sh`, {first['hardware']}, {first['dtype']}, prompt "
+            f"{first['prompt_len']} tokens, {first['gen_length']} new; measured read bandwidth "
+            f"{first['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s):", "",
+            "| model | batch 1 passes/s | % of bandwidth limit | batch 1 tok/s | batch 8 tok/s | batch 16 tok/s "
+            "| batch 16 / batch 1 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, what in SPEED_RUNS:
+        r = speed.get(name)
+        if not r:
+            continue
+        b = r["ours"]
+        tok = [f"{b[k]['tokens_per_s']:.1f}" if k in b else "-" for k in ("batch1", "batch8", "batch16")]
+        rows.append(f"| {what} | {b['batch1']['passes_per_s']:.1f} | {100 * b['batch1']['bandwidth_fraction']:.0f}% "
+                    f"| {' | '.join(tok)} | {r['batch_scaling']:.2f}x |")
+    return rows
+
+
+def subset_notes() -> list[str]:
+    notes = []
+    for bench, name in BENCHES:
+        sizes = {res["n_problems"] for arm in ARMS if (res := read_json(HERE / "results" / arm / bench / "results.json"))}
+        full = {"humaneval": 164, "mbpp": 427}.get(bench)
+        if full and sizes and max(sizes) < full:
+            notes.append(f"- {name}: the first {max(sizes)} of its {full} problems (file order), a fixed subset "
+                         "chosen to fit the CPU budget (`evaluate.py --limit`).")
+    return notes
+
+
+def pass_rate(arm: str, bench: str) -> float | None:
+    res = read_json(HERE / "results" / arm / bench / "results.json")
+    return res["n_passed_samples"] / res["n_problems"] if res and res["n_problems"] else None
+
+
+def targets(speed: dict[str, dict]) -> list[str]:
+    """The issue's targets, each with the measured value and whether it holds."""
+    out = []
+    ar, bd = pass_rate("ar-base", "humaneval"), pass_rate("bd4", "humaneval")
+    if ar and bd is not None:
+        out.append(f"- B = 4, one token per pass, at least 80% of the AR base's HumanEval: {100 * bd:.1f} vs "
+                   f"{100 * ar:.1f} = {100 * bd / ar:.0f}% ({'met' if bd >= 0.8 * ar else 'not met'}; the paper's "
+                   f"claim, at least equal: {'met' if bd >= ar else 'not met'}).")
+    for arm in ("bd4-t0.9", "bd4-t0.7", "bd4-pipe"):
+        res = read_json(HERE / "results" / arm / "humaneval" / "results.json")
+        p = pass_rate(arm, "humaneval")
+        if res and p is not None and bd is not None and "tokens_per_pass" in res:
+            tpp, loss = res["tokens_per_pass"], 100 * (bd - p)
+            ok = tpp >= 1.5 and loss <= 5
+            out.append(f"- `{arm}`: {tpp:.2f} tokens per pass, {loss:+.1f} points of HumanEval against one token "
+                       f"per pass (target: at least 1.5 and at most 5: {'met' if ok else 'not met'}).")
+    if "diffcoder_05b" in speed:
+        r = speed["diffcoder_05b"]
+        frac, scale = r["ours"]["batch1"]["bandwidth_fraction"], r["batch_scaling"]
+        out.append(f"- CPU decode at batch 1: {100 * frac:.0f}% of the bandwidth limit (target 60%: "
+                   f"{'met' if frac >= 0.6 else 'not met'}); batch 16 / batch 1 tokens/s {scale:.2f}x (target 8x: "
+                   f"{'met' if scale >= 8 else 'not met'}).")
+    return out
+
+
 def training_facts() -> dict:
     recs = [json.loads(l) for l in (HERE / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
     run = read_json(HERE / "train" / "run.json") or {}
@@ -100,8 +175,11 @@ def main() -> int:
         f"or tests), {d['kept']} kept.",
         f"- Merged weights (`diffcoder pull diffcoder-0.5b`): sha256 `{a['sha']}`.",
     ]
-    block = "\n".join([*facts, "", *table, "", "Published numbers, other harnesses (for orientation only):", "",
-                       *published])
+    speed = speed_results()
+    goals = targets(speed)
+    sections = [facts, table, subset_notes(), speed_table(speed), ["Targets:", "", *goals] if goals else [],
+                ["Published numbers, other harnesses (for orientation only):", "", *published]]
+    block = "\n\n".join("\n".join(part) for part in sections if part)
     for path in (CARD, DOC):
         text = path.read_text()
         start, end = "<!-- generated: runs/diffcoder_05b/report.py -->", "<!-- end generated -->"
