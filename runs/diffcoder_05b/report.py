@@ -45,9 +45,21 @@ def cell(arm: str, bench: str) -> tuple[str, dict | None]:
     return f"{100 * p:.1f} ± {100 * se:.1f} ({k}/{n})", res
 
 
+def syntax_errors(arm: str, bench: str) -> str:
+    """How many answers do not even parse: the signature of tokens committed out of order."""
+    f = HERE / "results" / arm / bench / "per_problem.jsonl"
+    if not f.exists():
+        return "-"
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    bad = sum(1 for r in rows if r["status"] == "error"
+              and any(kind in (r.get("reason") or "") for kind in ("SyntaxError", "IndentationError")))
+    return f"{bad}/{len(rows)}"
+
+
 def arms_table() -> list[str]:
-    head = "| arm | what | " + " | ".join(name for _, name in BENCHES) + " | tokens per pass (HumanEval) |"
-    rows = [head, "|" + " --- |" * (len(BENCHES) + 3)]
+    head = ("| arm | what | " + " | ".join(name for _, name in BENCHES)
+            + " | tokens per pass (HumanEval) | answers that do not parse (HumanEval) |")
+    rows = [head, "|" + " --- |" * (len(BENCHES) + 4)]
     for arm, (_, _, what) in ARMS.items():
         cells, tpp = [], "-"
         for bench, _ in BENCHES:
@@ -55,7 +67,7 @@ def arms_table() -> list[str]:
             cells.append(text)
             if bench == "humaneval" and res and "tokens_per_pass" in res:
                 tpp = f"{res['tokens_per_pass']:.2f}"
-        rows.append(f"| `{arm}` | {what} | " + " | ".join(cells) + f" | {tpp} |")
+        rows.append(f"| `{arm}` | {what} | " + " | ".join(cells) + f" | {tpp} | {syntax_errors(arm, 'humaneval')} |")
     return rows
 
 
