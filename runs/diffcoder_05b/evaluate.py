@@ -16,6 +16,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BASE, MODEL = "qwen2.5-coder-0.5b-instruct", "diffcoder-0.5b"
 GEN = ["--gen-length", "384", "--stop-after-code"]
+# Single-line infilling: the answer is one line, never a chat reply with a code block.
+GEN_INFILL = ["--gen-length", "64"]
 # name -> (model, decoder flags, what the arm is)
 ARMS: dict[str, tuple[str, list[str], str]] = {
     "ar-base": (BASE, ["--block-length", "1", "--shift"], "the AR base, AR decoding"),
@@ -36,7 +38,8 @@ def run(arm: str, bench: str, limit: int | None, batch: int) -> int:
     model, flags, _ = ARMS[arm]
     out = RESULTS / arm / bench
     cmd = [sys.executable, "-m", "diffcoder.cli", "eval", bench, "--model", model, "--out", str(out),
-           "--batch-size", str(batch), *GEN, *flags, "--no-progress"]
+           "--batch-size", str(batch), *(GEN_INFILL if bench.startswith("humaneval-infill") else GEN), *flags,
+           "--no-progress"]
     if limit:
         cmd += ["--limit", str(limit)]
     print("+", " ".join(cmd), flush=True)

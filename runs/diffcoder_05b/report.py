@@ -109,7 +109,7 @@ def subset_notes() -> list[str]:
     notes = []
     for bench, name in BENCHES:
         sizes = {res["n_problems"] for arm in ARMS if (res := read_json(HERE / "results" / arm / bench / "results.json"))}
-        full = {"humaneval": 164, "mbpp": 427}.get(bench)
+        full = {"humaneval": 164, "mbpp": 427, "humaneval-infill-single": 1033}.get(bench)
         if full and sizes and max(sizes) < full:
             notes.append(f"- {name}: the first {max(sizes)} of its {full} problems (file order), a fixed subset "
                          "chosen to fit the CPU budget (`evaluate.py --limit`).")
