@@ -127,8 +127,6 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
         if args.threshold is None:
             bad("multi-block pipelining (max_active_blocks > 1) commits later blocks by confidence: "
                 "give a threshold too (e.g. threshold=0.9)")
-        if args.shift:
-            bad("multi-block pipelining is for block-diffusion models: it cannot be combined with shift=True")
         if not 0.0 < float(args.block_add_threshold) <= 1.0:
             bad(f"block_add_threshold must be in (0, 1], got {args.block_add_threshold!r}")
     for name in ("eos_id", "mask_id"):
