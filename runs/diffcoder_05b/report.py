@@ -85,14 +85,24 @@ def speed_results() -> dict[str, dict]:
     return out
 
 
+def read_limited_fraction(r: dict) -> float:
+    """Batch-1 passes/s as a fraction of the fastest read the run measured: the bandwidth probe or
+    reading each weight once (on some machines the latter beats the probe, which would then
+    overstate the fraction)."""
+    b1 = r["ours"]["batch1"]
+    limit = max(b1["passes_per_s"] / b1["bandwidth_fraction"], r.get("weight_read_passes_per_s") or 0.0)
+    return b1["passes_per_s"] / limit
+
+
 def speed_table(speed: dict[str, dict]) -> list[str]:
     if not speed:
         return ["Speed: not measured yet (`bash benchmarks/run_real_05b.sh`)."]
     first = next(iter(speed.values()))
     rows = [f"Decode speed (`benchmarks/run_real_05b.sh`, {first['hardware']}, {first['dtype']}, prompt "
-            f"{first['prompt_len']} tokens, {first['gen_length']} new; measured read bandwidth "
-            f"{first['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s):", "",
-            "| model | batch 1 passes/s | % of bandwidth limit | batch 1 tok/s | batch 8 tok/s | batch 16 tok/s "
+            f"{first['prompt_len']} tokens, {first['gen_length']} new; the limit is the fastest read of the run, "
+            "its bandwidth probe or reading each weight once; raw outputs and the other columns in "
+            "`benchmarks/RESULTS.md`):", "",
+            "| model | batch 1 passes/s | % of the fastest measured read | batch 1 tok/s | batch 8 tok/s | batch 16 tok/s "
             "| batch 16 / batch 1 |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, what in SPEED_RUNS:
         r = speed.get(name)
@@ -100,7 +110,7 @@ def speed_table(speed: dict[str, dict]) -> list[str]:
             continue
         b = r["ours"]
         tok = [f"{b[k]['tokens_per_s']:.1f}" if k in b else "-" for k in ("batch1", "batch8", "batch16")]
-        rows.append(f"| {what} | {b['batch1']['passes_per_s']:.1f} | {100 * b['batch1']['bandwidth_fraction']:.0f}% "
+        rows.append(f"| {what} | {b['batch1']['passes_per_s']:.1f} | {100 * read_limited_fraction(r):.0f}% "
                     f"| {' | '.join(tok)} | {r['batch_scaling']:.2f}x |")
     return rows
 
@@ -139,8 +149,8 @@ def targets(speed: dict[str, dict]) -> list[str]:
                        f"per pass (target: at least 1.5 and at most 5: {'met' if ok else 'not met'}).")
     if "diffcoder_05b" in speed:
         r = speed["diffcoder_05b"]
-        frac, scale = r["ours"]["batch1"]["bandwidth_fraction"], r["batch_scaling"]
-        out.append(f"- CPU decode at batch 1: {100 * frac:.0f}% of the bandwidth limit (target 60%: "
+        frac, scale = read_limited_fraction(r), r["batch_scaling"]
+        out.append(f"- CPU decode at batch 1: {100 * frac:.0f}% of the fastest measured read (target 60%: "
                    f"{'met' if frac >= 0.6 else 'not met'}); batch 16 / batch 1 tokens/s {scale:.2f}x (target 8x: "
                    f"{'met' if scale >= 8 else 'not met'}).")
     return out
