@@ -268,3 +268,18 @@ def test_stop_after_code_stops_rows_and_is_recorded(sandbox: None, tmp_path: Pat
     assert all(s["committed"] == 32 for s in full)
     assert all(s["committed"] < 32 for s in stop)
     assert json.loads((tmp_path / "stop" / "results.json").read_text())["decoder"]["stop_after_code"] is True
+
+
+def test_single_line_infilling_scores_the_first_line_only() -> None:
+    """A model that goes on past the missing line (an instruct model's FIM) is cut at the first
+    newline, as InCoder's single-line evaluation does; other infilling keeps the whole middle."""
+    from diffcoder.eval.generation import _to_sample
+
+    single = load_benchmark("humaneval-infill-single", 1)[0]
+    multi = load_benchmark("humaneval-infill-multi", 1)[0]
+    text = single.canonical.rstrip("\n") + "\n    return False\n\n# more code\n"
+    assert single.one_line and not multi.one_line
+    assert _to_sample(single, "base", text, {})["completion"] == single.canonical.rstrip("\n") + "\n"
+    assert _to_sample(single, "base", text, {})["raw"] == text
+    assert _to_sample(multi, "base", text, {})["completion"] == text
+    assert _to_sample(single, "base", "x = 1", {})["completion"] == "x = 1"  # no newline: kept whole

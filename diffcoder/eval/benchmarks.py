@@ -35,6 +35,7 @@ class Problem:
     test: str = ""
     entry_point: str | None = None
     suffix: str = ""  # infilling only
+    one_line: bool = False  # single-line infilling: the middle is exactly one line
     instruction: str = ""  # natural-language task for instruct models
     extra: dict = field(default_factory=dict)
 
@@ -196,7 +197,7 @@ def _mbpp_plus() -> list[Problem]:
 
 def _infill(name: str) -> list[Problem]:
     return [Problem(r["task_id"], "infill", r["prompt"], r["canonical_solution"], r["test"],
-                    r["entry_point"], suffix=r["suffix"])
+                    r["entry_point"], suffix=r["suffix"], one_line=name == "humaneval-infill-single")
             for r in _jsonl(DATA / "humaneval_infilling" / INFILL_FILES[name])]
 
 

@@ -89,7 +89,10 @@ def _prompt_ids(problem: Problem, style: str, tok: Any) -> list[int]:
 
 def _to_sample(problem: Problem, style: str, text: str, stats: dict) -> dict:
     if problem.kind == "infill":
-        sample = {"task_id": problem.task_id, "completion": text}
+        # Single-line infilling scores one line, as InCoder's evaluation does: a model that goes on
+        # past the line (an instruct model's FIM rarely stops at it) is cut at the first newline.
+        completion = text.split("\n", 1)[0] + "\n" if problem.one_line and "\n" in text else text
+        sample = {"task_id": problem.task_id, "completion": completion}
     else:
         sample = instruct_sample(problem, text) if style == "instruct" else base_sample(problem, text)
     return {**sample, "raw": text, **stats}  # the model's whole text beside what was extracted from it
