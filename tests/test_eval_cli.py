@@ -283,3 +283,15 @@ def test_single_line_infilling_scores_the_first_line_only() -> None:
     assert _to_sample(single, "base", text, {})["raw"] == text
     assert _to_sample(multi, "base", text, {})["completion"] == text
     assert _to_sample(single, "base", "x = 1", {})["completion"] == "x = 1"  # no newline: kept whole
+
+
+def test_refused_decoder_flags_leave_no_settings_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A run refused for its decoder flags must not record them: the corrected run then starts
+    cleanly instead of being refused as a resume with other settings."""
+    out = tmp_path / "o"
+    common = ["eval", "humaneval", "--model", str(tiny_model_dir), "--out", str(out), "--limit", "1",
+              "--gen-length", "8", "--device", "cpu", "--dtype", "float32", "--no-progress", "--no-execute"]
+    assert main([*common, "--max-active-blocks", "2"]) == 2  # pipelining needs a threshold
+    assert not (out / "generation.json").exists()
+    assert main(common) == 0
+    assert (out / "generation.json").exists()

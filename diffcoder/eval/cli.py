@@ -134,6 +134,7 @@ def _covering(problems: list, records: list[dict], args: argparse.Namespace) -> 
 
 
 def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dict, dict]:
+    from ..decode import DecodeArgs, validate_args
     from ..run_cli import decoder_kwargs, load_model
     from .generation import GenSpec, check_settings, generate_samples
 
@@ -155,6 +156,10 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
                "prompt_style": spec.prompt_style, "n_samples": spec.n_samples,
                **({"stop_after_code": True} if spec.stop_after_code else {}),
                "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+    # Refuse bad decoder flags before generation.json records them (a stand-in prompt: the real
+    # ones are checked per batch), so a refused run leaves nothing that blocks the next one.
+    flags = {k: v for k, v in spec.decoder_kwargs().items() if k != "runner"}
+    validate_args(DecodeArgs(**flags, mask_id=getattr(model, "mask_id", None)), [[0]])
     check_settings(path.parent, path, {"model": _model_of(args), **decoder})
     with _progress(not args.no_progress, "generating") as update:
         samples = generate_samples(model, problems, path, spec, on_progress=update)
