@@ -103,6 +103,7 @@ def load_model(args: argparse.Namespace) -> Any:
             raise
         print(f"note: {exc}\nnote: falling back to the small model embedded in diffcoder (diffcoder-tiny), "
               "which writes code-shaped text, not working programs", file=sys.stderr)
+        args.model = None  # what ran is the default model: results and settings must say so
         model = load_auto(default_model_dir(), args.device, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: the checkpoint has no tokenizer.json; diffcoder generate needs text I/O")

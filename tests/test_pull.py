@@ -3,6 +3,7 @@ complete, an interrupted pull resumes from verified downloads, names work wherev
 and an adapted model is rebuilt bit-exactly (its stored hash) from base + shipped adapter."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import zipfile
@@ -14,6 +15,7 @@ import torch
 import diffcoder
 from diffcoder import pull
 from diffcoder.cli import main as cli_main
+from diffcoder.run_cli import load_model
 
 from test_gguf_convert import reference_tokenizer, write_gguf  # noqa: F401  (tiny GGUF writer and its fixture)
 
@@ -121,6 +123,10 @@ def test_fallback_to_the_shipped_model_when_a_pull_fails(registry, monkeypatch: 
     assert cli_main(["generate", "--model", "tiny-base", "--fallback-tiny", "--gen-length", "4", "--steps", "4",
                      "def"]) == 0
     assert "falling back to the small model" in capsys.readouterr().err
+    # What ran is recorded, not the name that could not be pulled.
+    args = argparse.Namespace(model="tiny-base", fallback_tiny=True, device="cpu", dtype="float32")
+    load_model(args)
+    assert args.model is None
 
 
 def test_adapted_model_is_rebuilt_and_checked_against_its_hash(registry, tmp_path: Path,
