@@ -156,3 +156,13 @@ def test_adapted_model_is_rebuilt_and_checked_against_its_hash(registry, tmp_pat
     assert cli_main(["pull", "tiny-bd", "--force"]) == 2
     assert "expected " + "0" * 64 in capsys.readouterr().err
     assert pull.is_pulled("tiny-bd")  # the good copy from before is left in place, not half-replaced
+
+
+def test_serve_takes_a_pulled_name(registry) -> None:
+    """`diffcoder serve --model NAME` loads a pulled model as generate and eval do, named NAME."""
+    from diffcoder.serve.cli import load_served
+
+    args = argparse.Namespace(model="tiny-base", model_name=None, fallback_tiny=False, device="cpu",
+                              dtype="float32")
+    model, name = load_served(args)
+    assert name == "tiny-base" and model.tokenizer is not None

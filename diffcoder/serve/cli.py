@@ -47,11 +47,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.register(subparsers)
 
 
+def load_served(args: argparse.Namespace) -> tuple[object, str]:
+    """The model to serve and the id clients send: --model as everywhere else (a directory, or a
+    `diffcoder pull` name pulled on first use, --fallback-tiny honoured), named by --model-name,
+    else by the directory's or the pulled model's name."""
+    import diffcoder
+    from diffcoder.run_cli import load_model
+
+    model = load_model(args)  # clears args.model when --fallback-tiny fell back to the default
+    source = args.model or str(diffcoder.default_model_dir(announce=False))
+    return model, args.model_name or os.path.basename(os.path.normpath(source))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    import diffcoder
-    from diffcoder.run_cli import load_auto
     from diffcoder.serve.app import ServeConfig, create_app
 
     # ValueError / FileNotFoundError: the CLI prints them as one line and exits 2.
@@ -67,11 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         runner=args.runner,
         stall_timeout=args.stall_timeout,
     )
-    model_dir = args.model or str(diffcoder.default_model_dir())
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir!r} does not exist; pass --model DIR")
-    model = load_auto(model_dir, args.device, args.dtype)
-    name = args.model_name or os.path.basename(os.path.normpath(model_dir))
+    model, name = load_served(args)
     app = create_app(model, model_name=name, config=config)
     where = f"http://{args.host}:{args.port}/" if args.port else f"{args.host} (a free port; uvicorn prints it)"
     print(f"serving {name!r} on {where} (playground at /, API at /v1)", flush=True)
