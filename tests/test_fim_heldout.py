@@ -13,24 +13,20 @@ from diffcoder.train.data import PretrainSplit, read_manifest
 FIM = FimSpec(rate=1.0, prefix_id=3, suffix_id=4, middle_id=6, eos_id=2)
 
 
-def test_fim_rewrite_is_a_permutation_in_spm_order() -> None:
+@pytest.mark.parametrize("order", ["spm", "psm"])
+def test_fim_rewrite_is_a_permutation_in_its_order(order: str) -> None:
+    """spm: <suffix> S <prefix> P <middle> M (Seed-Coder); psm: <prefix> P <suffix> S <middle> M
+    (Qwen2.5-Coder)."""
+    spec = FimSpec(rate=1.0, prefix_id=3, suffix_id=4, middle_id=6, eos_id=2, order=order)
+    first, second = (spec.suffix_id, spec.prefix_id) if order == "spm" else (spec.prefix_id, spec.suffix_id)
     window = np.arange(100, 164)
     for seed in range(50):
-        out = fim_rewrite(window, np.random.default_rng(seed), FIM)
-        assert len(out) == len(window) and out[0] == FIM.suffix_id and out[-1] == FIM.eos_id
-        p, m = int(np.where(out == FIM.prefix_id)[0][0]), int(np.where(out == FIM.middle_id)[0][0])
-        suffix, prefix, middle = out[1:p], out[p + 1:m], out[m + 1:-1]
+        out = fim_rewrite(window, np.random.default_rng(seed), spec)
+        assert len(out) == len(window) and out[0] == first and out[-1] == spec.eos_id
+        k, m = int(np.where(out == second)[0][0]), int(np.where(out == spec.middle_id)[0][0])
+        a, b, middle = out[1:k], out[k + 1:m], out[m + 1:-1]
+        prefix, suffix = (b, a) if order == "spm" else (a, b)
         # Reassembled prefix + middle + suffix is the window's first len-4 tokens, in order.
-        assert np.array_equal(np.concatenate([prefix, middle, suffix]), window[:-4])
-
-
-def test_fim_rewrite_in_psm_order() -> None:
-    window, psm = np.arange(100, 164), FimSpec(rate=1.0, prefix_id=3, suffix_id=4, middle_id=6, eos_id=2, order="psm")
-    for seed in range(50):
-        out = fim_rewrite(window, np.random.default_rng(seed), psm)
-        assert len(out) == len(window) and out[0] == psm.prefix_id and out[-1] == psm.eos_id
-        s, m = int(np.where(out == psm.suffix_id)[0][0]), int(np.where(out == psm.middle_id)[0][0])
-        prefix, suffix, middle = out[1:s], out[s + 1:m], out[m + 1:-1]
         assert np.array_equal(np.concatenate([prefix, middle, suffix]), window[:-4])
 
 
