@@ -1,10 +1,11 @@
 """Ship a training run's adapter as diffcoder-0.5b:
 
-    python runs/diffcoder_05b/release.py RUNDIR
+    python runs/diffcoder_05b/release.py RUNDIR STAGE
 
 Copies RUNDIR/adapter into diffcoder/weights/diffcoder-0.5b in bfloat16 (half the size; the merge
 is done in float64 either way), with the decoding defaults, keeps the run's metrics.jsonl and
-run.json under runs/diffcoder_05b/train/, and records the sha256 that `diffcoder pull diffcoder-0.5b`
+run.json under runs/diffcoder_05b/train/stage-STAGE/ (a stage is one training run; a later stage
+starts from the adapter the earlier one shipped), and records the sha256 that `diffcoder pull diffcoder-0.5b`
 must reproduce (building the merged model once from the pulled base).
 """
 from __future__ import annotations
@@ -24,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    run = Path(sys.argv[1])
+    if len(sys.argv) != 3 or not sys.argv[2].isdigit():
+        raise SystemExit("usage: release.py RUNDIR STAGE  (STAGE: 1, 2, ...: the training stage this run is)")
+    run, stage = Path(sys.argv[1]), HERE / "train" / f"stage-{sys.argv[2]}"
     cfg, tensors = read_adapter(run / "adapter")
     dst = ADAPTERS / "diffcoder-0.5b"
     dst.mkdir(parents=True, exist_ok=True)
@@ -34,9 +37,9 @@ def main() -> int:
     (dst / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = {**json.loads((run / "final" / "generation_config.json").read_text()), "gen_length": 256}
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    (HERE / "train").mkdir(exist_ok=True)
+    stage.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "run.json"):
-        shutil.copy(run / name, HERE / "train" / name)
+        shutil.copy(run / name, stage / name)
     print(json.dumps({"adapter": str(dst), "sha256": stamp_adapter("diffcoder-0.5b")}))
     return 0
 

@@ -2,7 +2,7 @@
 
     python runs/diffcoder_05b/report.py
 
-Reads train/metrics.jsonl + train/run.json (the training run), data/contamination.json (the
+Reads train/stage-N/{metrics.jsonl,run.json} (the training runs), data/contamination.json (the
 n-gram check) and results/ARM/BENCH/{results,per_problem}.json[l] (evaluate.py); prints the
 tables and writes them into the two documents. Nothing here is typed in by hand except the
 published numbers of other models, each with its source.
@@ -157,15 +157,33 @@ def targets(speed: dict[str, dict]) -> list[str]:
     return out
 
 
-def training_facts() -> dict:
-    recs = [json.loads(l) for l in (HERE / "train" / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    run = read_json(HERE / "train" / "run.json") or {}
-    wall = sum(r["step_time_s"] for r in recs)
-    last = recs[-10:]
-    return {"steps": recs[-1]["step"], "tokens": recs[-1]["tokens"], "wall_h": wall / 3600,
-            "tok_s": recs[-1]["tokens"] / wall, "loss_last10": sum(r["loss"] for r in last) / len(last),
-            "rank": run.get("lora_rank"), "alpha": run.get("lora_alpha"), "lr": run.get("lr"),
-            "seq_len": run.get("seq_len"), "batch": run.get("batch_size"), "warm": run.get("warmup_steps")}
+def training_stages() -> list[dict]:
+    """One entry per training run (train/stage-N/), in order; each later stage starts from the
+    adapter the one before it shipped."""
+    stages = []
+    for folder in sorted((HERE / "train").glob("stage-*"), key=lambda p: int(p.name.split("-")[1])):
+        recs = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        run = read_json(folder / "run.json") or {}
+        wall = sum(r["step_time_s"] for r in recs)
+        last = recs[-10:]
+        stages.append({"name": folder.name, "steps": recs[-1]["step"], "tokens": recs[-1]["tokens"],
+                       "wall_h": wall / 3600, "tok_s": recs[-1]["tokens"] / wall,
+                       "loss_last10": sum(r["loss"] for r in last) / len(last), "rank": run.get("lora_rank"),
+                       "alpha": run.get("lora_alpha"), "lr": run.get("lr"), "min_lr": run.get("min_lr"),
+                       "seq_len": run.get("seq_len"), "batch": run.get("batch_size"), "seed": run.get("seed"),
+                       "resumed": bool(run.get("adapter"))})
+    if not stages:
+        raise SystemExit(f"{HERE / 'train'}: no stage-N folders (release.py writes them)")
+    return stages
+
+
+def stage_line(t: dict) -> str:
+    start = "from the previous stage's adapter, " if t["resumed"] else "from the AR base, "
+    return (f"- Training {t['name']}: {start}{t['steps']} optimizer steps, {t['tokens'] / 1e6:.2f} M tokens (prompt "
+            f"and answer, packed rows of {t['seq_len']}; the loss is on masked answer tokens only), peak lr "
+            f"{t['lr']:g} (cosine to {t['min_lr']:g}), data-order seed {t['seed']}, {t['wall_h']:.2f} h of optimizer "
+            f"steps on 2 CPU cores ({t['tok_s']:.0f} tokens/s); mean loss of the last 10 steps {t['loss_last10']:.3f} "
+            "(block-diffusion loss: masked answer tokens, weighted 1/u after the corruption warmup).")
 
 
 def adapter_facts() -> dict:
@@ -179,7 +197,8 @@ def adapter_facts() -> dict:
 
 
 def main() -> int:
-    t = training_facts()
+    stages = training_stages()
+    t = stages[-1]
     d = read_json(HERE / "data" / "contamination.json")["summary"]
     a = adapter_facts()
     table = arms_table()
@@ -187,10 +206,7 @@ def main() -> int:
                  *[f"| {m} | {h} | {p} |" for m, h, p in PUBLISHED]]
     print("\n".join(table))
     facts = [
-        f"- Training: {t['steps']} optimizer steps, {t['tokens'] / 1e6:.2f} M tokens (prompt and answer, packed rows of "
-        f"{t['seq_len']}; the loss is on masked answer tokens only), {t['wall_h']:.2f} h of optimizer steps on 2 CPU "
-        f"cores ({t['tok_s']:.0f} tokens/s); mean loss of the last 10 steps {t['loss_last10']:.3f} (block-diffusion "
-        "loss: masked answer tokens, weighted 1/u after the corruption warmup).",
+        *map(stage_line, stages),
         f"- Adapter: LoRA rank {t['rank']}, alpha {t['alpha']:g}, on every linear layer of all 24 blocks, plus the mask "
         f"token's input embedding; {a['params'] / 1e6:.2f} M parameters, {a['bytes'] / 1e6:.1f} MB in bfloat16.",
         f"- Data: {d['chats']} self-distilled chats; {d['dropped']} dropped by the contamination check "
