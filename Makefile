@@ -1,6 +1,8 @@
 # diffcoder: two commands on a fresh machine with python3 and make.
 #   make run    generate with diffcoder-0.5b (pulled on first use)
 #   make test   the whole test suite (what CI runs)
+#   make test-fast   the fast tier, for every change (the slow tier: compile, torchrun, sandbox,
+#                    real weights, browser)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +13,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 PROMPT ?= Write a Python function fibonacci(n) that returns the n-th Fibonacci number.
 MODEL ?= diffcoder-0.5b
 
-.PHONY: setup run test clean-venv
+.PHONY: setup run test test-fast clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +36,9 @@ run: setup
 test: setup
 	bash scripts/install-system-deps.sh
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcoder import kernels
-from diffcoder.bench.decode import alternating_best
+from measure import alternating_best  # benchmarks/measure.py (on sys.path: this folder)
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # smol-135m
 

@@ -3,7 +3,7 @@
 Times y = x W^T for several row counts M (4 = a block, 8 = the fused commit pass, 64 = batch 16
 x B 4, 128 = batch 16's fused commit pass) with: F.linear in bf16, oneDNN prepacked weights (packed
 for 4 rows or for M rows), our AMX kernel (diffcoder/kernels, where this CPU has AMX), and F.linear
-in float32 for reference. `PackedLinear` in diffcoder/model.py uses the AMX kernel up to
+in float32 for reference. `packed_linear` in diffcoder/kernels/linear.py uses the AMX kernel up to
 `kernels.AMX_MAX_ROWS` rows and oneDNN (packed for 4 rows) above.
 
 Default mode: the projection shapes of one smol-135m layer (7 MB), reused call after call, so the
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcoder import kernels
-from diffcoder.bench.decode import alternating_best
+from measure import alternating_best  # benchmarks/measure.py (on sys.path: this folder)
 
 AMX = "AMX kernel (diffcoder)"
 # smol-135m: hidden 576, 9 heads x 64 (q 576), 3 KV heads (k, v 192 each), MLP 1536.

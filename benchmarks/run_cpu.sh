@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=benchmarks/results/cpu
 mkdir -p "$OUT"
-run() { local name=$1; shift; echo "== $name"; $PY benchmarks/decode.py "$@" | tee "$OUT/$name.txt" | grep -v '^{'; }
+run() { local name=$1; shift; echo "== $name"; $PY benchmarks/decode_speed.py "$@" | tee "$OUT/$name.txt" | grep -v '^{'; }
 run tiny_b1 --shape tiny --dtype float32 --prompt-len 64 --gen-length 256 --steps 256 --repeats 3
 # The compiled step (inductor, C++ wrapper, the commit rule traced in); runs of 0.1-0.2 s each,
 # so ten repeats keep the best-of from being one unlucky moment of a shared machine.

@@ -9,5 +9,5 @@ out=benchmarks/results/cpu-real-0.5b
 mkdir -p "$out"
 py=.venv/bin/python
 common=(--dtype bfloat16 --batch-sizes 1,8,16 --prompt-len 64 --gen-length 128 --repeats 2 --no-baseline --shift)
-$py benchmarks/decode.py --model qwen2.5-coder-0.5b-instruct --block-length 1 "${common[@]}" | tee "$out/ar_base.txt"
-$py benchmarks/decode.py --model diffcoder-0.5b --block-length 4 "${common[@]}" | tee "$out/diffcoder_05b.txt"
+$py benchmarks/decode_speed.py --model qwen2.5-coder-0.5b-instruct --block-length 1 "${common[@]}" | tee "$out/ar_base.txt"
+$py benchmarks/decode_speed.py --model diffcoder-0.5b --block-length 4 "${common[@]}" | tee "$out/diffcoder_05b.txt"

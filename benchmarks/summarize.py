@@ -12,15 +12,15 @@ from pathlib import Path
 # Commands of runs whose JSON predates the "command" field (the H100 runs of scripts/gpu_check.sh
 # and the runner comparison right after it); gpu_results.jsonl records the rest.
 KNOWN = {
-    "sdc8b_compiled_cuda_graph": "python benchmarks/decode.py --shape sdc-8b --device cuda --dtype bfloat16 "
+    "sdc8b_compiled_cuda_graph": "python benchmarks/decode_speed.py --shape sdc-8b --device cuda --dtype bfloat16 "
                                  "--prompt-len 64 --gen-length 256 --runner compiled_cuda_graph --no-baseline "
                                  "--batch-sizes 1,16 --repeats 2",
-    "sdc8b_cuda_graph": "python benchmarks/decode.py --shape sdc-8b --device cuda --dtype bfloat16 --prompt-len 64 "
+    "sdc8b_cuda_graph": "python benchmarks/decode_speed.py --shape sdc-8b --device cuda --dtype bfloat16 --prompt-len 64 "
                         "--gen-length 256 --runner cuda_graph --no-baseline --batch-sizes 1,16 --repeats 2",
 }
 
-# Environment of runs whose JSON predates decode.py recording it in the command (the second
-# H100 lease: inductor's GEMM autotuning and coordinate-descent tuning, set through its env vars).
+# Environment of kept runs whose JSON command lacks it (results/gpu-h100-s5/sdc8b_compiled_autotune_b1.txt:
+# inductor's GEMM autotuning and coordinate-descent tuning, set through its env vars).
 ENV = {"sdc8b_compiled_autotune_b1": "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 "}
 
 

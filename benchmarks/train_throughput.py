@@ -17,18 +17,14 @@ import time
 
 import torch
 
-from diffcoder.config import ModelConfig
+from diffcoder.config import PRESETS, ModelConfig
+from diffcoder.hardware import pick_device, pick_dtype
 from diffcoder.model import DiffCoderLM
 from diffcoder.tokenizer import MASK_TOKEN, SPECIAL_TOKENS
 from diffcoder.train.noise import noise_generator, sample_block_noise
 from diffcoder.train.objectives import LossModule, eligible_positions
 
-MODELS = {
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096),
-    "10m": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4, vocab_size=4096),
-}
+MODELS = {name: {**PRESETS[name], "vocab_size": 4096} for name in ("tiny", "10m")}
 # The mask id of our tokenizer layout (Seed-Coder's), looked up by name.
 MASK_ID, B = SPECIAL_TOKENS.index(MASK_TOKEN), 4
 
@@ -62,8 +58,6 @@ def step_fn(model: DiffCoderLM, objective: str, batch: int, seq_len: int, device
 
 
 def main() -> None:
-    from diffcoder.train.trainer import cpu_has_bf16
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,10m", help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -72,10 +66,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype")
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    bf16 = (args.precision == "bf16" or args.precision == "auto" and
-            (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()))
+    device = torch.device(pick_device(args.device))
+    bf16 = pick_dtype(args.precision, device) == torch.bfloat16
     ratio = None
     for name in args.models.split(","):
         cfg = ModelConfig(**MODELS[name], mask_token_id=MASK_ID)

@@ -15,17 +15,22 @@ __all__ = ["load", "save", "generate", "infill", "infill_many", "Decoding", "Gen
            "ModelConfig", "DiffCoderLM"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import load, save
+    from .checkpoint import save
     from .config import ModelConfig
-    from .decode import Decoding, GenerateResult, generate
     from .defaults import default_model_dir
-    from .fim import infill, infill_many
+    from .engine.decoding import Decoding, GenerateResult, generate
+    from .engine.infill import infill, infill_many
+    from .hub import load
     from .model import DiffCoderLM
 
+# Public name -> the module that defines it (imported on first use: see __getattr__). No
+# submodule of the package may be named like one of these: once imported, the submodule becomes
+# the package attribute and shadows the function (`diffcoder.infill` lives in engine/infill.py).
 _LAZY = {
-    "load": "checkpoint", "save": "checkpoint", "generate": "decode", "Decoding": "decode",
-    "GenerateResult": "decode", "infill": "fim", "infill_many": "fim", "default_model_dir": "defaults",
-    "ModelConfig": "config", "DiffCoderLM": "model",
+    "load": "diffcoder.hub", "save": "diffcoder.checkpoint", "generate": "diffcoder.engine.decoding",
+    "Decoding": "diffcoder.engine.decoding", "GenerateResult": "diffcoder.engine.decoding",
+    "infill": "diffcoder.engine.infill", "infill_many": "diffcoder.engine.infill",
+    "default_model_dir": "diffcoder.defaults", "ModelConfig": "diffcoder.config", "DiffCoderLM": "diffcoder.model",
 }
 
 
@@ -34,7 +39,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'diffcoder' has no attribute {name!r}")
 
 

@@ -9,32 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .config import ModelConfig
+from .config import REMASKING, ModelConfig
+from .fsutil import atomic_write_text, read_json, staged_dir
+from .hardware import pick_dtype
 from .model import DiffCoderLM
-from .fsutil import atomic_write_text, replace_dir
 from .tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Keys some exporters write that are derived state, not weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16 (float64 for tests)")
-    return DTYPES[dtype]
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -88,18 +77,15 @@ def resolve_mask_id(config: ModelConfig, tokenizer: Tokenizer | None, source: Pa
                      "<[MASK_TOKEN]> / mask_token (block-diffusion decoding needs one)")
 
 
-def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          mask_id: int | None = None) -> DiffCoderLM:
-    """Load a Hugging Face-layout checkpoint directory, or a model name of `diffcoder pull` (pulled
-    on first use), into a `DiffCoderLM` (eval mode); no path: the default model (`default_model_dir()`)."""
-    from .defaults import default_model_dir
-    from .pull import resolve
-
-    path = resolve(default_model_dir() if path is None else path)
+    """Load a Hugging Face-layout checkpoint directory into a `DiffCoderLM` (eval mode). Model names
+    and the default model are `diffcoder.load`'s (diffcoder/hub.py)."""
+    path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
     config = ModelConfig.from_json(path / "config.json")
-    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or torch.float32
+    dtype = pick_dtype(dtype if dtype is not None else config.torch_dtype or "float32", device)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is "
@@ -118,12 +104,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
 def read_generation_config(path: Path) -> dict[str, Any]:
     """generation_config.json, with every decoder setting it names checked (ValueError naming the
     file and the field); keys the decoder does not read (special ids, ...) pass through."""
-    from .decode import REMASKING
-
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: must hold a JSON object of decoder settings, got {type(raw).__name__}")
 
@@ -190,29 +171,17 @@ def save(model: DiffCoderLM, path: str | Path, tokenizer: Tokenizer | None = Non
          max_shard_bytes: int | None = None, dtype: str | torch.dtype | None = None,
          generation_config: dict[str, Any] | None = None) -> Path:
     """Write `model` as a Hugging Face-layout checkpoint (atomically replaces `path`)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = parse_dtype(dtype) or model.dtype
+    dtype = pick_dtype(dtype) if dtype is not None else model.dtype
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with staged_dir(path) as tmp:
         # copy=True: fused projections make parameters views of one tensor, which safetensors refuses.
         state = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in model.state_dict().items()
                  if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-        shards = _shard(state, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            atomic_write_text(tmp / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
-                                                            "weight_map": weight_map}, indent=2) + "\n")
+        shards = ShardWriter(tmp, max_shard_bytes)
+        for name, tensor in state.items():
+            shards.add(name, tensor)
+        shards.close()
         config = model.config
         config.torch_dtype = str(dtype).removeprefix("torch.")
         if model.mask_id is not None:
@@ -223,23 +192,50 @@ def save(model: DiffCoderLM, path: str | Path, tokenizer: Tokenizer | None = Non
             atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.hf.save_pretrained(str(tmp))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
-def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    if not max_bytes:
-        return [state]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += n
-    return shards
+class ShardWriter:
+    """Safetensors shards of at most `max_bytes` each (None: one file), written as the tensors
+    arrive, so that one shard at a time is in memory; `close()` gives them their Hugging Face
+    names (model.safetensors, or model-0000i-of-0000n.safetensors plus the index) and returns
+    (files, bytes of tensor data)."""
+
+    def __init__(self, folder: Path, max_bytes: int | None = None) -> None:
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.written: list[list[str]] = []  # tensor names, per shard file
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.max_bytes and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, str(self._part(len(self.written))), metadata={"format": "pt"})
+        self.written.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def _part(self, index: int) -> Path:
+        return self.folder / f"part-{index:05d}.safetensors"
+
+    def close(self) -> tuple[int, int]:
+        self._flush()
+        n = len(self.written)
+        if n == 1:
+            self._part(0).rename(self.folder / WEIGHTS_NAME)
+            return 1, self.total_bytes
+        weight_map = {}
+        for i, names in enumerate(self.written):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            self._part(i).rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        atomic_write_text(self.folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        return n, self.total_bytes

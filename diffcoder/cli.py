@@ -10,21 +10,16 @@ import argparse
 import importlib
 import sys
 
-from .pull import PullError
+from .hub import PullError
 
 COMMAND_MODULES = [
-    "diffcoder.run_cli",  # generate, chat
-    "diffcoder.bench.cli",  # bench decode
+    "diffcoder.engine.cli",  # generate, chat
     "diffcoder.serve.cli",  # serve
     "diffcoder.convert.cli",  # convert gguf
     "diffcoder.train.cli",  # tokenizer train, data build/sft, train, plot
     "diffcoder.eval.cli",  # eval
-    "diffcoder.pull",  # pull
+    "diffcoder.hub",  # pull
 ]
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,17 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if getattr(args, "pass_through", False):
-        args.extra = extra  # a pass-through command (bench decode) hands these to its own parser
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, PullError, ValueError, FileNotFoundError) as exc:
+    except (PullError, ValueError, FileNotFoundError) as exc:  # the user's input: one line, exit 2
         print(f"diffcoder {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -62,8 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Import ourselves by name so `UserError` raised by subcommand modules (which import
-    # diffcoder.cli) is the same class as the one main() catches under `python -m`.
-    from diffcoder.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -12,9 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# How each model pass can run (see diffcoder/runners.py). Defined here, where nothing imports torch,
-# so that the CLI can offer the names without paying torch's start-up in `diffcoder --help`.
+from .fsutil import read_json
+
+# How each model pass can run (diffcoder/engine/runners.py) and which positions a denoising step
+# re-masks (diffcoder/engine/decoding.py). Defined here, where nothing imports torch, so that the
+# CLI can offer the names without paying torch's start-up in `diffcoder --help`, and the checkpoint
+# loader can check generation_config.json without importing the engine.
 RUNNERS = ("auto", "eager", "static", "cuda_graph", "compiled_static", "compiled_cuda_graph")
+REMASKING = ("low_confidence", "random")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "StableDiffcoderForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -134,22 +139,23 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw, source=str(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
-# Named shapes used by tests, benchmarks and the training presets.
+# Named shapes used by tests, benchmarks and the training presets; the one table of model shapes.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
+    # The untrained default checkpoint (defaults.build_untrained): its seeded weights depend on this shape.
+    "untrained-tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=2048),
+    "10m": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4),
     "smol-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
     # smol-135m's op graph (30 layers, 3 query heads per KV head, tied embeddings) with next to no

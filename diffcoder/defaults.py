@@ -1,28 +1,23 @@
-"""Where the default model lives, and the deterministic untrained stand-in.
+"""Where the default model lives (the one used when no --model is given), and the untrained stand-in.
 
-The trained `diffcoder-tiny` ships inside the package (diffcoder/weights/diffcoder-tiny) once
-our own pipeline has produced it. Until then, and whenever it is absent, the default is a
-small random-weight checkpoint built deterministically on first use and clearly labelled
-untrained: it exercises every code path but writes gibberish.
+The default is `diffcoder-tiny`, the small block-diffusion model trained by this repository's
+own pipeline (runs/default_model.sh) and shipped inside the package
+(diffcoder/weights/diffcoder-tiny). The larger `diffcoder-0.5b` is loaded by name
+(`--model diffcoder-0.5b`, pulled on first use by diffcoder/hub.py); `make run` asks for it and,
+with --fallback-tiny, falls back to this default when it cannot be pulled. Only when the shipped
+weights are missing is the default a small random-weight checkpoint, built deterministically on
+first use and labelled untrained: it exercises every code path but writes gibberish.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
+from .fsutil import cache_root
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights" / "diffcoder-tiny"
 UNTRAINED_NAME = "untrained-tiny-v1"
-UNTRAINED_SHAPE = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=2048)
-
-
-def cache_root() -> Path:
-    """$DIFFCODER_HOME, else $XDG_CACHE_HOME/diffcoder, else ~/.cache/diffcoder."""
-    if os.environ.get("DIFFCODER_HOME"):
-        return Path(os.environ["DIFFCODER_HOME"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "diffcoder"
+UNTRAINED_PRESET = "untrained-tiny"  # a name in config.PRESETS
 
 
 def default_model_dir(announce: bool = True) -> Path:
@@ -43,7 +38,7 @@ def build_untrained(path: str | Path, seed: int = 0, **shape: int) -> Path:
     import torch
 
     from .checkpoint import save
-    from .config import ModelConfig
+    from .config import PRESETS, ModelConfig
     from .model import DiffCoderLM
     from .tokenizer import Tokenizer, byte_level_tokenizer, save_tokenizer
 
@@ -52,7 +47,7 @@ def build_untrained(path: str | Path, seed: int = 0, **shape: int) -> Path:
     save_tokenizer(byte_level_tokenizer(), tok_dir)
     tok = Tokenizer.from_dir(tok_dir)
     cfg = ModelConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id, mask_token_id=tok.mask_id, **{**UNTRAINED_SHAPE, **shape})
+                      pad_token_id=tok.pad_id, mask_token_id=tok.mask_id, **{**PRESETS[UNTRAINED_PRESET], **shape})
     model = DiffCoderLM(cfg).init_weights(seed, std=0.5)
     model.mask_id = tok.mask_id
     save(model.to(torch.float32), path, tokenizer=tok,

@@ -19,20 +19,31 @@ from torch import nn
 
 from . import kernels
 from .config import ModelConfig
+from .kernels.linear import Linear, decode_linear
 from .masks import block_causal_allowed, causal_allowed
 
 MaskSpec = torch.Tensor | str | tuple[str, int] | None
 
 
-class KVCache:
-    """Keys and values of committed tokens, preallocated to `max_len` columns.
+class CacheWrite(NamedTuple):
+    """Where one pass puts its keys and values in a `KVCache`: at columns `cols` (one per new
+    token), attention then reading the first `keys` columns. `KVCache.update` writes there, and
+    so does the native CPU op that fuses the write into a decode step's attention."""
+    cols: torch.Tensor
+    keys: int
 
-    New keys are always written at [length, length + q); only `keep` of them are made part
-    of the cache by advancing `length`. Everything past `length` is scratch: the noisy
-    block's keys land there and are overwritten by the next call (static shapes, no cat).
+
+class KVCache:
+    """Keys and values, preallocated to `max_len` columns, of which the first `length` are committed.
+
+    A pass writes its keys through `update`, at the columns `columns_for` gives: by default the
+    ones after the committed columns, attention reading up to its own; a static-shape step names
+    fixed columns and attends over every column, its mask hiding what is not (yet) part of the
+    sequence (static shapes: no cat, no growing views). Written columns past `length` are
+    scratch (the noisy block's keys) that the next pass overwrites.
 
     One tensor per layer, not one stacked tensor: a compiled step writes each layer's keys in
-    place into its own input, whereas in-place writes into views of one shared tensor made
+    place into its own input, whereas in-place writes into views of one shared tensor make
     inductor copy the whole cache back on every pass.
     """
 
@@ -42,8 +53,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.length = 0
-        # Static mode: when set, new keys go to these columns and attention spans all columns.
-        self.write_idx: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -52,6 +61,24 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k[0].shape[0]
+
+    def columns_for(self, tokens: int, device: torch.device, cols: torch.Tensor | None = None) -> CacheWrite:
+        """Where a pass of `tokens` new tokens writes: at `cols` with attention over every column,
+        or (None) right after the committed columns with attention up to its own."""
+        if cols is not None:
+            return CacheWrite(cols, self.max_len)
+        start = self.length
+        if start + tokens > self.max_len:
+            raise ValueError(f"KV cache overflow: {start} cached + {tokens} new > {self.max_len} columns")
+        return CacheWrite(torch.arange(start, start + tokens, device=device), start + tokens)
+
+    def update(self, layer: int, write: CacheWrite, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new keys and values [batch, kv_heads, tokens, dim] at `write.cols`;
+        returns the keys and values its attention reads."""
+        self.k[layer].index_copy_(2, write.cols, k)
+        self.v[layer].index_copy_(2, write.cols, v)
+        return self.k[layer][:, :, :write.keys], self.v[layer][:, :, :write.keys]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (rows that finished stop costing compute)."""
@@ -93,63 +120,6 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-_PACKED_WEIGHTS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (version, oneDNN-blocked copy)
-
-
-def _linear_prepacked(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """F.linear through a oneDNN-blocked copy of `w`, made once per weight and remade when the
-    weight was modified in place (its version counter moved), so updates are never served stale."""
-    version = -1 if w.is_inference() else w._version  # inference tensors have no version counter
-    entry = _PACKED_WEIGHTS.get(w)
-    if entry is None or entry[0] != version:
-        entry = _PACKED_WEIGHTS[w] = (version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 4))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[1], b, "none", [], "")
-
-
-# `_linear_prepacked` as an op that torch.compile keeps opaque: inductor cannot lower the prepacked
-# oneDNN op itself, and with its own packing (freezing) the compiled smol-135m step still ran plain
-# unpacked matmuls (seen in a profile), at about half the prepacked speed. Defined with
-# torch.library.Library rather than the custom_op decorator, whose Python wrapper costs a sizeable
-# share of a 4-row matmul (a smol-135m pass makes 121 of these calls).
-_OPS = torch.library.Library("diffcoder", "DEF")
-_OPS.define("prepacked_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
-_OPS.impl("prepacked_linear", _linear_prepacked, "CPU")
-
-
-@torch.library.register_fake("diffcoder::prepacked_linear", lib=_OPS)
-def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
-
-
-class PackedLinear:
-    """F.linear with bf16 weights packed once for the CPU kernels (CPU, inference only).
-
-    Decode-sized calls run our AMX kernel (diffcoder/kernels; same products, fp32 sums in another
-    order, so within one bf16 rounding of F.linear), larger ones oneDNN's prepacked kernel
-    (bit-identical to F.linear); DIFFCODER_CPU_MATMUL=onednn makes every call the latter. With
-    autograd enabled it is plain F.linear. Under torch.compile it emits opaque ops that run the
-    same kernels: `diffcoder_cpu::packed_linear` (C++) or `diffcoder::prepacked_linear`.
-    """
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.bfloat16:
-            return F.linear(x, w, b)
-        amx = kernels.amx_for(x.numel() // x.shape[-1])  # shapes are static under torch.compile too
-        if amx is not None:
-            return amx.packed_linear(x, w, b)  # a C++ op: no Python between the graph and the kernel
-        if torch.compiler.is_compiling():
-            return torch.ops.diffcoder.prepacked_linear(x, w, b)
-        return _linear_prepacked(x, w, b)
-
-
-def decode_matmul_kernel(model: nn.Module) -> str | None:
-    """The kernel a prepared model's decode-step matmuls run on: "amx" or "onednn" where they go
-    through `PackedLinear` (CPU, bf16), None where they are plain F.linear."""
-    if not isinstance(getattr(model, "linear", None), PackedLinear):
-        return None
-    return "amx" if kernels.amx_for(4) is not None else "onednn"
-
-
 def _fuse_rows(modules: list[nn.Module], attr: str) -> torch.Tensor:
     """Concatenate the modules' `attr` tensors along dim 0 and rebind each as a view of the result."""
     fused = torch.cat([getattr(m, attr).detach() for m in modules])
@@ -161,30 +131,22 @@ def _fuse_rows(modules: list[nn.Module], attr: str) -> torch.Tensor:
     return fused
 
 
-# Per device type: whether inference attention folds each KV head's group of query heads into one
-# query (GQA). CPU: SDPA's per-(batch, head) overhead dominates a 4-token decode query; folded, the
-# SDPA calls were faster at batch 16 and about even at batch 1, with bit-identical results
-# (tests/test_model.py). CUDA: the plain call takes SDPA's math path (GQA with a mask), the folded
-# one a fused kernel; `benchmarks/decode.py --fold-query-groups` measures both (RESULTS.md).
-FOLD_QUERY_GROUPS: dict[str, bool] = {"cpu": True, "cuda": False}
-
-
 def folds_query_groups(n_heads: int, n_kv: int, x: torch.Tensor) -> bool:
-    """Whether attention folds query-head groups for this input (GQA, inference, FOLD_QUERY_GROUPS).
-    Training keeps the plain call."""
-    return n_kv != n_heads and FOLD_QUERY_GROUPS.get(x.device.type, False) and not torch.is_grad_enabled()
+    """Whether attention folds query-head groups for this input: GQA, inference, and the kernel
+    policy folding on its device (`kernels.folds_query_groups`). Training keeps the plain call."""
+    return n_kv != n_heads and kernels.folds_query_groups(x.device) and not torch.is_grad_enabled()
 
 
-class AttentionRoute(NamedTuple):
-    """How a pass's layers attend, decided once per pass (`DiffCoderLM.attention_route`): `fold`
-    the query heads of each KV head into one query (`folds_query_groups`); `native` the native CPU
-    ops (diffcoder/kernels) that a folded bf16 decode step attends on, else None (SDPA). For a
-    cached step on the native ops, `write_cols` are the cache columns its keys and values go to and
-    `keys` how many leading cache columns it attends over, the same for every layer."""
+class PassPlan(NamedTuple):
+    """What every layer of one pass uses, decided once per pass (`DiffCoderLM.plan_pass`): `linear`
+    the matmul of the fused projections (`DiffCoderLM.linear`, chosen by `prepare_for_decoding`);
+    `fold` the query heads of each KV head into one query (`folds_query_groups`); `native` the
+    native CPU ops (diffcoder/kernels) that a folded bf16 decode step attends on, else None (SDPA);
+    `write` where a cached pass's keys and values go (the same for every layer; None: no cache)."""
+    linear: Linear
     fold: bool
     native: Any | None
-    write_cols: torch.Tensor | None = None
-    keys: int = 0
+    write: CacheWrite | None = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -204,17 +166,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.attention_bias)
         self.qkv: torch.Tensor | None = None  # fused [q; k; v] weight for inference (see fuse_projections)
         self.qkv_b: torch.Tensor | None = None
-        self.linear = F.linear  # replaced by PackedLinear.__call__ for CPU bf16 decoding
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None, layer: int, route: AttentionRoute) -> torch.Tensor:
+                cache: KVCache | None, layer: int, plan: PassPlan) -> torch.Tensor:
         b, q, _ = x.shape
         if self.qkv is not None:
             # One matmul for q, k and v, and one rotary application for q and k together.
-            heads = self.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim)
-            if route.native is not None and cache is not None and self.head_dim % 32 == 0:
-                # A decode step on a CPU in bf16: rotary, cache writes and attention in one op.
-                return self._output(self._native_attention(route, heads, cos, sin, mask, cache, layer))
+            heads = plan.linear(x, self.qkv, self.qkv_b).view(b, q, -1, self.head_dim)
+            if plan.native is not None and cache is not None and self.head_dim % 32 == 0:
+                # A decode step on a CPU in bf16: rotary, cache write and attention in one op.
+                return self._output(self._native_attention(plan, heads, cos, sin, mask, cache, layer), plan.linear)
             heads = heads.transpose(1, 2)
             qk = heads[:, :self.n_heads + self.n_kv]
             qk = qk * cos + rotate_half(qk) * sin
@@ -225,48 +186,38 @@ class Attention(nn.Module):
             vs = self.v_proj(x).view(b, q, self.n_kv, self.head_dim).transpose(1, 2)
             qs = qs * cos + rotate_half(qs) * sin
             ks = ks * cos + rotate_half(ks) * sin
-        if cache is not None and cache.write_idx is not None:
-            # Static shapes (CUDA graphs): write at the given columns, attend over every column
-            # of the cache; the mask hides what is not (yet) part of the sequence.
-            cache.k[layer].index_copy_(2, cache.write_idx, ks)
-            cache.v[layer].index_copy_(2, cache.write_idx, vs)
-            ks, vs = cache.k[layer], cache.v[layer]
-        elif cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start:start + q] = ks
-            cache.v[layer][:, :, start:start + q] = vs
-            ks = cache.k[layer][:, :, :start + q]
-            vs = cache.v[layer][:, :, :start + q]
-        if route.fold:
+        if cache is not None:
+            ks, vs = cache.update(layer, plan.write, ks, vs)
+        if plan.fold:
             # The query heads that share a KV head become rows of one query (for SDPA the mask was
             # repeated to match, see hidden_states): a few larger SDPA calls instead of many tiny
             # ones. Each row's softmax sees the same keys in the same order, so SDPA's result is
             # bit-identical; a bf16 decode step on a CPU takes our native op instead (kernels).
             folded = qs.reshape(b, self.n_kv, -1, self.head_dim)
-            if route.native is not None:  # diffcoder/kernels/attention.cpp
-                out = route.native.decode_attention(folded, ks, vs, mask, self.head_dim ** -0.5)
+            if plan.native is not None:  # diffcoder/kernels/attention.cpp
+                out = plan.native.decode_attention(folded, ks, vs, mask, self.head_dim ** -0.5)
             else:
                 out = F.scaled_dot_product_attention(folded, ks, vs, attn_mask=mask)
             out = out.reshape(b, self.n_heads, q, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self._output(out)
+        return self._output(out, plan.linear)
 
-    def _output(self, out: torch.Tensor) -> torch.Tensor:
+    def _output(self, out: torch.Tensor, linear: Linear) -> torch.Tensor:
         """The output projection of the heads' results [batch, heads, tokens, dim]."""
         b, _, q, _ = out.shape
         out = out.transpose(1, 2).reshape(b, q, self.n_heads * self.head_dim)
         if self.qkv is None:  # unfused (training): through the module, so an adapter wrapping it applies
             return self.o_proj(out)
-        return self.linear(out, self.o_proj.weight, self.o_proj.bias)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
-    def _native_attention(self, route: AttentionRoute, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _native_attention(self, plan: PassPlan, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
-        """[batch, heads, tokens, dim]: the step's keys and values written into the cache at the
-        route's columns and its queries attended, in one op."""
+        """[batch, heads, tokens, dim]: the step's keys and values written into the cache where
+        `plan.write` says (as `KVCache.update` writes them) and its queries attended, in one op."""
         b, q = heads.shape[:2]
-        out = route.native.rope_cache_attention(heads, cos, sin, cache.k[layer], cache.v[layer], route.write_cols,
-                                                route.keys, self.n_heads, mask, self.head_dim ** -0.5)
+        out = plan.native.rope_cache_attention(heads, cos, sin, cache.k[layer], cache.v[layer], plan.write.cols,
+                                               plan.write.keys, self.n_heads, mask, self.head_dim ** -0.5)
         return out.reshape(b, self.n_heads, q, self.head_dim)
 
 
@@ -278,12 +229,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.gate_up: torch.Tensor | None = None  # fused [gate; up] weight for inference
-        self.linear = F.linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = self.linear(x, self.gate_up, None).chunk(2, dim=-1)
-            return self.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
+            gate, up = linear(x, self.gate_up, None).chunk(2, dim=-1)
+            return linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -295,9 +245,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer, route):  # noqa: ANN001, ANN201 (hot path)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, route)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache, layer, plan):  # noqa: ANN001, ANN201 (hot path)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, plan)
+        return x + self.mlp(self.post_attention_layernorm(x), plan.linear)
 
 
 class Backbone(nn.Module):
@@ -324,7 +274,9 @@ class DiffCoderLM(nn.Module):
         self.generation_defaults: dict = {}
         self.gradient_checkpointing = False
         self._fused = False
-        self.linear = F.linear
+        # The matmul of the fused projections and of the vocabulary projection; every layer of a
+        # pass gets it through the pass's plan. prepare_for_decoding chooses it (kernels.linear).
+        self.linear: Linear = F.linear
 
     # --------------------------------------------------------------- helpers
     @property
@@ -357,21 +309,14 @@ class DiffCoderLM(nn.Module):
         return self
 
     def prepare_for_decoding(self, max_packed_bytes: int = 4 << 30) -> "DiffCoderLM":
-        """Fuse projections; on a CPU, load the native kernels (diffcoder/kernels), and in bf16 use
-        packed weights (`PackedLinear`: no per-call weight reorder, and the AMX kernel for
-        decode-sized calls). Packing keeps a second copy of
-        the weights (a third once a prefill also packs them for oneDNN), so it is skipped when
-        the weights exceed `max_packed_bytes`."""
+        """Fuse projections and choose their matmul (`kernels.linear.decode_linear`: packed bf16
+        weights on a CPU unless they exceed `max_packed_bytes`); on a CPU, load the native kernels
+        now rather than inside a compiled step's trace. Idempotent."""
         self.fuse_projections()
         if self.device.type == "cpu":
-            kernels.native_ops()  # build or load the native kernels now, not inside a compiled step's trace
-        if (self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.parameter_bytes() <= max_packed_bytes
-                and torch.backends.mkldnn.is_available() and self._fused
-                and not isinstance(self.linear, PackedLinear)):
-            packed = PackedLinear()
-            for module in [self, *self.model.layers.modules()]:
-                if hasattr(module, "linear"):
-                    module.linear = packed
+            kernels.native_ops()
+        if self._fused:
+            self.linear = decode_linear(self.device, self.dtype, self.parameter_bytes(), max_packed_bytes)
         return self
 
     def fuse_projections(self) -> "DiffCoderLM":
@@ -430,65 +375,50 @@ class DiffCoderLM(nn.Module):
         return m[None, None]
 
     # --------------------------------------------------------------- forward
-    def attention_route(self, x: torch.Tensor, tokens: int, mask: torch.Tensor | None) -> AttentionRoute:
-        """How every layer of a pass over `tokens` tokens attends (decided once per pass)."""
+    def plan_pass(self, x: torch.Tensor, tokens: int, mask: torch.Tensor | None,
+                  write: CacheWrite | None = None) -> PassPlan:
+        """What every layer of a pass over `tokens` tokens uses (decided once per pass)."""
         cfg = self.config
         fold = folds_query_groups(cfg.num_attention_heads, cfg.num_key_value_heads, x)
         rows = cfg.num_attention_heads // cfg.num_key_value_heads * tokens
-        return AttentionRoute(fold, kernels.attention_ops(x.device, x.dtype, cfg.head_dim, rows, mask) if fold else None)
+        native = kernels.attention_ops(x.device, x.dtype, cfg.head_dim, rows, mask) if fold else None
+        return PassPlan(self.linear, fold, native, write)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
-                      attn_mask: MaskSpec = None, cache: KVCache | None = None,
+                      attn_mask: MaskSpec = None, cache: KVCache | None = None, cache_cols: torch.Tensor | None = None,
                       keep: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, q = input_ids.shape
-        static = cache is not None and cache.write_idx is not None
-        start = cache.length if cache is not None else 0
+        write = cache.columns_for(q, input_ids.device, cache_cols) if cache is not None else None
         if positions is None:
-            positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
-        if cache is not None and not static and start + q > cache.max_len:
-            raise ValueError(f"KV cache overflow: {start} cached + {q} new > {cache.max_len} columns")
+            positions = (write.cols if write is not None else torch.arange(q, device=input_ids.device)).expand(b, q)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
-        mask = attn_mask.unsqueeze(1) if static else self.build_mask(attn_mask, positions, start + q)
-        route = self.attention_route(x, q, mask)
-        if route.native is not None and cache is not None:
-            # Static passes write at the runner's columns and attend over the whole cache; dynamic
-            # ones write after the cached columns and attend up to their own.
-            route = route._replace(**(dict(write_cols=cache.write_idx, keys=cache.max_len) if static else
-                                       dict(write_cols=torch.arange(start, start + q, device=x.device), keys=start + q)))
-        if route.fold and route.native is None and mask is not None and mask.shape[-2] > 1:
+        mask = self.build_mask(attn_mask, positions, q if write is None else write.keys)
+        plan = self.plan_pass(x, q, mask, write)
+        if plan.fold and plan.native is None and mask is not None and mask.shape[-2] > 1:
             # SDPA on a folded query needs a mask row per query row; the native ops do without.
             mask = mask.repeat(1, 1, self.config.num_attention_heads // self.config.num_key_value_heads, 1)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, route, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, plan, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i, route)
-        if cache is not None and not static:
-            cache.length = start + (q if keep is None else keep)
+                x = layer(x, cos, sin, mask, cache, i, plan)
+        if cache is not None and cache_cols is None:
+            cache.length += q if keep is None else keep
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
-                attn_mask: MaskSpec = None, cache: KVCache | None = None, keep: int | None = None,
-                logits_index: slice | torch.Tensor | None = None,
+                attn_mask: MaskSpec = None, cache: KVCache | None = None, cache_cols: torch.Tensor | None = None,
+                keep: int | None = None, logits_index: slice | torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits [b, q', vocab]. `keep`: how many of the new tokens (leading ones) stay in the
-        cache (default all). `logits_index`: compute the vocabulary projection only there.
-        `rope`: precomputed (cos, sin) for `positions`, as `rotary()` returns them."""
-        h = self.hidden_states(input_ids, positions, attn_mask=attn_mask, cache=cache, keep=keep, rope=rope)
+        """Logits [b, q', vocab]. With a `cache`, the new keys and values go to the columns after
+        its committed ones, and `keep` of them (the leading ones; default all) become committed;
+        with `cache_cols` they go to those columns instead, attention spans every column (the mask
+        covers them all) and the caller sets `cache.length`. `logits_index`: compute the vocabulary
+        projection only there. `rope`: precomputed (cos, sin) for `positions`, as `rotary()`
+        returns them."""
+        h = self.hidden_states(input_ids, positions, attn_mask=attn_mask, cache=cache, cache_cols=cache_cols,
+                               keep=keep, rope=rope)
         if logits_index is not None:
             h = h[:, logits_index]
         return self.linear(h, self.lm_head.weight, None)
-
-    # ------------------------------------------------ release-style drop-in
-    def generate(self, input_ids: torch.Tensor, steps: int = 128, gen_length: int = 128, block_length: int = 4,
-                 temperature: float = 0.0, remasking: str = "low_confidence", tokenizer=None,  # noqa: ANN001
-                 mask_id: int | None = None, threshold: float | None = None, shift: bool = False,
-                 eos_id: int | None = None, seed: int | None = None, **_: object) -> torch.Tensor:
-        """The release's `model.generate(input_ids, ...)`: returns prompt + generated ids, shaped
-        like its output (cut at the end of the block holding the first EOS, EOS-filled after it)."""
-        from .decode import release_style_output
-
-        return release_style_output(self, input_ids, steps=steps, gen_length=gen_length,
-                                    block_length=block_length, temperature=temperature, remasking=remasking,
-                                    mask_id=mask_id, threshold=threshold, shift=shift, eos_id=eos_id, seed=seed)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_text  # noqa: F401  (re-exported: older imports use it from here)
+from .fsutil import atomic_write_text, read_json
 
 # Seed-Coder spellings; the trailing alternatives let StarCoder/Qwen-style FIM tokens work too.
 BOS_TOKEN = "<[begin▁of▁sentence]>"
@@ -56,10 +56,7 @@ class Tokenizer:
         cfg: dict[str, Any] = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.exists():
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
+            cfg = read_json(cfg_file)
         kwargs = {k: _token_text(cfg[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
                   if cfg.get(k)}
         try:

@@ -22,6 +22,7 @@ from common import eval_bench  # runs/common.py (this script's folder is on sys.
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))  # measure.py: the machine's name in reports
 STAGES = (("ar", "AR pretraining (10% FIM rows), constant LR: the pre-annealing checkpoint", "default-ar.toml"),
           ("cpt", "block-diffusion CPT, B = 4, corruption warmup, block-wise clipped noise", "default-cpt.toml"),
           ("sft", "SFT, block-diffusion objective, 1-4 random EOS per sample", "default-sft.toml"))
@@ -73,7 +74,7 @@ def stage_stats(run: Path) -> dict[str, Any]:
 def measure(out: Path, run: Path, n_tasks: int, bench_limit: int | None = None) -> dict[str, Any]:
     """Held-out exact match, HumanEval / MBPP pass@1 and the timings, on the exported files."""
     from diffcoder.eval.heldout import DecodeStyle, make_tasks, run_tasks
-    from diffcoder.run_cli import load_auto
+    from diffcoder.engine.cli import load_auto
 
     tasks = make_tasks(run / "data", n_tasks, seed=0)
     res: dict[str, Any] = {"heldout": run_tasks(load_auto(out, device="cpu"), tasks, DecodeStyle("block"),
@@ -89,7 +90,7 @@ def measure_speed(out: Path, run: Path, n_tasks: int) -> dict[str, Any]:
     """Batch-1 exact decoding against the approximate modes, and the CLI's wall time: the timing
     half of the measurements (rerun alone on a quiet machine with --remeasure-speed)."""
     from diffcoder.eval.heldout import first_per_kind, make_tasks, run_tasks
-    from diffcoder.run_cli import load_auto
+    from diffcoder.engine.cli import load_auto
 
     model = load_auto(out, device="cpu")
     subset = first_per_kind(make_tasks(run / "data", n_tasks, seed=0), SPEED_TASKS)  # the draw of measure()
@@ -107,9 +108,9 @@ def write_card(out: Path, run: Path, m: dict[str, Any]) -> None:
     import torch
 
     import diffcoder
-    from diffcoder.bench.decode import hardware_name
     from diffcoder.eval.heldout import KINDS
     from diffcoder.fsutil import atomic_write_text
+    from measure import hardware_name  # benchmarks/measure.py
 
     model = diffcoder.load(out)
     c = model.config

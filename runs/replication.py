@@ -30,6 +30,7 @@ from common import eval_bench  # runs/common.py (this script's folder is on sys.
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))  # measure.py: the machine's name in reports
 PY = sys.executable
 DOC = ROOT / "docs" / "replication.md"
 ASSETS = ROOT / "docs" / "replication"
@@ -104,7 +105,7 @@ def stage_eval(out: Path, n_tasks: int, n_sweep: int, bench_limit: int | None = 
 
     from diffcoder.eval.heldout import DecodeStyle, first_per_kind, make_tasks, run_tasks
     from diffcoder.fsutil import atomic_write_text
-    from diffcoder.run_cli import load_auto
+    from diffcoder.engine.cli import load_auto
 
     res_path = out / "replication-results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
@@ -496,7 +497,7 @@ def main() -> None:
         import torch
 
         import diffcoder
-        from diffcoder.bench.decode import hardware_name
+        from measure import hardware_name  # benchmarks/measure.py
         results = json.loads(res_path.read_text())
         results["params_m"] = diffcoder.load(out / "cpt" / "final").config.num_parameters / 1e6
         results["machine"] = hardware_name(torch.device("cpu"))

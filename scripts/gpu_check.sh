@@ -21,11 +21,11 @@ bench() {  # name, max seconds, then benchmark flags
   local name=$1 max=$2; shift 2
   local t=$(left); [ "$t" -gt "$max" ] && t=$max
   if [ "$t" -lt 30 ]; then echo "== $name: skipped (budget spent)"; return; fi
-  echo "== $name ($((SECONDS - START)) s in, timeout $t s): benchmarks/decode.py $*"
-  timeout "$t" $PY benchmarks/decode.py "$@" > "$OUT/$name.txt" 2>&1
+  echo "== $name ($((SECONDS - START)) s in, timeout $t s): benchmarks/decode_speed.py $*"
+  timeout "$t" $PY benchmarks/decode_speed.py "$@" > "$OUT/$name.txt" 2>&1
   grep -v -e '^{' -e '^USDT' "$OUT/$name.txt" | tail -n 45
   tail -n 1 "$OUT/$name.txt" | $PY -c "import json,sys; d=json.loads(sys.stdin.read()); d['name']='$name'; \
-d['command']='python benchmarks/decode.py $*'; print(json.dumps(d))" >> "$OUT/gpu_results.jsonl" 2>/dev/null \
+d['command']='python benchmarks/decode_speed.py $*'; print(json.dumps(d))" >> "$OUT/gpu_results.jsonl" 2>/dev/null \
     || echo "{\"name\": \"$name\", \"error\": \"no JSON line\"}" >> "$OUT/gpu_results.jsonl"
 }
 COMMON="--shape $SHAPE --device $DEVICE --dtype $DTYPE --prompt-len 64 --gen-length $GEN"
@@ -47,8 +47,8 @@ if [ "$t" -ge 30 ]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -n 20
 fi
 # 4. Folding the query-head groups (SDPA then takes a fused kernel instead of the math path, which
-#    repeats every layer's cached keys per query head): the compiled step at batch 16, where it
-#    gained in the second lease (off by default on CUDA, see docs/devlog.md, session 5).
+#    repeats every layer's cached keys per query head): the compiled step at batch 16, where folding
+#    pays (off by default on CUDA; docs/decoding.md, "Runners and numerics", says why).
 bench sdc8b_compiled_fold_b16 200 $COMMON --runner $COMPILED --fold-query-groups on --batch-sizes 16 \
   --no-baseline --repeats 2
 bench sdc8b_compiled_nofold_b16 200 $COMMON --runner $COMPILED --fold-query-groups off --batch-sizes 16 \

@@ -17,12 +17,32 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            num_attention_heads=4, num_key_value_heads=2)
 
 
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model config for the trainer's tiny runs (`--model-config`)."""
+    import json
+
+    from helpers import TINY
+
+    p = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    p.write_text(json.dumps(TINY))
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference_tokenizer():  # noqa: ANN201
+    """A tiny byte-level BPE tokenizer shaped like SmolLM2's, for GGUF files written by the tests."""
+    from helpers import train_gguf_tokenizer
+
+    return train_gguf_tokenizer()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     # The untrained default model is cached under DIFFCODER_HOME: keep tests off the user's cache.
     # The compiled AMX kernel is named by a hash of its source, flags and torch build, so sharing
     # the user's copy is safe, and it spares every test session a fresh compile.
-    from diffcoder.defaults import cache_root
+    from diffcoder.fsutil import cache_root
 
     os.environ.setdefault("DIFFCODER_KERNELS_DIR", str(cache_root() / "kernels"))
     os.environ.setdefault("DIFFCODER_HOME", str(tmp_path_factory.mktemp("diffcoder_home")))
@@ -57,7 +77,7 @@ def smollm2_dir() -> Path:
     .cache/real-models/ and rebuilt whenever the GGUF file or the converter's code changes."""
     import hashlib
 
-    from diffcoder.convert import gguf_import, gguf_tokenizer
+    from diffcoder.convert import gguf_import, gguf_read, gguf_tokenizer
     from diffcoder.convert.verify import default_gguf
 
     gguf = default_gguf()
@@ -66,7 +86,7 @@ def smollm2_dir() -> Path:
                     "(or pass --skip-real)")
     stamp = hashlib.sha256()
     stamp.update(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode())
-    for mod in (gguf_import, gguf_tokenizer):
+    for mod in (gguf_import, gguf_read, gguf_tokenizer):
         stamp.update(Path(mod.__file__).read_bytes())
     out = Path(__file__).resolve().parent.parent / ".cache" / "real-models" / "smollm2-135m-instruct-f32"
     stamp_file = out / "converted-from.sha256"
@@ -91,7 +111,7 @@ def train_data_dir(tmp_path_factory: pytest.TempPathFactory, train_tokenizer_dir
     """Pretraining data from the stdlib `json` package (a few files, tens of thousands of tokens)."""
     import sysconfig
 
-    from diffcoder.train.data import build_pretrain
+    from diffcoder.train.shards import build_pretrain
 
     out = tmp_path_factory.mktemp("train_data") / "data"
     src = Path(sysconfig.get_paths()["stdlib"]) / "json"
@@ -100,16 +120,28 @@ def train_data_dir(tmp_path_factory: pytest.TempPathFactory, train_tokenizer_dir
 
 
 @pytest.fixture
+def kernel_policy():  # noqa: ANN201
+    """`kernel_policy(matmul="onednn", ...)` changes the kernel policy (diffcoder.kernels) for the
+    rest of the test; each call builds on the previous one, and the test's end restores it."""
+    from contextlib import ExitStack
+
+    from diffcoder.kernels import using_policy
+
+    with ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(using_policy(**changes))
+
+
+@pytest.fixture
 def runners_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The `runner` argument of every decode started while the test runs, in order."""
-    import diffcoder.decode
+    import diffcoder.engine.decoding
 
     used: list[str] = []
-    make = diffcoder.decode.make_runner
+    make = diffcoder.engine.decoding.make_runner
 
     def spy(model, block, runner="auto"):  # noqa: ANN001, ANN202
         used.append(runner)
         return make(model, block, runner)
 
-    monkeypatch.setattr(diffcoder.decode, "make_runner", spy)
+    monkeypatch.setattr(diffcoder.engine.decoding, "make_runner", spy)
     return used

@@ -15,7 +15,9 @@ from diffcoder.train.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adap
 from diffcoder.train.config import TrainConfig
 from diffcoder.train.trainer import train
 
-from test_train import cli, metrics, tiny_json, untimed  # noqa: E402,F401  (shared helpers and fixture)
+from helpers import cli, metrics, untimed
+
+pytestmark = pytest.mark.slow  # the slow tier: `make test-fast` skips it
 
 LORA = ("--objective", "block_diffusion", "--shift", "--lora-rank", "4", "--steps", "4", "--save-every", "2",
         "--lr", "1e-2", "--warmup-steps", "2", "--precision", "fp32")

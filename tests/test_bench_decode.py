@@ -1,9 +1,19 @@
-"""The decode benchmark's matmul-only ceiling covers exactly the matmuls of a pass."""
+"""benchmarks/decode_speed.py: its flags hold for the run only, and its matmul-only ceiling covers
+exactly the matmuls of a pass."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from diffcoder.bench.decode import (decode_matmuls, matmul_bound_tokens_per_s, matmul_only_passes_per_s, random_model,
-                                   weight_bytes_per_pass)
+from decode_ceilings import decode_matmuls, matmul_bound_tokens_per_s, matmul_only_passes_per_s, weight_bytes_per_pass
+from decode_speed import main, random_model
+
+pytestmark = pytest.mark.slow  # the slow tier: `make test-fast` skips it
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_speed.py"
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -33,25 +43,22 @@ def test_matmul_bound_rate_counts_one_commit_pass_per_block():
 def test_fold_query_groups_flag_is_recorded_and_restored(monkeypatch, capsys):
     """--fold-query-groups sets the device's folding policy for the run only, and the JSON and the
     command record what the run used (including torch/inductor settings from the environment)."""
-    from diffcoder.bench.decode import main
-    from diffcoder.model import FOLD_QUERY_GROUPS
+    from diffcoder import kernels
 
     monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "0")
-    before = dict(FOLD_QUERY_GROUPS)
+    before = kernels.current_policy()
     flags = ["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
              "--no-baseline"]
-    for choice, want in (("off", False), ("on", True), ("auto", before["cpu"])):
+    for choice, want in (("off", False), ("on", True), ("auto", before.folds_query_groups("cpu"))):
         out = main([*flags, "--fold-query-groups", choice])
         assert out["fold_query_groups"] is want
         assert out["weight_read_passes_per_s"] > 0 and out["weight_read_bandwidth_fraction"] > 0
-        assert FOLD_QUERY_GROUPS == before
-        assert out["command"].startswith("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 python benchmarks/decode.py")
+        assert kernels.current_policy() == before
+        assert out["command"].startswith("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 python benchmarks/decode_speed.py")
     assert f"query-group folding {want}" in capsys.readouterr().out
 
 
 def test_profile_lists_the_largest_ops_per_pass():
-    from diffcoder.bench.decode import main
-
     out = main(["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
                 "--no-baseline", "--batch-sizes", "1,2", "--profile", "40"])
     assert out["batch_scaling_matmul_bound"] == pytest.approx(
@@ -74,8 +81,6 @@ def test_profile_of_a_compiled_cpu_step_names_its_fused_kernels():
     inductor kernel, so the profile shows them instead of one opaque graph call; only for the run."""
     from torch._inductor import config
 
-    from diffcoder.bench.decode import main
-
     out = main(["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
                 "--no-baseline", "--runner", "compiled_static", "--profile", "200"])
     names = [op["name"] for op in out["ours"]["batch1"]["profile"]["ops"]]
@@ -87,14 +92,12 @@ def test_cpu_matmul_flag_picks_the_kernel_for_the_run_and_the_limit_is_the_faste
     """--cpu-matmul sets the bf16 kernel policy for the run only and the JSON says which kernel the
     decode steps used; the bandwidth limit is the fastest of the ways the script read 1 GiB."""
     from diffcoder import kernels
-    from diffcoder.bench.decode import main
-
     flags = ["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--gen-length", "8", "--prompt-len", "8",
              "--repeats", "1", "--no-baseline"]
     has_amx = kernels.amx_unsupported_reason() is None
     for choice, want in (("onednn", "onednn"), ("auto", "amx" if has_amx else "onednn")):
         out = main([*flags, "--cpu-matmul", choice])
-        assert out["cpu_matmul"] == want and kernels.CPU_MATMUL["kernel"] == "auto"
+        assert out["cpu_matmul"] == want and kernels.current_policy().matmul == "auto"
         readers = out["bandwidth_readers"]
         assert out["bandwidth_bytes_per_s"] == max(readers.values())
         assert set(readers) == ({"float32 sum", "AMX kernel"} if has_amx else {"float32 sum"})
@@ -105,8 +108,6 @@ def test_cpu_matmul_flag_picks_the_kernel_for_the_run_and_the_limit_is_the_faste
 
 def test_cpu_attention_and_confidence_flags_switch_the_native_ops_for_the_run_only():
     from diffcoder import kernels
-    from diffcoder.bench.decode import main
-
     if kernels.amx_unsupported_reason() is not None:
         pytest.skip("the native ops need a CPU with AMX")
     flags = ["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--gen-length", "8", "--prompt-len", "8",
@@ -115,11 +116,11 @@ def test_cpu_attention_and_confidence_flags_switch_the_native_ops_for_the_run_on
     assert main([*flags, "--cpu-attention", "torch"])["native_ops"] == ["confidence"]
     assert main([*flags, "--cpu-confidence", "torch", "--cpu-attention", "torch"])["native_ops"] == []
     assert main([*flags, "--confidence-dtype", "float32"])["native_ops"] == ["attention"]
-    assert kernels.CPU_ATTENTION["kernel"] == kernels.CPU_CONFIDENCE["kernel"] == "auto"
+    assert kernels.current_policy().attention == kernels.current_policy().confidence == "auto"
     ab = main([*flags, "--batch-sizes", "1,2", "--ab-torch-ops"])  # each run paired with one on torch's ops
     assert set(ab["ours"]) == {"batch1", "batch2", "batch1_torch_ops", "batch2_torch_ops"}
     assert set(ab["native_ops_speedup"]) == {"batch1", "batch2"} and all(v > 0 for v in ab["native_ops_speedup"].values())
-    assert kernels.CPU_ATTENTION["kernel"] == kernels.CPU_CONFIDENCE["kernel"] == "auto"
+    assert kernels.current_policy().attention == kernels.current_policy().confidence == "auto"
 
 
 def test_the_skeleton_shape_has_smol_135ms_op_graph_with_next_to_no_weights():
@@ -135,3 +136,14 @@ def test_the_skeleton_shape_has_smol_135ms_op_graph_with_next_to_no_weights():
     model = random_model("smol-135m-skeleton", torch.bfloat16, torch.device("cpu"))
     # a decode pass's matmuls: fused q/k/v, o, fused gate/up and down per layer, and the vocabulary's
     assert len(decode_matmuls(model.prepare_for_decoding())) == smol.num_hidden_layers * 4 + 1
+
+
+def test_the_script_prints_json_last():
+    """Run as documented (python benchmarks/decode_speed.py), with the baseline: the tokens agree."""
+    res = subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--gen-length", "8", "--prompt-len", "8",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["tokens_identical"] is True and summary["ours"]["batch1"]["tokens"] == 8
+    assert summary["ours"]["batch1"]["matmul_only_bandwidth_fraction"] > 0
+    assert "its matmuls alone (4 rows)" in res.stdout

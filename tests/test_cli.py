@@ -15,6 +15,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_help_lists_every_flag():
     top = run("--help")
     assert top.returncode == 0 and "generate" in top.stdout and "chat" in top.stdout
@@ -32,6 +33,7 @@ def test_building_the_parser_does_not_import_torch():
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_generate_streams_the_same_tokens_as_the_api(tiny_model_dir):
     res = run("generate", "--model", str(tiny_model_dir), "--gen-length", "16", "--steps", "8", "--dtype",
               "float32", "--show-steps", "def add(a, b):")
@@ -44,17 +46,20 @@ def test_generate_streams_the_same_tokens_as_the_api(tiny_model_dir):
     assert "forward passes" in res.stderr and "step 0" in res.stderr
 
 
+@pytest.mark.slow
 def test_generate_reads_stdin_and_chat_template(tiny_model_dir):
     res = run("generate", "--model", str(tiny_model_dir), "--chat", "--gen-length", "8", "-", stdin="hello")
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 def test_chat_reads_turns_from_a_pipe(tiny_model_dir):
     res = run("chat", "--model", str(tiny_model_dir), "--gen-length", "8", stdin="hi\n/reset\nagain\n")
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("forward passes") == 2
 
 
+@pytest.mark.slow
 def test_chat_with_the_compiled_runner_says_what_eager_says(tiny_model_dir):
     """`--runner compiled_static` from the terminal: two turns of different lengths (the second
     reuses the first's graphs through the length bucket), the same answers as the eager runner."""
@@ -71,12 +76,14 @@ def test_chat_with_the_compiled_runner_says_what_eager_says(tiny_model_dir):
     (["--threshold", "2"], "threshold"),
     (["--steps", "3", "--gen-length", "8"], "steps"),
 ])
+@pytest.mark.slow
 def test_bad_flags_give_one_line_errors(tiny_model_dir, args, match):
     res = run("generate", "--model", str(tiny_model_dir), *args, "x")
     assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr
     assert res.stdout == ""
 
 
+@pytest.mark.slow
 def test_missing_model_dir(tmp_path):
     res = run("generate", "--model", str(tmp_path / "nope"), "x")
     assert res.returncode == 2 and "not a directory" in res.stderr and "Traceback" not in res.stderr
@@ -101,6 +108,7 @@ def test_shipped_default_model_is_the_trained_one():
         assert section in card
 
 
+@pytest.mark.slow
 def test_generate_without_model_uses_the_shipped_model():
     res = run("generate", "--gen-length", "16", "def fibonacci(n):")
     assert res.returncode == 0, res.stderr
@@ -118,17 +126,6 @@ def test_untrained_stand_in_when_no_model_ships(tmp_path, monkeypatch):
     assert diffcoder.load(path).generation_defaults.get("diffcoder_untrained") is True
 
 
-def test_bench_decode_subcommand_prints_json_last():
-    import json
-
-    res = run("bench", "decode", "--shape", "tiny", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1")
-    assert res.returncode == 0, res.stderr
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["tokens_identical"] is True and summary["ours"]["batch1"]["tokens"] == 8
-    assert summary["ours"]["batch1"]["matmul_only_bandwidth_fraction"] > 0
-    assert "its matmuls alone (4 rows)" in res.stdout
-
-
 class _Terminal:
     def isatty(self) -> bool:
         return True
@@ -138,7 +135,7 @@ def _drive_chat(monkeypatch, tiny_model_dir, lines, fail_on=()):
     """`diffcoder chat` in this process on a terminal: `lines` are typed (an exception is raised
     at the prompt instead); the answers to the turns numbered in `fail_on` are interrupted.
     Returns the exit code and the chat-templated prompts the model was asked to answer."""
-    from diffcoder import run_cli
+    from diffcoder.engine import cli as run_cli
     from diffcoder.cli import main
 
     typed = iter(lines)

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffcoder.train.data import (PretrainSplit, SFTSplit, build_pretrain, build_sft, read_manifest,
-                                  render_chat, walk_corpus)
+from diffcoder.train.corpus import walk_corpus
+from diffcoder.train.datadir import read_manifest
+from diffcoder.train.sft_data import SFTSplit, build_sft, render_chat
+from diffcoder.train.shards import PretrainSplit, build_pretrain
 
 CODE = "def add(a, b):\n    return a + b\n"
 
@@ -136,6 +138,7 @@ def test_sft_bad_input_names_the_line(tmp_path: Path, train_tokenizer_dir: Path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_train_layout_autotokenizer_and_diffcoder(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import diffcoder
-from diffcoder.config import ModelConfig
-from diffcoder.decode import BlockEvent, Decoding, StepEvent, block_schedule
+from diffcoder.engine.decoding import BlockEvent, Decoding, StepEvent
+from diffcoder.engine.release import release_generate
+from diffcoder.engine.rules import block_schedule
 from diffcoder.model import DiffCoderLM
-from oracle import hf_twin, oracle_generate
+from helpers import EOS, MASK, V, cases, decode_model, hf_twin, oracle_generate, rand_prompt
 
-V, MASK, EOS = 61, 5, 2
 
 
 class Biased(DiffCoderLM):
@@ -26,41 +26,16 @@ class Biased(DiffCoderLM):
 
 
 def biased(token: int, seed: int = 1) -> DiffCoderLM:
-    model = make(seed)
+    model = decode_model(seed)
     model.__class__ = Biased
     model.favour = token
     return model
 
 
-def make(seed=0, std=0.6, **kw) -> DiffCoderLM:
-    cfg = ModelConfig(**{**dict(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                mask_token_id=MASK), **kw})
-    return DiffCoderLM(cfg).init_weights(seed, std=std).double().eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
-    model = make()
+    model = decode_model()
     return model, hf_twin(model)
-
-
-def rand_prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.choice([t for t in range(V) if t not in (MASK, EOS)]) for _ in range(n)]
-
-
-def cases(n: int, seed: int = 0):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        B = [1, 2, 4, 8][i % 4]
-        G = B * rng.randint(1, max(1, 16 // B))
-        n_blocks = G // B
-        s = rng.choice([1, 2, B, 2 * B])
-        out.append(dict(prompt=rand_prompt(rng, rng.randint(1, 13)), block_length=B, gen_length=G,
-                        steps=n_blocks * s, threshold=rng.choice([None, None, 0.3, 0.7, 0.95]),
-                        shift=rng.random() < 0.3, eos_id=rng.choice([None, EOS])))
-    return out
 
 
 @pytest.mark.parametrize("case", cases(48), ids=lambda c: f"B{c['block_length']}-G{c['gen_length']}-S{c['steps']}"
@@ -75,6 +50,7 @@ def test_matches_release_oracle(pair, case):
     assert got.nfe < release_nfe  # the fused commit pass saves one forward per block (and the prefill)
 
 
+@pytest.mark.slow
 def test_eos_cases_are_exercised(pair):
     """The random cases above must really contain early stops, or the EOS rule is untested."""
     model, _ = pair
@@ -88,6 +64,7 @@ def test_eos_cases_are_exercised(pair):
     assert stops >= 3
 
 
+@pytest.mark.slow
 def test_batched_equals_single(pair):
     model, _ = pair
     rng = random.Random(7)
@@ -141,7 +118,7 @@ def test_threshold_with_few_steps_still_finishes(pair):
 
 def test_fused_commit_nfe():
     """Forward passes per block with the fused commit = steps per block (the release spends +1)."""
-    model = make(seed=5)
+    model = decode_model(seed=5)
     res = diffcoder.generate(model, [[3] * 8], steps=32, gen_length=32, block_length=4)
     assert res.nfe == 32
 
@@ -220,8 +197,8 @@ def test_temperature_is_reproducible_with_seed(pair):
 def test_release_style_generate_output(pair):
     model, _ = pair
     ids = torch.tensor([[9, 10, 11, 12, 13]])
-    out = model.generate(ids, steps=8, gen_length=8, block_length=4, temperature=0.0, remasking="low_confidence",
-                         tokenizer=None, shift=False, threshold=None, eos_id=None)
+    out = release_generate(model, ids, steps=8, gen_length=8, block_length=4, temperature=0.0,
+                           remasking="low_confidence", tokenizer=None, shift=False, threshold=None, eos_id=None)
     assert out.shape == (1, 13) and torch.equal(out[0, :5], ids[0])
     res = diffcoder.generate(model, [ids[0].tolist()], steps=8, gen_length=8, block_length=4)
     assert out[0, 5:].tolist() == res.tokens[0]
@@ -229,7 +206,8 @@ def test_release_style_generate_output(pair):
 
 def test_release_style_output_eos_fill():
     model = biased(EOS)
-    out = model.generate(torch.tensor([[7, 8, 9, 10, 11]]), steps=16, gen_length=16, block_length=4, eos_id=EOS)
+    out = release_generate(model, torch.tensor([[7, 8, 9, 10, 11]]), steps=16, gen_length=16, block_length=4,
+                           eos_id=EOS)
     # prompt 5 tokens -> first block is columns 4..8; EOS inside it: cut at the block end (8), EOS-filled
     assert out.shape == (1, 8) and out[0, 5:].tolist() == [EOS] * 3
 
@@ -268,7 +246,7 @@ def test_bad_prompts(pair, prompts, match):
 
 
 def test_no_mask_id_is_an_error():
-    model = make()
+    model = decode_model()
     model.mask_id = None
     with pytest.raises(ValueError, match="mask"):
         diffcoder.generate(model, [[3]], steps=4, gen_length=4)
@@ -286,6 +264,7 @@ def test_static_shape_runner_matches_eager(pair, case):
     assert static.tokens == eager.tokens and static.nfe == eager.nfe
 
 
+@pytest.mark.slow
 def test_compiled_runner_matches_eager(pair):
     """`runner="compiled_static"` (inductor; on a CPU with the decoding rule traced into the step)
     decodes exactly what the eager pass does, for the k-per-step and the threshold rules, with a row

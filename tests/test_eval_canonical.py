@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from diffcoder.eval.benchmarks import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, SLOW_TASK_TIMEOUT_FACTOR, load_benchmark
 from diffcoder.eval.harness import EvalSpec, execute
+from diffcoder.eval.problems import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, SLOW_TASK_TIMEOUT_FACTOR, load_benchmark
 from diffcoder.eval.sandbox import Limits, SandboxUnavailable, detect_isolation
 
 EXPECTED_COUNTS = {"humaneval": 164, "mbpp": 427, "mbpp-full": 974, "mbpp-plus": 399,
@@ -63,6 +63,7 @@ def test_full_canonical_passes(name: str, tmp_path: Path, tier: str) -> None:
     assert results["pass@1"] == 1.0 and results["n_problems"] == len(problems)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,stride", [("mbpp-full", 20), ("mbpp-plus", 10), ("humaneval-infill-single", 25),
                                          ("humaneval-infill-multi", 150), ("humaneval-infill-span", 40),
                                          ("humaneval-infill-span-light", 8)])

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from diffcoder.cli import main
-from diffcoder.eval.benchmarks import load_benchmark
 from diffcoder.eval.generation import GenSpec
 from diffcoder.eval.passk import mean_pass_at_k, pass_at_k
+from diffcoder.eval.problems import load_benchmark
 from diffcoder.eval.prompts import extract_code, instruct_sample, truncate, HUMANEVAL_STOPS
 from diffcoder.eval.sandbox import SandboxUnavailable, detect_isolation
 
@@ -234,8 +234,6 @@ def test_no_execute_writes_samples_only(sandbox: None, tmp_path: Path, tiny_mode
 def test_model_defaults_to_the_shipped_one(tmp_path: Path) -> None:
     """Without --model (and without --samples) eval generates with the shipped model, as its help
     and the README say."""
-    from diffcoder.defaults import SHIPPED_DIR
-
     out = tmp_path / "o"
     assert main(["eval", "humaneval", "--out", str(out), "--limit", "1", "--gen-length", "8", "--steps", "2",
                  "--no-execute", "--no-progress"]) == 0

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from diffcoder.train.batches import FimSpec, PretrainStream, fim_rewrite
-from diffcoder.train.data import PretrainSplit, read_manifest
+from diffcoder.train.datadir import read_manifest
+from diffcoder.train.shards import PretrainSplit
 
 FIM = FimSpec(rate=1.0, prefix_id=3, suffix_id=4, middle_id=6, eos_id=2)
 
@@ -103,6 +104,7 @@ def test_heldout_tasks_are_deterministic_and_consistent(tmp_path: Path) -> None:
         make_tasks(d, n_per_kind=10_000)
 
 
+@pytest.mark.slow
 def test_heldout_run_tasks_scores_a_model(tmp_path: Path, tiny_model_dir: Path) -> None:
     import diffcoder
     from diffcoder.eval.heldout import DecodeStyle, make_tasks, run_tasks

@@ -18,22 +18,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from diffcoder.convert.gguf_import import DEFAULT_MASK_TOKEN, convert_gguf  # noqa: E402
+from helpers import llama_cpp_permute, tiny_hf_model, train_gguf_tokenizer, vocab_of, write_gguf  # noqa: E402
 
-ROPE_THETA = 10000.0
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-USER_DEFINED = "<think>"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CORPUS = [
-    "def add(a, b):\n    return a + b\n",
-    "for i in range(10):\n    print(i * 2)\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n",
-    "import os\nprint(os.path.join('a', 'b'))  # 2024 paths\n",
-    "x = 123 + 456 * 123 - 45\n",
-    "The quick brown fox jumps over the lazy dog. Héllo wörld!\n",
-] * 4
 SAMPLES = [
     "def add(x, y):\n    return x + y  # 12345\n",
     "  leading spaces, tabs\tand\r\nnewlines\n\n",
@@ -41,191 +27,6 @@ SAMPLES = [
     "naïve café — 日本 😀",
     "x = 45123 and 12345 + 1\n",
 ]
-
-
-# --------------------------------------------------------------------------- fixtures
-def _train_tokenizer(pre: str = "smollm") -> Any:
-    """A tiny tokenizer shaped like the real ones of that GGUF pre-tokenizer name.
-
-    smollm: digits split one by one, then GPT-2 byte-level BPE (SmolLM2's tokenizer.json). A
-    merge 'Ġ 1' is added by hand: GPT-2 splitting alone would use it on " 1", SmolLM's never does,
-    so the test notices a wrong pre-tokenizer. llama-bpe: Llama-3's regex (digits in threes).
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    if pre == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-    else:
-        llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(llama3), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=380, special_tokens=SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    if pre == "smollm":
-        data = json.loads(tok.to_str())
-        data["model"]["vocab"]["\u01201"] = len(data["model"]["vocab"])
-        data["model"]["merges"].append(["\u0120", "1"])
-        tok = Tokenizer.from_str(json.dumps(data))
-    tok.add_tokens([USER_DEFINED])
-    return tok
-
-
-@pytest.fixture(scope="module")
-def reference_tokenizer() -> Any:
-    return _train_tokenizer()
-
-
-def _vocab_of(tok: Any) -> tuple[list[str], list[str], list[int]]:
-    """(tokens by id, merges as 'a b', llama.cpp token types) of a trained tokenizer."""
-    data = json.loads(tok.to_str())
-    vocab = {**data["model"]["vocab"], **{t["content"]: t["id"] for t in data["added_tokens"]}}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    types = [3 if t in SPECIALS else 4 if t == USER_DEFINED else 1 for t in tokens]
-    return tokens, merges, types
-
-
-def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf's q/k permutation (HF rotate-half -> interleaved pairs)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _llama_cpp_rope_freqs(p: dict, head_dim: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf's rope_freqs for Llama-3 scaling, one frequency at a time."""
-    out = []
-    for i in range(0, head_dim, 2):
-        freq = 1.0 / ROPE_THETA ** (i / head_dim)
-        wavelen = 2 * np.pi / freq
-        if wavelen < p["original_max_position_embeddings"] / p["high_freq_factor"]:
-            out.append(1.0)
-        elif wavelen > p["original_max_position_embeddings"] / p["low_freq_factor"]:
-            out.append(p["factor"])
-        else:
-            smooth = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
-                p["high_freq_factor"] - p["low_freq_factor"])
-            out.append(1 / ((1 - smooth) / p["factor"] + smooth))
-    return np.array(out, dtype=np.float32)
-
-
-def _tiny_hf_model(vocab_size: int, tied: bool, seed: int = 0, arch: str = "llama",
-                   rope_scaling: dict | None = None) -> Any:
-    import transformers
-
-    config_cls, model_cls = {
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }.get(arch, (transformers.LlamaConfig, transformers.LlamaForCausalLM))
-    cfg = config_cls(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=ROPE_THETA, tie_word_embeddings=tied,
-    )
-    if rope_scaling:
-        cfg.rope_parameters = {**rope_scaling, "rope_theta": ROPE_THETA}
-    torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
-    with torch.no_grad():  # weights large enough that a wrong permutation shows in the logits
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-    return model
-
-
-def write_gguf(
-    path: Path,
-    tok: Any,
-    *,
-    tied: bool = True,
-    qtype: Any = None,
-    arch: str = "llama",
-    pre: str = "smollm",
-    tokenizer_model: str = "gpt2",
-    extra_tokens: tuple[str, ...] = (),
-    pad_rows: int = 0,
-    extra_tensor: tuple[str, np.ndarray, Any] | None = None,
-    drop_tensor: str | None = None,
-    rope_scaling: dict | None = None,
-) -> Any:
-    """Write a tiny Llama GGUF the way llama.cpp would; returns the `transformers` model it holds."""
-    tokens, merges, types = _vocab_of(tok)
-    tokens, types = tokens + list(extra_tokens), types + [3] * len(extra_tokens)
-    model = _tiny_hf_model(len(tokens) + pad_rows, tied, arch=arch, rope_scaling=rope_scaling)
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(ROPE_THETA)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    if rope_scaling and rope_scaling["rope_type"] == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(rope_scaling["factor"])
-    elif rope_scaling:  # llama3: llama.cpp writes only the per-frequency divisors
-        w.add_rope_scaling_orig_ctx_len(rope_scaling["original_max_position_embeddings"])
-        w.add_tensor("rope_freqs.weight", _llama_cpp_rope_freqs(rope_scaling, cfg.hidden_size // 4))
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tokens.index("<|im_start|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_unk_token_id(tokens.index("<|endoftext|>"))
-    w.add_pad_token_id(tokens.index("<|im_end|>"))
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
-    for name, arr, raw in _gguf_tensors(model, qtype, permute_qk=arch != "qwen2"):
-        if name != drop_tensor:
-            w.add_tensor(name, arr, raw_dtype=raw)
-    if extra_tensor is not None:
-        w.add_tensor(extra_tensor[0], extra_tensor[1], raw_dtype=extra_tensor[2])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return model
-
-
-def _gguf_tensors(model: Any, qtype: Any, permute_qk: bool = True) -> list[tuple[str, np.ndarray, Any]]:
-    cfg = model.config
-    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    names = {
-        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    }
-    out = [("token_embd.weight", sd["model.embed_tokens.weight"]), ("output_norm.weight", sd["model.norm.weight"])]
-    if not cfg.tie_word_embeddings:
-        out.append(("output.weight", sd["lm_head.weight"]))
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in names.items():
-            arr = sd[f"model.layers.{i}.{hf}.weight"]
-            if permute_qk and gg == "attn_q":
-                arr = _llama_cpp_permute(arr, cfg.num_attention_heads)
-            elif permute_qk and gg == "attn_k":
-                arr = _llama_cpp_permute(arr, cfg.num_key_value_heads)
-            out.append((f"blk.{i}.{gg}.weight", arr))
-            if f"model.layers.{i}.{hf}.bias" in sd:  # Qwen2's q/k/v biases (llama.cpp leaves them as is)
-                out.append((f"blk.{i}.{gg}.bias", sd[f"model.layers.{i}.{hf}.bias"]))
-    result = []
-    for name, arr in out:
-        if qtype is not None and arr.ndim == 2:
-            result.append((name, gguf.quants.quantize(arr, qtype), qtype))
-        else:
-            result.append((name, arr, None))
-    return result
 
 
 def _ids(n: int = 24, vocab: int = 300, seed: int = 1) -> Any:
@@ -273,7 +74,7 @@ def test_unpermute_is_needed_and_exact(tmp_path: Path, reference_tokenizer: Any)
         want = src.state_dict()[name]
         assert torch.equal(got[name], want)
         heads = 4 if proj == "q_proj" else 2
-        permuted = torch.from_numpy(_llama_cpp_permute(want.numpy(), heads))
+        permuted = torch.from_numpy(llama_cpp_permute(want.numpy(), heads))
         assert not torch.equal(permuted, want)
 
 
@@ -358,7 +159,7 @@ def test_rope_scaling_is_carried_over(tmp_path: Path, reference_tokenizer: Any, 
     rep = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float32")
     assert rep.hparams.rope_scaling == pytest.approx(scaling)
     ids = _ids(n=64)
-    plain = _tiny_hf_model(src.config.vocab_size, True)  # same weights, no scaling
+    plain = tiny_hf_model(src.config.vocab_size, True)  # same weights, no scaling
     with torch.no_grad():
         want = src(ids).logits
         ours = diffcoder.load(tmp_path / "out", dtype="float32")(ids, attn_mask="causal")[..., : want.shape[-1]]
@@ -380,7 +181,7 @@ def test_tokenizer_matches_reference_and_names_specials(tmp_path: Path, pre: str
     import diffcoder
     from transformers import AutoTokenizer
 
-    reference_tokenizer = _train_tokenizer(pre)
+    reference_tokenizer = train_gguf_tokenizer(pre)
     write_gguf(tmp_path / "m.gguf", reference_tokenizer, pre=pre)
     convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float32")
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
@@ -408,7 +209,7 @@ def test_existing_mask_token_is_reused(tmp_path: Path, reference_tokenizer: Any)
 
     write_gguf(tmp_path / "m.gguf", reference_tokenizer, extra_tokens=(DEFAULT_MASK_TOKEN,))
     rep = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float32")
-    n_tokens = len(_vocab_of(reference_tokenizer)[0]) + 1
+    n_tokens = len(vocab_of(reference_tokenizer)[0]) + 1
     assert not rep.mask_added and not rep.row_added and rep.vocab_size == n_tokens
     assert rep.mask_id == n_tokens - 1
     model = diffcoder.load(tmp_path / "out", dtype="float32")
@@ -419,7 +220,7 @@ def test_existing_mask_token_is_reused(tmp_path: Path, reference_tokenizer: Any)
 def test_mask_takes_a_padding_row_when_there_is_one(tmp_path: Path, reference_tokenizer: Any) -> None:
     write_gguf(tmp_path / "m.gguf", reference_tokenizer, pad_rows=3)
     rep = convert_gguf(tmp_path / "m.gguf", tmp_path / "out", dtype="float32", mask_token="<mask>")
-    n_tokens = len(_vocab_of(reference_tokenizer)[0])
+    n_tokens = len(vocab_of(reference_tokenizer)[0])
     assert rep.mask_added and not rep.row_added
     assert (rep.mask_id, rep.vocab_size, rep.mask_token) == (n_tokens, n_tokens + 3, "<mask>")
 

@@ -8,16 +8,15 @@ import pytest
 import torch
 
 import diffcoder
-from oracle import hf_twin, oracle_generate
-from test_decode import MASK, cases, make, rand_prompt
+from helpers import MASK, cases, decode_model, hf_twin, oracle_generate, rand_prompt
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("case", cases(16, seed=11), ids=lambda c: f"B{c['block_length']}-G{c['gen_length']}"
                          f"-S{c['steps']}-t{c['threshold']}-sh{int(c['shift'])}-e{c['eos_id']}")
 def test_cuda_graph_runner_matches_oracle_and_eager(case):
-    model = make(seed=0).to("cuda")
+    model = decode_model(seed=0).to("cuda")
     rng = random.Random(len(case["prompt"]))
     prompt = case.pop("prompt")
     prompts = [prompt] + [rand_prompt(rng, n) for n in (2, 9, 5)]
@@ -29,7 +28,7 @@ def test_cuda_graph_runner_matches_oracle_and_eager(case):
 
 
 def test_bf16_logits_close_to_transformers_on_gpu():
-    model = make(seed=1, std=0.1).to("cuda", torch.bfloat16)
+    model = decode_model(seed=1, std=0.1).to("cuda", torch.bfloat16)
     hf = hf_twin(model, torch.bfloat16).to("cuda")
     ids = torch.randint(0, 61, (2, 33), device="cuda")
     with torch.no_grad():

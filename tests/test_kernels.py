@@ -1,6 +1,6 @@
-"""The native CPU kernels (diffcoder/kernels): the AMX matmul (its results, its weight cache, how
-PackedLinear routes to it), the greedy confidence op against torch's ops, the decode attention op
-against SDPA, and the fallback wherever they cannot run."""
+"""The native CPU kernels (diffcoder/kernels): the kernel policy, the AMX matmul (its results, its
+weight cache, how packed_linear routes to it), the greedy confidence op against torch's ops, the
+decode attention op against SDPA, and the fallback wherever they cannot run."""
 from __future__ import annotations
 
 import gc
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from diffcoder import kernels
-from diffcoder.decode import propose
-from diffcoder.model import PackedLinear
+from diffcoder.engine.rules import propose
+from diffcoder.kernels.linear import packed_linear
+from helpers import llama_model
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,56 @@ def within_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     step = ref.abs().to(torch.bfloat16).double() * 2.0**-7 + 1e-30
     return y.shape == ref.shape and bool(((y.double() - ref).abs() <= step).all())
+
+
+def test_the_kernel_policy_comes_from_the_environment_and_refuses_unknown_values():
+    policy = kernels.KernelPolicy.from_env({"DIFFCODER_CPU_MATMUL": "onednn", "DIFFCODER_CPU_CONFIDENCE": "torch"})
+    assert policy == kernels.KernelPolicy(matmul="onednn", attention="auto", confidence="torch")
+    assert kernels.KernelPolicy.from_env({}) == kernels.KernelPolicy()
+    for var, value in (("DIFFCODER_CPU_MATMUL", "mkl"), ("DIFFCODER_CPU_ATTENTION", "flash"),
+                       ("DIFFCODER_CPU_CONFIDENCE", "fast")):
+        with pytest.raises(ValueError, match=f"{value!r} \\(\\${var}\\) is not one of auto"):
+            kernels.KernelPolicy.from_env({var: value})
+    with pytest.raises(ValueError, match="fold_query_groups='yes' is not one of auto, on, off"):
+        kernels.KernelPolicy(fold_query_groups="yes")
+    assert kernels.KernelPolicy().folds_query_groups("cpu") and not kernels.KernelPolicy().folds_query_groups("cuda")
+    assert kernels.KernelPolicy(fold_query_groups="on").folds_query_groups("cuda")
+
+
+def test_using_policy_changes_it_for_the_block_only():
+    before = kernels.current_policy()
+    with kernels.using_policy(attention="torch") as outer:
+        assert kernels.current_policy() is outer and outer.attention == "torch"
+        with kernels.using_policy(confidence="torch"):
+            assert kernels.current_policy() == kernels.KernelPolicy(before.matmul, "torch", "torch",
+                                                                    before.fold_query_groups)
+        assert kernels.current_policy() is outer
+        with pytest.raises(ValueError):
+            with kernels.using_policy(matmul="mkl"):
+                pass
+        assert kernels.current_policy() is outer
+    assert kernels.current_policy() is before
+
+
+def test_a_compiled_function_follows_the_policy_it_runs_under():
+    """torch.compile guards on the policy a traced function reads: a step run under another
+    policy is traced again, and a policy seen before reuses its trace."""
+    traces = []
+
+    def backend(gm, example_inputs):  # noqa: ANN001, ANN202
+        traces.append(gm)
+        return gm.forward
+
+    step = torch.compile(lambda x: x + 1 if kernels.folds_query_groups(x.device) else x - 1, backend=backend,
+                         fullgraph=True)
+    x = torch.zeros(2)
+    with kernels.using_policy(fold_query_groups="on"):
+        assert step(x).tolist() == [1.0, 1.0]
+    with kernels.using_policy(fold_query_groups="off"):
+        assert step(x).tolist() == [-1.0, -1.0]
+    with kernels.using_policy(fold_query_groups="on"):
+        assert step(x).tolist() == [1.0, 1.0]
+    assert len(traces) == 2
 
 
 @pytest.mark.parametrize("rows,out_features,in_features,bias", [
@@ -93,24 +144,24 @@ def test_packed_weights_follow_in_place_updates_new_storage_and_freed_weights(am
     assert amx.packed_weights() <= live
 
 
-def test_packed_linear_routes_decode_sized_calls_to_amx_and_the_rest_to_onednn(amx, monkeypatch):
+def test_packed_linear_routes_decode_sized_calls_to_amx_and_the_rest_to_onednn(amx, kernel_policy):
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(40, 64, generator=gen).to(torch.bfloat16)
     small = torch.randn(1, 8, 64, generator=gen).to(torch.bfloat16)
     large = torch.randn(1, kernels.AMX_MAX_ROWS + 1, 64, generator=gen).to(torch.bfloat16)
-    linear = PackedLinear()
+    linear = packed_linear
     with torch.inference_mode():
         assert torch.equal(linear(small, w, None), amx.packed_linear(small, w, None))
         assert torch.equal(linear(large, w, None), F.linear(large, w))  # oneDNN: bit-identical
-        monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
+        kernel_policy(matmul="onednn")
         assert torch.equal(linear(small, w, None), F.linear(small, w))
-        monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "mkl")
         with pytest.raises(ValueError, match="is not one of auto, amx, onednn"):
-            linear(small, w, None)
+            kernel_policy(matmul="mkl")
 
 
+@pytest.mark.slow
 def test_a_compiled_step_calls_the_amx_kernel_and_sees_weight_updates(amx):
-    linear = PackedLinear()
+    linear = packed_linear
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(24, 32, generator=gen).to(torch.bfloat16)
     x = torch.randn(3, 32, generator=gen).to(torch.bfloat16)
@@ -123,27 +174,23 @@ def test_a_compiled_step_calls_the_amx_kernel_and_sees_weight_updates(amx):
         assert torch.equal(step(x), amx.packed_linear(torch.relu(x), w, None) * 2.0)
 
 
-def test_a_bf16_model_on_amx_agrees_with_onednn(amx, monkeypatch):
+def test_a_bf16_model_on_amx_agrees_with_onednn(amx, kernel_policy):
     """The whole model wired through the kernel: same logits as the oneDNN path up to bf16 rounding
     noise (a wrong weight or a swapped projection would be far off)."""
-    from test_model import make
-
-    model = make(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
+    model = llama_model(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(4))
     before = amx.packed_weights()
     with torch.inference_mode():
         model.prepare_for_decoding()
         on_amx = model(ids, attn_mask=("block_causal", 4)).float()
-        monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
+        kernel_policy(matmul="onednn")
         on_onednn = model(ids, attn_mask=("block_causal", 4)).float()
     assert amx.packed_weights() >= before + 2 * len(model.model.layers)  # the AMX path really ran
     assert (on_amx - on_onednn).abs().max().item() < 0.05 * on_onednn.abs().max().item()
 
 
 def torch_propose(logits: torch.Tensor, masked: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from unittest import mock
-
-    with mock.patch.dict(kernels.CPU_CONFIDENCE, {"kernel": "torch"}):
+    with kernels.using_policy(confidence="torch"):
         return propose(logits, masked, mask_id=mask_id)
 
 
@@ -194,15 +241,14 @@ def test_a_compiled_step_calls_the_confidence_op(amx):
         amx.greedy_confidence(logits, 7, masked[:, :3])
 
 
-def test_the_confidence_policy_is_checked_and_can_switch_the_op_off(amx, monkeypatch):
+def test_the_confidence_policy_is_checked_and_can_switch_the_op_off(amx, kernel_policy):
     logits = torch.randn(2, 50).to(torch.bfloat16)
     assert kernels.confidence_ops(logits) is amx
     assert kernels.confidence_ops(logits.double()) is None  # float64 logits: torch's ops
-    monkeypatch.setitem(kernels.CPU_CONFIDENCE, "kernel", "torch")
+    kernel_policy(confidence="torch")
     assert kernels.confidence_ops(logits) is None
-    monkeypatch.setitem(kernels.CPU_CONFIDENCE, "kernel", "fast")
     with pytest.raises(ValueError, match="DIFFCODER_CPU_CONFIDENCE"):
-        kernels.confidence_ops(logits)
+        kernel_policy(confidence="fast")
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
         amx.greedy_confidence(logits.double(), 0)
 
@@ -269,9 +315,7 @@ def test_decode_attention_ignores_whatever_the_unseen_cache_columns_hold(amx, di
 def test_a_bf16_model_attends_natively_in_a_decode_step_and_agrees_with_sdpa(amx, monkeypatch):
     """Routing: a bf16 model's cached steps fold their query heads and take the native op (up to
     ATTENTION_MAX_ROWS rows; longer prefills stay on SDPA); same logits as SDPA up to bf16 noise."""
-    from test_model import make
-
-    model = make(seed=5).to(torch.bfloat16)  # 4 query heads over 2 KV heads
+    model = llama_model(seed=5).to(torch.bfloat16)  # 4 query heads over 2 KV heads
     ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(6))
     step = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(7))
 
@@ -285,10 +329,9 @@ def test_a_bf16_model_attends_natively_in_a_decode_step_and_agrees_with_sdpa(amx
     monkeypatch.setattr(kernels, "attention_ops", lambda *a: calls.append(a[3]) or real(*a))
     with torch.inference_mode():
         native = decode_step()
-        monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "torch")
-        sdpa = decode_step()
+        with kernels.using_policy(attention="torch"):
+            sdpa = decode_step()
     assert set(calls) == {2 * 12, 2 * 4}  # folded rows: the 12-token prefill's and the step's
-    monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "auto")
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     assert real(cpu, bf16, 64, kernels.ATTENTION_MAX_ROWS + 1, None) is None  # a long prefill stays on SDPA
     assert real(cpu, bf16, 64, 4, None) is amx
@@ -335,7 +378,7 @@ def test_rope_cache_attention_writes_the_cache_and_attends_like_the_unfused_ops(
 def test_the_attention_ops_read_one_mask_row_per_token_as_the_repeated_mask(amx):
     """A folded query's row g * tokens + t is token t of query head g: given one mask row per
     token, the ops give bit for bit what they give with the mask repeated per head (which is what
-    SDPA needs, and what the model no longer builds for them); other row counts are refused."""
+    SDPA needs, and what the model builds only for SDPA); other row counts are refused."""
     gen = torch.Generator().manual_seed(11)
     b, t, n_heads, kv, d, keys = 2, 4, 6, 2, 64, 30
     heads = torch.randn(b, t, n_heads + 2 * kv, d, generator=gen).to(torch.bfloat16)
@@ -360,15 +403,14 @@ def test_the_attention_ops_read_one_mask_row_per_token_as_the_repeated_mask(amx)
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_a_fused_bf16_model_steps_on_rope_cache_attention_and_agrees_with_sdpa(amx, monkeypatch, static):
+def test_a_fused_bf16_model_steps_on_rope_cache_attention_and_agrees_with_sdpa(amx, monkeypatch, kernel_policy,
+                                                                               static):
     """With fused q/k/v and a head size that is a multiple of 32, a cached decode step (dynamic
     cache, or the static runner's write columns) takes the one-op path; its logits and its cache
     agree with the unfused ops (SDPA) up to bf16 noise."""
-    from test_model import make
-
     from diffcoder.masks import decode_mask
 
-    model = make(seed=9, hidden_size=128, head_dim=32).to(torch.bfloat16).fuse_projections()
+    model = llama_model(seed=9, hidden_size=128, head_dim=32).to(torch.bfloat16).fuse_projections()
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(1))
     step = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2))
 
@@ -379,10 +421,9 @@ def test_a_fused_bf16_model_steps_on_rope_cache_attention_and_agrees_with_sdpa(a
             logits = model(step, attn_mask=("block_causal", 4), cache=cache, keep=0)
         else:
             cols = torch.arange(16)
-            cache.write_idx = torch.arange(8, 12)
             mask = decode_mask(cols[8:12], cols, torch.ones(2, 16, dtype=torch.bool) & (cols < 12), 4)
-            logits = model(step, torch.arange(8, 12).expand(2, 4), attn_mask=mask, cache=cache)
-            cache.write_idx = None
+            logits = model(step, torch.arange(8, 12).expand(2, 4), attn_mask=mask, cache=cache,
+                           cache_cols=torch.arange(8, 12))
         return logits.float(), cache.k[0][:, :, :12].float()
 
     calls = []
@@ -392,7 +433,7 @@ def test_a_fused_bf16_model_steps_on_rope_cache_attention_and_agrees_with_sdpa(a
     with torch.inference_mode():
         native, native_cache = decode_step()
         n_native = len(calls)
-        monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "torch")
+        kernel_policy(attention="torch")
         sdpa, sdpa_cache = decode_step()
     assert n_native == 2 * model.config.num_hidden_layers  # the 8-token prefill (16 folded rows) and the step
     assert len(calls) == n_native  # none under DIFFCODER_CPU_ATTENTION=torch
@@ -400,7 +441,7 @@ def test_a_fused_bf16_model_steps_on_rope_cache_attention_and_agrees_with_sdpa(a
     assert (native_cache - sdpa_cache).abs().max().item() < 0.05 * sdpa_cache.abs().max().item()
 
 
-def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch):
+def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch, kernel_policy):
     monkeypatch.setattr(kernels, "_LOADED", {})
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2"})
     with pytest.warns(RuntimeWarning, match="this CPU lacks amx_tile"):
@@ -408,14 +449,14 @@ def test_without_amx_the_kernel_is_skipped_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernels.amx_for(4) is None  # decided once: no second warning
-    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "amx")
-    with pytest.raises(RuntimeError, match="DIFFCODER_CPU_MATMUL=amx, but the AMX kernel is unavailable"):
+    with kernels.using_policy(matmul="amx"), \
+            pytest.raises(RuntimeError, match="DIFFCODER_CPU_MATMUL=amx, but the AMX kernel is unavailable"):
         kernels.amx_for(4)
     w = torch.randn(8, 32).to(torch.bfloat16)
     x = torch.randn(4, 32).to(torch.bfloat16)
-    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "auto")
+    kernel_policy(matmul="auto")
     with torch.inference_mode():
-        assert torch.equal(PackedLinear()(x, w, None), F.linear(x, w))
+        assert torch.equal(packed_linear(x, w, None), F.linear(x, w))
     assert kernels.confidence_ops(x) is None  # confidences fall back to torch's ops as well
 
 
@@ -431,6 +472,7 @@ def test_a_kernel_that_does_not_compile_falls_back_and_says_why(tmp_path, monkey
     assert not kernels.library_path().exists()  # nothing half-built left where a later run would load it
 
 
+@pytest.mark.slow
 def test_the_attention_benchmark_checks_the_op_and_ends_with_json(amx):
     import json
     import subprocess

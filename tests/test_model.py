@@ -4,19 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcoder.config import ModelConfig
 from diffcoder.masks import block_causal_mask, decode_mask
-from diffcoder.model import DiffCoderLM
-from oracle import hf_twin
+from helpers import hf_twin, llama_model
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
-
-
-def make(seed=0, **kw) -> DiffCoderLM:
-    base = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256)
-    return DiffCoderLM(ModelConfig(**{**base, **kw})).init_weights(seed, std=0.1).eval()
 
 
 @pytest.mark.parametrize("kw", [
@@ -29,7 +21,7 @@ def make(seed=0, **kw) -> DiffCoderLM:
 ])
 @pytest.mark.parametrize("mask", ["causal", 1, 4, 8])
 def test_logits_match_transformers(kw, mask):
-    model = make(**kw)
+    model = llama_model(**kw)
     if kw.get("attention_bias"):
         with torch.no_grad():  # biases start at zero: make them matter
             for n, p in model.named_parameters():
@@ -56,7 +48,7 @@ def test_block_causal_mask_rule():
 
 def test_cached_equals_uncached_blockwise():
     """Prefill + block-by-block with the KV cache gives the same logits as one full pass."""
-    model = make(seed=3).double()
+    model = llama_model(seed=3).double()
     B, T = 4, 22
     ids = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -76,7 +68,7 @@ def test_cached_equals_uncached_blockwise():
 
 def test_uncommitted_keys_are_not_kept():
     """keep=0 leaves the cache length unchanged: the noisy block's keys are scratch."""
-    model = make(seed=4).double()
+    model = llama_model(seed=4).double()
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         cache = model.new_cache(1, 16)
@@ -90,9 +82,47 @@ def test_uncommitted_keys_are_not_kept():
     assert torch.equal(a, b)
 
 
+def test_static_cache_columns_give_the_logits_and_keys_of_the_dynamic_write():
+    """A static-shape step (`cache_cols`: fixed columns, attention over every column, the mask
+    hiding the unused ones) writes the same keys and gives the same logits as the dynamic write
+    after the committed columns; it leaves `length` to the caller. Both go through KVCache.update."""
+    model = llama_model(seed=10).double()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8))
+    cols = torch.arange(16)
+    with torch.no_grad():
+        dynamic, static = model.new_cache(2, 16), model.new_cache(2, 16)
+        for cache in (dynamic, static):
+            model(ids[:, :8], attn_mask=("block_causal", 4), cache=cache)
+        a = model(ids[:, 8:], attn_mask=("block_causal", 4), cache=dynamic, keep=0)
+        mask = decode_mask(cols[8:12], cols, torch.ones(2, 16, dtype=torch.bool) & (cols < 12), 4)
+        b = model(ids[:, 8:], torch.arange(8, 12).expand(2, 4), attn_mask=mask, cache=static,
+                  cache_cols=torch.arange(8, 12))
+    assert dynamic.length == static.length == 8
+    assert (a - b).abs().max().item() < 1e-10
+    for layer in range(2):
+        assert torch.equal(dynamic.k[layer], static.k[layer]) and torch.equal(dynamic.v[layer], static.v[layer])
+
+
+def test_kv_cache_update_writes_the_columns_and_returns_what_attention_reads():
+    model = llama_model()
+    cache = model.new_cache(1, 8)
+    cache.length = 3
+    write = cache.columns_for(2, torch.device("cpu"))
+    assert write.cols.tolist() == [3, 4] and write.keys == 5
+    k, v = torch.ones(1, 2, 2, 16), torch.full((1, 2, 2, 16), 2.0)
+    keys, values = cache.update(1, write, k, v)
+    assert keys.shape == values.shape == (1, 2, 5, 16)
+    assert torch.equal(keys[:, :, 3:], k) and torch.equal(values[:, :, 3:], v) and not keys[:, :, :3].any()
+    fixed = cache.columns_for(2, torch.device("cpu"), torch.tensor([6, 7]))
+    assert fixed.keys == 8 and cache.update(0, fixed, k, v)[0].shape[2] == 8
+    cache.length = 7
+    with pytest.raises(ValueError, match="KV cache overflow: 7 cached \\+ 2 new > 8 columns"):
+        cache.columns_for(2, torch.device("cpu"))
+
+
 def test_left_padding_is_invisible():
     """A row left-padded by a multiple of B gives the same logits as the row alone."""
-    model = make(seed=6).double()
+    model = llama_model(seed=6).double()
     B = 4
     row = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(7))
     pad = 8
@@ -107,21 +137,21 @@ def test_left_padding_is_invisible():
 
 
 def test_bad_mask_spec():
-    model = make()
+    model = llama_model()
     with pytest.raises(ValueError, match="unknown attention mask"):
         model(torch.zeros(1, 3, dtype=torch.long), attn_mask="diagonal")
 
 
 def test_unsupported_rope_scaling():
     with pytest.raises(ValueError, match="yarn"):
-        make(rope_scaling={"rope_type": "yarn", "factor": 2.0})(torch.zeros(1, 2, dtype=torch.long))
+        llama_model(rope_scaling={"rope_type": "yarn", "factor": 2.0})(torch.zeros(1, 2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("kw", [{}, {"attention_bias": True}, {"num_key_value_heads": 1, "tie_word_embeddings": True}])
 def test_fused_projections_are_exact_views(kw, tmp_path):
     import diffcoder
 
-    model = make(seed=8, **kw).double()
+    model = llama_model(seed=8, **kw).double()
     ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = model(ids, attn_mask=("block_causal", 4))
@@ -141,19 +171,18 @@ def test_fused_projections_are_exact_views(kw, tmp_path):
         assert (again(ids) - model(ids)).abs().max().item() < 1e-12
 
 
-def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale(monkeypatch):
+def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale(kernel_policy):
     """With oneDNN for every call (DIFFCODER_CPU_MATMUL=onednn) packed weights change nothing;
     the AMX kernel's own checks are in test_kernels.py."""
-    from diffcoder import kernels
-    from diffcoder.model import PackedLinear
+    from diffcoder.kernels.linear import packed_linear
 
-    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
-    model = make(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
+    kernel_policy(matmul="onednn")
+    model = llama_model(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         plain = model(ids, attn_mask=("block_causal", 4))
         model.prepare_for_decoding()
-        if not isinstance(model.linear, PackedLinear):
+        if model.linear is not packed_linear:
             pytest.skip("oneDNN not available in this torch build")
         packed = model(ids, attn_mask=("block_causal", 4))
         assert torch.equal(plain, packed)
@@ -161,28 +190,25 @@ def test_cpu_bf16_packed_weights_are_bit_identical_and_never_stale(monkeypatch):
         model.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # an in-place update must be seen
     with torch.inference_mode():
         updated = model(ids, attn_mask=("block_causal", 4))
-        model.model.layers[1].mlp.linear = torch.nn.functional.linear
-        model.model.layers[1].self_attn.linear = torch.nn.functional.linear
+        model.linear = torch.nn.functional.linear
         assert torch.equal(updated, model(ids, attn_mask=("block_causal", 4)))
         assert not torch.equal(updated, plain)
 
 
-def test_packed_linear_under_torch_compile_is_the_opaque_prepacked_op(monkeypatch):
+def test_packed_linear_under_torch_compile_is_the_opaque_prepacked_op(kernel_policy):
     """`runner="compiled_static"` on a CPU in bf16 compiles the model's step. Inductor cannot lower
-    the prepacked oneDNN op (it crashed there), and its own packing left the weights unpacked (plain
-    matmuls, about half the speed), so PackedLinear emits the opaque `prepacked_linear` op: the same
-    kernel as eager, bit-identical to F.linear, and it sees in-place weight updates. (Calls of up to
+    the prepacked oneDNN op, and its own packing leaves the weights unpacked (plain matmuls, about
+    half the speed), so packed_linear emits the opaque `prepacked_linear` op: the same kernel as
+    eager, bit-identical to F.linear, and it sees in-place weight updates. (Calls of up to
     kernels.AMX_MAX_ROWS rows go to the AMX kernel where there is one: test_kernels.py.)"""
-    from diffcoder import kernels
-    from diffcoder.model import _PACKED_WEIGHTS, PackedLinear
+    from diffcoder.kernels.linear import _PACKED_WEIGHTS, packed_linear
 
-    monkeypatch.setitem(kernels.CPU_MATMUL, "kernel", "onednn")
+    kernel_policy(matmul="onednn")
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN not available in this torch build")
-    packed = PackedLinear()
     w = torch.randn(24, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    step = torch.compile(lambda a: packed(torch.relu(a), w, None) * 2.0, dynamic=False)
+    step = torch.compile(lambda a: packed_linear(torch.relu(a), w, None) * 2.0, dynamic=False)
     with torch.inference_mode():
         compiled = step(x)
         assert w in _PACKED_WEIGHTS  # the compiled step ran the prepacked kernel
@@ -194,17 +220,16 @@ def test_packed_linear_under_torch_compile_is_the_opaque_prepacked_op(monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_folded_query_groups_are_bit_identical_to_plain_gqa(dtype, monkeypatch):
+def test_folded_query_groups_are_bit_identical_to_plain_gqa(dtype, kernel_policy):
     """Inference on a CPU folds each KV head's query heads into one SDPA query (faster at batch 16);
     with autograd on, attention takes the plain GQA call. Both must give the same bits, for a
     masked prefill and for a cached 4-token step."""
-    from diffcoder import kernels
     from diffcoder.model import folds_query_groups
 
     # SDPA either way here; the native decode attention (bf16 on a CPU) agrees to bf16 rounding
     # only and is tested in test_kernels.py.
-    monkeypatch.setitem(kernels.CPU_ATTENTION, "kernel", "torch")
-    model = make(seed=5).to(dtype)  # 4 query heads over 2 KV heads
+    kernel_policy(attention="torch")
+    model = llama_model(seed=5).to(dtype)  # 4 query heads over 2 KV heads
     ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(6))
     step = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(7))
 

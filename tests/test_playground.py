@@ -23,6 +23,8 @@ from diffcoder.checkpoint import load as load_model
 from diffcoder.serve.app import ServeConfig, create_app
 from diffcoder.serve.background import BackgroundServer
 
+pytestmark = pytest.mark.slow  # the slow tier: `make test-fast` skips it
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]

@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.realmodel
+pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
 
 CODE_PROMPTS = [
     "def fibonacci(n):\n",

@@ -13,12 +13,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.realmodel
+pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
 
 
 @pytest.fixture(scope="module")
 def qwen_gguf() -> Path:
-    from diffcoder.pull import MODELS, sha256_file
+    from diffcoder.hub import MODELS, sha256_file
 
     path = os.environ.get("DIFFCODER_QWEN_GGUF")
     if not path or not Path(path).is_file():

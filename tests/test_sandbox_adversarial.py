@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from diffcoder.eval.benchmarks import Problem
 from diffcoder.eval.harness import EvalSpec, execute
+from diffcoder.eval.problems import Problem
 from diffcoder.eval.sandbox import Limits, Sandbox, SandboxUnavailable, detect_isolation
+
+pytestmark = pytest.mark.slow  # the slow tier: `make test-fast` skips it
 
 PROMPT = "def add(a, b):\n"
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
@@ -249,7 +251,7 @@ def test_unsafe_tier_still_enforces_limits(tmp_path: Path) -> None:
     assert loop.status == "timeout" and mem.status == "oom" and ok.passed
 
 
-def test_runner_has_no_diffcoder_or_site_packages(tier: str) -> None:
+def test_program_finds_no_diffcoder_or_site_packages(tier: str) -> None:
     # -I -S: the program sees only the standard library (no torch, no diffcoder).
     sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=512))
     try:
@@ -259,6 +261,18 @@ def test_runner_has_no_diffcoder_or_site_packages(tier: str) -> None:
     finally:
         sb.close()
     assert res.passed, res
+
+
+def test_judge_wire_crosses_plain_data_and_keeps_the_rest() -> None:
+    # The judge program's parts are a normal package too: its value encoding is checked here, in-process.
+    from diffcoder.eval.judge.wire import decoder, encode
+
+    kept: list = []
+    value = {"t": (1, 2.5, "x"), "s": {3}, "b": b"\x00", "r": range(3), "it": iter([1, 2]), "o": object()}
+    wire = json.loads(json.dumps(encode(value, lambda obj: kept.append(obj) or len(kept) - 1)),
+                      object_hook=decoder(lambda tag: kept[tag["__h"]], __import__))
+    assert wire["t"] == (1, 2.5, "x") and wire["s"] == {3} and wire["b"] == b"\x00" and wire["r"] == range(3)
+    assert list(wire["it"]) == [1, 2] and wire["o"] is value["o"] and kept == [value["o"]]
 
 
 def test_environment_is_scrubbed(tier: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,8 +380,8 @@ def test_results_cross_as_plain_data(tier: str) -> None:
 
 
 def test_many_runs_do_not_exhaust_the_process_limit(tier: str) -> None:
-    """Regression: bwrap's pid namespace left a pids-cgroup charge per run (kernel 6.18), so a
-    long benchmark hit pids.max after max_procs runs. Each run now gets a fresh cgroup."""
+    """bwrap's pid namespace can leave a pids-cgroup charge behind per run (kernel 6.18): each run
+    gets a fresh cgroup, so many more runs than max_procs all start."""
     sb = Sandbox(tier, Limits(timeout_s=5, memory_mb=256, max_procs=6))
     try:
         statuses = [sb.run({"mode": "script", "program": "x = 1\n", "test": "assert x == 1\n", "check": None}).status

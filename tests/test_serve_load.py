@@ -1,11 +1,13 @@
 """Bounded load test: 32 concurrent streaming clients on a tiny model.
 
 All finish, none is lost, each streamed output equals the output of the same prompt decoded
-alone, requests really were batched together, and /health answers throughout.
+alone, requests really were batched together, and /health answers throughout. And the load
+benchmark (benchmarks/serve_load.py) reports every request.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -16,6 +18,9 @@ import pytest
 import diffcoder
 from diffcoder.serve.app import ServeConfig, create_app
 from diffcoder.serve.background import BackgroundServer
+from serve_load import main as serve_load  # benchmarks/serve_load.py
+
+pytestmark = pytest.mark.slow  # the slow tier: `make test-fast` skips it
 
 CLIENTS = 32
 MAX_TOKENS = 16
@@ -90,3 +95,15 @@ def test_32_concurrent_streams_all_finish_and_match_single_runs(model):
     count = float(re.search(r"^diffcoder_batch_size_count (\S+)$", metrics, re.M).group(1))
     rows = float(re.search(r"^diffcoder_batch_size_sum (\S+)$", metrics, re.M).group(1))
     assert rows == CLIENTS and count < CLIENTS, "requests were not batched together"
+
+
+def test_serve_load_benchmark_reports_every_request(tiny_model_dir, capsys):
+    """benchmarks/serve_load.py: every client counted, batch sizes from /metrics, outputs as decoded alone."""
+    serve_load(["--model", str(tiny_model_dir), "--clients", "4", "--max-tokens", "8",
+                "--max-batch", "1", "4", "--verify", "--json"])
+    runs = json.loads(capsys.readouterr().out)
+    assert [r["max_batch"] for r in runs] == [1, 4]
+    for r in runs:
+        assert r["clients"] == 4 and 0 < r["tokens"] <= 4 * 8 and r["tokens_per_s"] > 0
+    assert runs[0]["batches"] == 4 and runs[0]["mean_batch_rows"] == 1.0
+    assert [r["differ_from_alone"] for r in runs] == [0, 0]

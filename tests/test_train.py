@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,33 +13,8 @@ import torch
 
 from diffcoder.cli import main as cli_main
 from diffcoder.train.config import TrainConfig
-from diffcoder.train.trainer import TIMING_FIELDS, train
-
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2}
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    p.write_text(json.dumps(TINY))
-    return p
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(recs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in recs]
-
-
-def cli(*args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + ["-m", "diffcoder.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
-                          timeout=300)
-
+from diffcoder.train.trainer import train
+from helpers import REPO, TINY, cli, metrics, untimed
 
 def base_args(data: Path, tok: Path, cfg: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--tokenizer", str(tok), "--model-config", str(cfg), "--out", str(out),
@@ -86,6 +60,7 @@ def test_final_loads_in_transformers_llama(ar_final: Path) -> None:
     assert torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_block_diffusion_metrics_warmup_and_clip(train_data_dir: Path, ar_final: Path, tmp_path: Path) -> None:
     out = tmp_path / "bd"
     cfg = TrainConfig(objective="block_diffusion", data=str(train_data_dir), init=str(ar_final), out=str(out),
@@ -133,6 +108,7 @@ def one_process_run(one_process_dir: Path) -> list[dict]:
     return metrics(one_process_dir)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(one_process_dir: Path, train_data_dir: Path,
                                                 train_tokenizer_dir: Path, tiny_json: Path, tmp_path: Path) -> None:
     args = base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "cut", *ONE_EXTRA)
@@ -161,6 +137,7 @@ def assert_same_trajectory(a: list[dict], b: list[dict]) -> None:
         assert rb["mask_rate"] == ra["mask_rate"] and rb["tokens"] == ra["tokens"]
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_two_processes_match_one_and_resume_alone(
         one_process_run: list[dict], train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path,
         tmp_path: Path) -> None:
@@ -176,6 +153,7 @@ def test_torchrun_ddp_two_processes_match_one_and_resume_alone(
     assert_same_trajectory(one_process_run, metrics(out))
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp2_matches_one_process_and_resumes_sharded(
         one_process_run: list[dict], train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path,
         tmp_path: Path) -> None:
@@ -193,7 +171,7 @@ def test_torchrun_fsdp2_matches_one_process_and_resumes_sharded(
 
 
 def test_sft_objective_on_chat_data(tmp_path: Path, ar_final: Path, train_tokenizer_dir: Path) -> None:
-    from diffcoder.train.data import build_sft
+    from diffcoder.train.sft_data import build_sft
 
     chats = [{"messages": [{"role": "user", "content": f"add {i} and {i + 1}"},
                            {"role": "assistant", "content": f"return {i} + {i + 1}"}]} for i in range(20)]
@@ -212,7 +190,8 @@ def test_sft_objective_on_chat_data(tmp_path: Path, ar_final: Path, train_tokeni
 def test_sft_rows_append_eos_with_loss_and_never_mask_prompt(tmp_path: Path, train_tokenizer_dir: Path) -> None:
     from diffcoder.tokenizer import Tokenizer
     from diffcoder.train.batches import SFTStream
-    from diffcoder.train.data import SFTSplit, build_sft, read_manifest
+    from diffcoder.train.datadir import read_manifest
+    from diffcoder.train.sft_data import SFTSplit, build_sft
 
     chats = [{"messages": [{"role": "user", "content": "q" * (i + 1)}, {"role": "assistant", "content": "a"}]}
              for i in range(30)]
@@ -304,6 +283,7 @@ def test_error_model_config_unknown_field(capsys: pytest.CaptureFixture, tmp_pat
     assert rc == 2 and "unknown field(s) hidden_sise" in err
 
 
+@pytest.mark.slow
 def test_plot_overlays_runs(ar_final: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "p.png"
     rc = cli_main(["plot", str(ar_final.parent), str(ar_final.parent), "--labels", "a", "b", "--out", str(out)])
@@ -321,7 +301,7 @@ def test_pipeline_configs_are_valid(path: Path) -> None:
 
 
 def test_lr_schedules() -> None:
-    from diffcoder.train.trainer import lr_lambda
+    from diffcoder.train.setup import lr_lambda
 
     cos = lr_lambda(TrainConfig(steps=100, lr=1.0, min_lr=0.1, lr_warmup=10))
     assert [round(cos(s), 6) for s in (0, 9)] == [0.1, 1.0]
@@ -351,6 +331,7 @@ def test_resume_refuses_code_in_trainer_state(one_process_dir: Path, train_data_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_without_a_terminal_steps_are_logged_and_a_report_closes_the_run(
         train_data_dir: Path, train_tokenizer_dir: Path, tiny_json: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BENCHMARKS
+from .problems import BENCHMARKS
 
 EVAL_GEN_LENGTH = 512  # HumanEval/MBPP solutions need more room than `generate`'s default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..run_cli import add_decoder_flags, add_model_flags, add_runner_flag
+    from ..engine.cli import add_decoder_flags, add_model_flags, add_runner_flag
 
     p = sub.add_parser(
         "eval", help="evaluate a model (or samples) on HumanEval, MBPP, MBPP+ or HumanEval-Infilling",
@@ -54,27 +54,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from ..cli import UserError
-
     if args.model and args.samples:
-        raise UserError("give --model DIR (generate samples; default: the shipped model) or --samples FILE "
-                        "(execute them), not both")
+        raise ValueError("give --model DIR (generate samples; default: the shipped model) or --samples FILE "
+                         "(execute them), not both")
     for name in ("n_samples", "batch_size", "workers", "memory_mb", "max_procs"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.timeout <= 0:
-        raise UserError("--timeout must be positive")
+        raise ValueError("--timeout must be positive")
     if args.no_execute and args.samples:
-        raise UserError("--no-execute only makes sense when generating samples (it skips running them); "
-                        "drop --samples")
+        raise ValueError("--no-execute only makes sense when generating samples (it skips running them); "
+                         "drop --samples")
     if args.samples and args.samples not in ("canonical", "empty") and not Path(args.samples).is_file():
-        raise UserError(f"--samples {args.samples}: no such file (or use 'canonical' / 'empty')")
+        raise ValueError(f"--samples {args.samples}: no such file (or use 'canonical' / 'empty')")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..cli import UserError
-    from .benchmarks import load_benchmark
-    from .harness import SAMPLES, EvalSpec, group_samples, read_jsonl, write_atomic
+    from ..fsutil import atomic_write_text
+    from .problems import load_benchmark
+    from .harness import SAMPLES, EvalSpec, group_samples, read_jsonl
     from .sandbox import Limits, SandboxUnavailable, detect_isolation
 
     _check_args(args)
@@ -89,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:  # before generating: no point decoding for an hour and then refusing to execute
         tier = detect_isolation(args.sandbox, allow_unsafe=args.unsafe_no_sandbox)
     except SandboxUnavailable as exc:
-        raise UserError(str(exc)) from None
+        raise ValueError(str(exc)) from None
     if tier == "none":
         print("WARNING: running model-written code WITHOUT a sandbox (--unsafe-no-sandbox)", file=sys.stderr)
     decoder, model_name = None, None
@@ -101,14 +99,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    for p in problems]
         text = "".join(json.dumps(r) + "\n" for r in records)
         if (out / SAMPLES).exists() and (out / SAMPLES).read_text(encoding="utf-8") != text:
-            raise UserError(f"{out / SAMPLES} holds other samples (a model's?); use another --out")
-        write_atomic(out / SAMPLES, text)
+            raise ValueError(f"{out / SAMPLES} holds other samples (a model's?); use another --out")
+        atomic_write_text(out / SAMPLES, text)
         samples = group_samples(records, problems, args.samples)
         model_name = f"<{args.samples} samples>"
     else:
         records = read_jsonl(Path(args.samples), what="samples file")
         if not records:
-            raise UserError(f"--samples {args.samples}: the file has no samples")
+            raise ValueError(f"--samples {args.samples}: the file has no samples")
         samples = group_samples(records, _covering(problems, records, args), args.samples)
         model_name = f"samples: {args.samples}"
     limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb, max_procs=args.max_procs)
@@ -116,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         results = _run_with_progress(problems, samples, out, spec, show=not args.no_progress)
     except SandboxUnavailable as exc:
-        raise UserError(f"{exc} (results so far are kept in {out}; re-run to resume)") from None
+        raise ValueError(f"{exc} (results so far are kept in {out}; re-run to resume)") from None
     _print_summary(results, out)
     return 0
 
@@ -124,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _covering(problems: list, records: list[dict], args: argparse.Namespace) -> list:
     # With --limit, samples of later problems are simply not run (rather than an error).
     if args.limit:
-        from .benchmarks import load_benchmark
+        from .problems import load_benchmark
 
         wanted = {p.task_id for p in problems}
         full = load_benchmark(args.benchmark)
@@ -134,8 +132,8 @@ def _covering(problems: list, records: list[dict], args: argparse.Namespace) -> 
 
 
 def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dict, dict]:
-    from ..decode import DecodeArgs, validate_args
-    from ..run_cli import decoder_kwargs, load_model
+    from ..engine.decoding import DecodeArgs, validate_args
+    from ..engine.cli import decoder_kwargs, load_model
     from .generation import GenSpec, check_settings, generate_samples
 
     model = load_model(args)

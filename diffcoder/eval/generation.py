@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .benchmarks import Problem
+from .problems import Problem
 from .prompts import base_prompt, base_sample, instruct_messages, instruct_sample
 
 GENERATION = "generation.json"
@@ -31,7 +31,7 @@ class GenSpec:
     prompt_style: str = "auto"
     max_active_blocks: int = 1
     block_add_threshold: float = 0.5
-    runner: str = "auto"  # how each pass runs (diffcoder.runners); recorded when not the default
+    runner: str = "auto"  # how each pass runs (diffcoder.engine.runners); recorded when not the default
     stop_after_code: bool = False  # instruct answers: stop a row once its first code block is closed
 
     def decoder_kwargs(self) -> dict[str, Any]:
@@ -48,7 +48,8 @@ class GenSpec:
 def check_settings(outdir: Path, samples: Path, settings: dict[str, Any]) -> None:
     """Record in OUTDIR/generation.json the settings that make `samples`, or refuse to add to
     samples made with other settings (n_samples may grow: it only says how many to make)."""
-    from .harness import read_jsonl, write_atomic
+    from ..fsutil import atomic_write_text
+    from .harness import read_jsonl
 
     path = outdir / GENERATION
     wanted = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "n_samples"}
@@ -56,7 +57,7 @@ def check_settings(outdir: Path, samples: Path, settings: dict[str, Any]) -> Non
         if read_jsonl(samples, what="samples file"):
             raise ValueError(f"{samples} holds samples with no record of the settings that made them ({path}); "
                              "use a new --out")
-        write_atomic(path, json.dumps(wanted, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(wanted, indent=2) + "\n")
         return
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
@@ -108,7 +109,7 @@ def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict, se
     `stop_after_code`: a row stops once its text holds a closed code block (what is scored; the
     explanation an instruct model writes after it would only cost passes)."""
     import diffcoder
-    from diffcoder.decode import BlockEvent, Decoding, StepEvent
+    from diffcoder.engine.decoding import BlockEvent, Decoding, StepEvent
 
     tok = model.tokenizer
     if batch[0].kind == "infill":  # a benchmark is all-infill or none

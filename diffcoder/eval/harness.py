@@ -8,7 +8,6 @@ OUTDIR/results.json: the summary, rewritten atomically at the end.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from collections import defaultdict
@@ -17,23 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .benchmarks import Problem
+from ..fsutil import atomic_write_text
 from .passk import mean_pass_at_k, report_ks
+from .problems import Problem
 from .sandbox import ExecResult, Limits, Sandbox, describe
 
 PER_PROBLEM = "per_problem.jsonl"
 RESULTS = "results.json"
 SAMPLES = "samples.jsonl"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and os.replace, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path, *, what: str) -> list[dict]:
@@ -106,7 +96,7 @@ def _prepare_out(outdir: Path, spec: EvalSpec) -> list[dict]:
             raise ValueError(f"{outdir} holds results of {prev.get('benchmark')!r}, not {spec.benchmark!r}; "
                              "use another --out")
     # Rewrite without a torn last line, so the appends below start on a clean line.
-    write_atomic(outdir / PER_PROBLEM, "".join(json.dumps(r) + "\n" for r in done))
+    atomic_write_text(outdir / PER_PROBLEM, "".join(json.dumps(r) + "\n" for r in done))
     return done
 
 
@@ -201,5 +191,5 @@ def summarize(problems: list[Problem], samples: dict[str, list[dict]], outdir: P
         "n_passed_samples": sum(c for _, c in counts), "statuses": dict(sorted(statuses.items())),
         "decoder": spec.decoder or {}, "model": spec.model, "execution": describe(spec.tier, spec.limits),
     })
-    write_atomic(outdir / RESULTS, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(outdir / RESULTS, json.dumps(summary, indent=2) + "\n")
     return summary

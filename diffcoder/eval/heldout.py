@@ -152,7 +152,7 @@ def run_tasks(model: Any, tasks: list[Task], style: DecodeStyle, batch_size: int
     """Decode every task, score it; returns per-kind exact match with its standard error, tokens
     per forward pass (batch 1 only: a batch's passes serve several rows) and wall time, plus
     each task's output under "records" unless keep_records is False."""
-    from diffcoder.decode import generate
+    from diffcoder.engine.decoding import generate
 
     tok = model.tokenizer
     outputs: list[dict[str, Any]] = []

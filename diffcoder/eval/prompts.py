@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from .benchmarks import Problem
+from .problems import Problem
 
 # Base-model completions stop where the function body ends: at the next top-level
 # statement (the usual Codex / EvalPlus stop sequences).

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .benchmarks import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, SLOW_TASK_TIMEOUT_FACTOR, load_benchmark
 from .harness import EvalSpec, execute
+from .problems import BENCHMARKS, MBPP_PLUS_KNOWN_BROKEN, SLOW_TASK_TIMEOUT_FACTOR, load_benchmark
 from .sandbox import Limits, detect_isolation
 
 

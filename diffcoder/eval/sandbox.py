@@ -4,7 +4,7 @@ Isolation tiers, best first (see docs/eval.md for the threat model):
 - "bwrap": bubblewrap with every namespace unshared (no network, own pids, own mounts),
   a read-only view of only the system directories and the Python installation, and a
   private size-limited tmpfs as the working directory.
-- "unshare": util-linux `unshare` (user, net, pid, mount, ipc, uts namespaces); the runner
+- "unshare": util-linux `unshare` (user, net, pid, mount, ipc, uts namespaces); the judge
   remounts the filesystem read-only, hides /tmp, /home, /run, ... behind tmpfs, and loads a
   seccomp filter (libseccomp) before the program runs.
 - "none": only rlimits and a process group; allowed only with `--unsafe-no-sandbox`.
@@ -26,18 +26,19 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+
+from .judge import program_source
 
 STATUSES = ("passed", "failed", "timeout", "error", "oom")
-_RUNNER_SOURCE = (Path(__file__).with_name("_runner.py")).read_text(encoding="utf-8")
+_JUDGE_SOURCE = program_source()  # what runs inside the sandbox (diffcoder/eval/judge/)
 _MERGED_USR_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # The whole environment of every process started for a job, the sandbox's own included: what
 # the harness inherited (tokens, keys) stays out of /proc/*/environ inside the sandbox. One
-# hash seed for the runner's two processes, so that the reference (or the tests) and the
+# hash seed for the judge's two processes, so that the reference (or the tests) and the
 # program iterate sets of strings in the same order.
 _SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
 # Not -I: PYTHONHASHSEED must reach the interpreter (the environment is _SANDBOX_ENV alone);
-# the runner drops the working directory from sys.path itself.
+# the judge drops the working directory from sys.path itself.
 _PYTHON_FLAGS = ("-s", "-S")
 
 
@@ -220,7 +221,7 @@ class Sandbox:
         exe, _ = _python_paths()
         if self.probe:
             return [exe, *_PYTHON_FLAGS, "-c", "print('ok')"]
-        return [exe, *_PYTHON_FLAGS, "-c", _RUNNER_SOURCE, *extra]
+        return [exe, *_PYTHON_FLAGS, "-c", _JUDGE_SOURCE, *extra]
 
     def _bwrap_argv(self) -> list[str]:
         _, prefix = _python_paths()
@@ -264,7 +265,7 @@ class Sandbox:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, job: dict, timeout_factor: float = 1.0) -> ExecResult:
-        """Run one job (see _runner.py); never raises for anything the program does.
+        """Run one job (see judge/); never raises for anything the program does.
 
         Retries a sandbox that failed to start for lack of a resource (EAGAIN under load)."""
         for attempt in range(4):

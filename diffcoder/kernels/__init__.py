@@ -2,21 +2,23 @@
 
 - `amx_linear.cpp`: bf16 y = x W^T for up to `AMX_MAX_ROWS` rows on CPUs with AMX, the shape of
   every matmul in a decode pass (a block of 4 tokens, 8 in the fused commit pass, 4 per sequence
-  in a batch). `diffcoder.model.PackedLinear` routes such calls here and larger ones (a prefill)
-  to oneDNN. Which kernel runs is `CPU_MATMUL["kernel"]`: "auto" (AMX where it works), "amx" (an
-  error if it does not) or "onednn" (bit-identical to F.linear); it starts from
-  $DIFFCODER_CPU_MATMUL.
+  in a batch). `linear.packed_linear`, the matmul of a prepared bf16 CPU model, routes such calls
+  here and larger ones (a prefill) to oneDNN.
 - `attention.cpp`: a decode step's attention (bf16, up to `ATTENTION_MAX_ROWS` query rows with
   the query heads folded onto their KV head; AMX tile products for head sizes that are multiples
   of 32) for `diffcoder.model.Attention`, where SDPA's CPU kernel pays a large fixed cost per call
-  (benchmarks/attention_kernels.py; in whole passes: decode.py --ab-torch-ops); with fused q/k/v,
+  (benchmarks/attention_kernels.py; in whole passes: benchmarks/decode_speed.py --ab-torch-ops); with fused q/k/v,
   `rope_cache_attention` also applies the rotary embedding and writes the step into the KV cache.
   Both read one mask row per token (a folded query's rows repeat the tokens' mask).
-  `CPU_ATTENTION["kernel"]` ("auto" or "torch", from $DIFFCODER_CPU_ATTENTION) switches it off.
 - `confidence.cpp`: the release's greedy low-confidence proposal (argmax without the mask token,
   its float64 softmax probability) in one pass over each still-masked position's logits, for
-  `diffcoder.decode.propose`. `CPU_CONFIDENCE["kernel"]` ("auto" or "torch", from
-  $DIFFCODER_CPU_CONFIDENCE) switches it off.
+  `diffcoder.engine.rules.propose`.
+
+Which of them run is the `KernelPolicy` (policy.py), which also says whether inference attention
+folds query-head groups: `amx_for`, `attention_ops`, `confidence_ops` and `folds_query_groups`
+answer from it and from what this machine supports. `linear.py` chooses a model's matmul. Its fields start from
+$DIFFCODER_CPU_MATMUL ("auto", "amx" or "onednn"), $DIFFCODER_CPU_ATTENTION and
+$DIFFCODER_CPU_CONFIDENCE ("auto" or "torch").
 
 The library is built with torch.utils.cpp_extension (g++ and ninja) into `$DIFFCODER_HOME/kernels/`
 (or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it (once, under a minute); a machine
@@ -35,8 +37,13 @@ from typing import Any
 
 import torch
 
-from ..defaults import cache_root
-from ..fsutil import cpu_flags
+from ..fsutil import cache_root
+from ..hardware import cpu_flags
+from .policy import FOLDING, MATMUL_KERNELS, SWITCHES, KernelPolicy, current_policy, using_policy
+
+__all__ = ["KernelPolicy", "current_policy", "using_policy", "MATMUL_KERNELS", "SWITCHES", "FOLDING", "native_ops",
+           "amx_for", "attention_ops", "confidence_ops", "folds_query_groups", "amx_unsupported_reason",
+           "AMX_MAX_ROWS", "ATTENTION_MAX_ROWS"]
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("amx_linear.cpp", "confidence.cpp", "attention.cpp"))
 HEADERS = (Path(__file__).with_name("common.h"),)  # included by the sources: part of the library's hash
@@ -46,14 +53,8 @@ COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "
 # instruction, so they are checked before anything is loaded.
 REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 # Streaming a smol-135m pass's weights (benchmarks/linear_kernels.py --streamed) the AMX kernel is
-# well ahead of oneDNN's prepacked kernel up to 32 rows, about even at 64 (either way across runs)
-# and behind at 128.
+# well ahead of oneDNN's prepacked kernel up to 32 rows, about even at 64 and behind at 128.
 AMX_MAX_ROWS = 64
-KERNELS = ("auto", "amx", "onednn")
-CPU_MATMUL = {"kernel": os.environ.get("DIFFCODER_CPU_MATMUL", "auto")}
-SWITCHES = ("auto", "torch")  # the choices of the attention and confidence policies
-CPU_CONFIDENCE = {"kernel": os.environ.get("DIFFCODER_CPU_CONFIDENCE", "auto")}
-CPU_ATTENTION = {"kernel": os.environ.get("DIFFCODER_CPU_ATTENTION", "auto")}
 ATTENTION_MAX_ROWS = 64  # a decode step's folded query rows; a prefill's attention stays on SDPA
 
 
@@ -163,7 +164,7 @@ def _load_native_ops() -> Any | None:
 def amx_for(rows: int) -> Any | None:
     """The AMX ops if a bf16 matmul of `rows` input rows should run on them under the current
     policy, else None (the caller uses oneDNN)."""
-    kernel = _policy(CPU_MATMUL, KERNELS, "DIFFCODER_CPU_MATMUL")
+    kernel = current_policy().matmul
     if kernel == "onednn" or rows > AMX_MAX_ROWS:
         return None
     ops = native_ops()
@@ -173,25 +174,19 @@ def amx_for(rows: int) -> Any | None:
     return ops
 
 
-def _policy(policy: dict[str, str], choices: tuple[str, ...], env: str) -> str:
-    """A policy's current kernel, checked against its choices (it may come from the environment)."""
-    kernel = policy["kernel"]
-    if kernel not in choices:
-        raise ValueError(f"CPU kernel {kernel!r} ({env}) is not one of {', '.join(choices)}")
-    return kernel
-
-
-def _switch(policy: dict[str, str], env: str) -> bool:
-    return _policy(policy, SWITCHES, env) == "auto"
-
-
 def confidence_ops(logits: torch.Tensor) -> Any | None:
     """The native ops if the greedy float64 confidences of these logits should run on them under
     the current policy, else None (the caller uses torch's ops)."""
-    if (not _switch(CPU_CONFIDENCE, "DIFFCODER_CPU_CONFIDENCE") or logits.device.type != "cpu"
+    if (current_policy().confidence == "torch" or logits.device.type != "cpu"
             or logits.dtype not in (torch.bfloat16, torch.float32)):
         return None
     return native_ops()
+
+
+def folds_query_groups(device: torch.device) -> bool:
+    """Whether inference attention on this device folds query-head groups (GQA) under the current
+    policy."""
+    return current_policy().folds_query_groups(device.type)
 
 
 def attention_ops(device: torch.device, dtype: torch.dtype, head_dim: int, rows: int,
@@ -200,7 +195,7 @@ def attention_ops(device: torch.device, dtype: torch.dtype, head_dim: int, rows:
     times the tokens) should attend on them under the current policy, else None (the caller uses
     SDPA). The ops read a mask of one row per token (row g * tokens + t reads row t), so a caller
     that takes them does not repeat the mask per query head."""
-    if (not _switch(CPU_ATTENTION, "DIFFCODER_CPU_ATTENTION") or device.type != "cpu" or dtype != torch.bfloat16
+    if (current_policy().attention == "torch" or device.type != "cpu" or dtype != torch.bfloat16
             or rows > ATTENTION_MAX_ROWS or head_dim % 16 or (mask is not None and mask.dtype != torch.bool)):
         return None
     return native_ops()

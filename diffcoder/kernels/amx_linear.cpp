@@ -2,10 +2,11 @@
 // 4th generation and later), built by diffcoder/kernels/__init__.py with torch.utils.cpp_extension.
 //
 // Why not oneDNN: a decode pass of a small model makes ~120 matmuls of 4-8 rows each, so it is a
-// stream of weights from memory. oneDNN's prepacked bf16 kernel pays a fixed 23-33 us per call and
-// streamed the weights of a whole smol-135m pass at about 60% of what a plain read of the same
-// bytes reaches (benchmarks/linear_kernels.py, benchmarks/decode.py "matmuls alone"). Here every
-// weight is one contiguous stream of AMX B tiles, prefetched ahead, and a call costs a few us.
+// stream of weights from memory. oneDNN's prepacked bf16 kernel pays a fixed cost per call that is
+// large next to such a matmul, and streams a whole pass's weights well below what a plain read of
+// the same bytes reaches (benchmarks/linear_kernels.py --streamed, benchmarks/decode_speed.py
+// "matmuls alone"). Here every weight is one contiguous stream of AMX B tiles, prefetched ahead,
+// and a call costs a few us.
 //
 // Layout. W [N, K] is packed once into panels of 16 output columns, each in AMX's VNNI order:
 // packed[p, k2, c, j] = W[16 p + c, 2 k2 + j], shape [ceil(N / 16), K2, 16, 2], K2 = ceil(K / 2)
@@ -35,8 +36,9 @@ namespace {
 constexpr int64_t kPanelCols = 16;    // output columns per panel: one C tile's width in fp32
 constexpr int64_t kTileRows = 16;     // rows of an A or C tile; k pairs of a B tile
 constexpr int64_t kMaxMTiles = 4;     // C tiles per panel pass: 64 rows of x
-constexpr int64_t kPrefetchElems = 2048;  // prefetch 4 KB ahead in the panel (measured: 2-8 KB ahead all
-                                          // beat the hardware prefetcher alone by ~20%)
+// Software prefetch 4 KB ahead in the panel: the hardware prefetcher does not cover tile loads, and
+// streaming with it alone is clearly slower (any distance from 2 to 8 KB does about as well).
+constexpr int64_t kPrefetchElems = 2048;
 
 using diffcoder_kernels::request_amx_permission;
 

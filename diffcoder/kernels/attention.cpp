@@ -4,7 +4,7 @@
 //
 // Why: at that size SDPA's CPU flash kernel pays a large fixed cost per call, 30 calls per
 // smol-135m pass (benchmarks/attention_kernels.py times both at a decode's shapes;
-// benchmarks/decode.py --ab-torch-ops measures the difference in whole passes). Here each
+// benchmarks/decode_speed.py --ab-torch-ops measures the difference in whole passes). Here each
 // (batch, KV head) is one task of three passes, 16 query rows at a time:
 //   scores: S^T[j] (the 16 query rows as the 16 lanes of a vector) = sum_d k[j, d] * q^T[d], with
 //           keys that no query row may see skipped (the unused tail of a static cache);

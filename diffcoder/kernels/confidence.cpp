@@ -2,10 +2,10 @@
 // x0 = argmax over the vocabulary without the mask token, and its softmax probability computed in
 // float64 over the whole vocabulary (mask included), conf = exp(l[x0] - logsumexp(l)).
 //
-// Why: the torch ops behind diffcoder.decode.propose convert every logit to float64, take a
+// Why: the torch ops behind diffcoder.engine.rules.propose convert every logit to float64, take a
 // logsumexp, mask, argmax and gather, several passes over 64 x 49,152 float64 values per step at
-// batch 16 on smol-135m; even fused by inductor that was, after the matmuls and the attention, the
-// largest part of such a pass (benchmarks/decode.py --ab-torch-ops measures the difference). Here
+// batch 16 on smol-135m; even fused by inductor that is, after the matmuls and the attention, the
+// largest part of such a pass (benchmarks/decode_speed.py --ab-torch-ops measures the difference). Here
 // the max and argmax run on float32 copies of the logits (exact: a bf16 or float32 logit is a
 // float32 value), and only the sum of exponentials runs in float64 (Sleef's 1-ulp exp, the one
 // torch's vectorized float64 exp uses). The result differs from the torch ops' in the order of the

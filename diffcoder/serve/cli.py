@@ -7,7 +7,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from diffcoder.run_cli import add_model_flags, add_runner_flag
+    from diffcoder.engine.cli import add_model_flags, add_runner_flag
 
     p = subparsers.add_parser(
         "serve",
@@ -42,17 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="uvicorn log level (default info)")
     p.set_defaults(func=run_serve)
 
-    from diffcoder.serve import bench  # stdlib-only at import time: --help stays fast
-
-    bench.register(subparsers)
-
 
 def load_served(args: argparse.Namespace) -> tuple[object, str]:
     """The model to serve and the id clients send: --model as everywhere else (a directory, or a
     `diffcoder pull` name pulled on first use, --fallback-tiny honoured), named by --model-name,
     else by the directory's or the pulled model's name."""
     import diffcoder
-    from diffcoder.run_cli import load_model
+    from diffcoder.engine.cli import load_model
 
     model = load_model(args)  # clears args.model when --fallback-tiny fell back to the default
     source = args.model or str(diffcoder.default_model_dir(announce=False))

@@ -158,7 +158,7 @@ def _fim_prompt(info: ModelInfo, prefix: str, suffix: str) -> list[int]:
 
 def _check_with_engine(key: BatchKey, prompts: list[list[int]], info: ModelInfo) -> None:
     """Run the engine's own argument checks now, so a bad request fails alone with a 400."""
-    from diffcoder.decode import DecodeArgs, validate_args
+    from diffcoder.engine.decoding import DecodeArgs, validate_args
 
     args = DecodeArgs(key.steps, key.gen_length, key.block_length, key.temperature, key.remasking,
                       key.threshold, key.shift, info.eos_id, info.mask_id, key.seed)

@@ -284,7 +284,7 @@ class Scheduler:
             job.post(("done", stats))
 
     def _decode(self, jobs: list[Job]) -> BatchStats:
-        from diffcoder.decode import Decoding, StepEvent
+        from diffcoder.engine.decoding import Decoding, StepEvent
 
         owners: list[tuple[Job, int]] = []
         prompts: list[list[int]] = []

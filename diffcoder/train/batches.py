@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import PretrainSplit, SFTSplit
+from .sft_data import SFTSplit
+from .shards import PretrainSplit
 
 
 def _memo(cache: dict, key: int, make, keep: int = 4):  # noqa: ANN001, ANN202

@@ -65,21 +65,27 @@ TRAIN_HELP = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer for code")
-    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    _register_tokenizer(subparsers)
+    _register_data(subparsers)
+    _register_train(subparsers)
+    _register_plot(subparsers)
+
+
+def _register_tokenizer(subparsers: argparse._SubParsersAction) -> None:
+    tok_sub = _command_group(subparsers, "tokenizer", "train a byte-level BPE tokenizer for code")
     tt = tok_sub.add_parser("train", help="train BPE on source files (specials, FIM tokens, chat template)")
-    tt.add_argument("--src", nargs="*", type=Path, help="files/directories of code (default: the Python stdlib)")
+    _src_flag(tt)
     tt.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including the specials")
     tt.add_argument("--out", type=Path, required=True, help="output tokenizer directory")
     tt.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen at least this often")
     _walk_flags(tt)
     tt.set_defaults(func=cmd_tokenizer_train)
-    tok.set_defaults(func=_usage(tok))
 
-    data = subparsers.add_parser("data", help="build tokenized training data")
-    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+
+def _register_data(subparsers: argparse._SubParsersAction) -> None:
+    data_sub = _command_group(subparsers, "data", "build tokenized training data")
     db = data_sub.add_parser("build", help="source trees -> memory-mapped token shards + manifest.json")
-    db.add_argument("--src", nargs="*", type=Path, help="files/directories of code (default: the Python stdlib)")
+    _src_flag(db)
     db.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory")
     db.add_argument("--out", required=True, type=Path, help="output data directory")
     db.add_argument("--val-fraction", type=float, default=0.01, help="share of files held out for validation")
@@ -101,8 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sy.add_argument("--max-samples", type=int, default=2000, help="stop after this many conversations")
     sy.add_argument("--max-chars", type=int, default=1500, help="skip functions longer than this")
     sy.set_defaults(func=cmd_data_sft_synth)
-    data.set_defaults(func=_usage(data))
 
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
     tr = subparsers.add_parser("train", help="train: ar, block_diffusion (CPT) or sft; resumable; torchrun-ready")
     tr.add_argument("--config", type=Path, default=S, help="TOML file with the same keys as these flags "
                     "(flags given on the command line win)")
@@ -119,6 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         tr.add_argument(flag, type=kind, default=S, metavar=f.name.upper(), help=TRAIN_HELP[f.name] + extra)
     tr.set_defaults(func=cmd_train)
 
+
+def _register_plot(subparsers: argparse._SubParsersAction) -> None:
     pl = subparsers.add_parser("plot", help="loss, grad norm, u_max and mask rate of runs, overlaid")
     pl.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
     pl.add_argument("--out", required=True, type=Path, help="image file (.png, .pdf, .svg)")
@@ -126,12 +135,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.set_defaults(func=cmd_plot)
 
 
+def _command_group(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """`diffcoder NAME ACTION`: the group's actions go into the returned subparsers; the group
+    called without its action prints its help (exit 2)."""
+    group = subparsers.add_parser(name, help=help)
+    group.set_defaults(func=_usage(group))
+    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+
+
 def _usage(parser: argparse.ArgumentParser):  # noqa: ANN202
-    """A command group called without its action prints its help (exit 2)."""
     def show(_args: argparse.Namespace) -> int:
         parser.print_help(sys.stderr)
         return 2
     return show
+
+
+def _src_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", nargs="*", type=Path, help="files/directories of code (default: the Python stdlib)")
 
 
 def _walk_flags(p: argparse.ArgumentParser) -> None:
@@ -143,7 +163,7 @@ def _walk_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _exts(args: argparse.Namespace) -> tuple[str, ...]:
-    from .data import CODE_EXTENSIONS
+    from .corpus import CODE_EXTENSIONS
 
     if not args.ext:
         return CODE_EXTENSIONS
@@ -161,7 +181,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from .data import build_pretrain
+    from .shards import build_pretrain
 
     m = build_pretrain(args.src, args.tokenizer, args.out, val_fraction=args.val_fraction, extensions=_exts(args),
                        max_file_bytes=args.max_file_bytes, max_files=args.max_files, shard_tokens=args.shard_tokens,
@@ -172,7 +192,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_data_sft(args: argparse.Namespace) -> int:
-    from .data import build_sft
+    from .sft_data import build_sft
 
     m = build_sft(args.src, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
                   progress=not args.quiet)

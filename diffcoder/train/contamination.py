@@ -21,7 +21,7 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 def benchmark_ngrams(n: int, names: Iterable[str] = BENCHMARKS) -> dict[tuple[str, ...], str]:
     """Every n-gram of the benchmarks' problems -> the first task id that has it."""
-    from diffcoder.eval.benchmarks import load_benchmark
+    from diffcoder.eval.problems import load_benchmark
 
     index: dict[tuple[str, ...], str] = {}
     for name in names:

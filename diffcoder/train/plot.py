@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from diffcoder.fsutil import atomic_file
 
 PANELS = (("loss", "loss"), ("grad_norm", "grad norm"), ("u_max", "u_max (corruption warmup)"),
           ("mask_rate", "mask rate"))
@@ -62,14 +62,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, labels: list[str] | None 
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(out, "wb") as fh:
+            fig.savefig(fh, dpi=120, format=out.suffix[1:].lower())
     finally:
         plt.close(fig)
     return out

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from diffcoder.fsutil import atomic_write_text
 
 PROMPT = "Implement this Python function.\n\n```python\n{stub}\n```"
 
 
 def _segment(lines: list[str], node: ast.AST) -> str | None:
     """ast.get_source_segment on pre-split lines: that function re-splits the whole file on every
-    call, which made a large module's hundreds of functions quadratic."""
+    call, which makes a large module's hundreds of functions quadratic."""
     if getattr(node, "end_lineno", None) is None or node.end_lineno > len(lines):
         return None
     first, last = node.lineno - 1, node.end_lineno - 1
@@ -91,8 +91,5 @@ def synthesize(datadir: str | Path, out: str | Path, max_samples: int = 2000, ma
         raise ValueError(f"--data {datadir}: no documented Python functions in the train split")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(chats) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(chats) + "\n")
     return len(chats)

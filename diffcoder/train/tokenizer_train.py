@@ -7,11 +7,12 @@ then the learned merges. Written with `save_tokenizer`, so `transformers.AutoTok
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from .data import CODE_EXTENSIONS, _publish, _staging_dir, collect_corpus
+from diffcoder.fsutil import refuse_overwrite, staged_dir
+
+from .corpus import CODE_EXTENSIONS, collect_corpus
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None) -> Any:
@@ -47,15 +48,11 @@ def train_tokenizer(sources: list[Path] | None, vocab_size: int, out: str | Path
     from diffcoder.tokenizer import Tokenizer, save_tokenizer
 
     out = Path(out)
+    refuse_overwrite(out, overwrite, "--overwrite")
     _, files, _ = collect_corpus(sources, extensions, max_file_bytes, max_files)
     texts = (t for t in (f.read_text() for f in files) if t is not None)
     raw = train_bpe(texts, vocab_size, min_frequency, length=len(files))
-    tmp = _staging_dir(out, overwrite)
-    try:
+    with staged_dir(out) as tmp:
         save_tokenizer(raw, tmp)
         tok = Tokenizer.from_dir(tmp)  # proves the output loads before it is published
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "files": len(files), "vocab_size": tok.vocab_size, "requested": vocab_size}

@@ -19,300 +19,32 @@ import dataclasses
 import json
 import math
 import os
-import random
-import shutil
 import signal
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffcoder.fsutil import cpu_has_bf16, replace_dir
+from diffcoder.fsutil import atomic_write_text
 
 from .batches import FimSpec, PretrainStream, SFTStream
+from .checkpointing import generation_config, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .config import TrainConfig
-from .data import PretrainSplit, SFTSplit, read_manifest, tokenizer_fingerprint
+from .datadir import read_manifest
 from .noise import in_warmup, noise_generator, sample_block_noise, u_max_at
 from .objectives import LossModule, eligible_positions
 from .parallel import as_float, full_states, grad_sync, is_fsdp, shell_model, wrap
+from .setup import DistInfo, build_model, check_out_dir, lr_lambda, make_optimizer, setup_device, use_bf16
+from .sft_data import SFTSplit
+from .shards import PretrainSplit
 
-CKPT_DIR = "checkpoints"
 # Fields of a metrics record that depend on wall-clock time (excluded when comparing runs).
 TIMING_FIELDS = ("tokens_per_s", "step_time_s", "elapsed_s")
 # Without a terminal (nohup, CI, a pipe): a plain line for the first step and every LOG_EVERY steps.
 LOG_EVERY = 10
-# Llama config fields accepted in a --model-config JSON besides ModelConfig's own.
-HF_IGNORED_FIELDS = {"hidden_act", "initializer_range", "use_cache", "attention_dropout", "pretraining_tp",
-                     "transformers_version", "rope_parameters", "torch_dtype", "dtype"}
-
-
-# ------------------------------------------------------------------ setup
-class DistInfo:
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_device(cfg: TrainConfig, d: DistInfo) -> torch.device:
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine (use cpu or auto)")
-    device = torch.device(name)
-    if device.type == "cuda" and d.world > 1:
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    if d.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cpu":  # processes share the cores: do not oversubscribe them
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
-    return device
-
-
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.precision != "auto":
-        return cfg.precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
-def check_out_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write there ({exc.strerror}); choose a writable directory") from None
-    has_ckpt = any((out / CKPT_DIR).glob("step-*")) if (out / CKPT_DIR).exists() else False
-    if not cfg.resume and (has_ckpt or (out / "final").exists()):
-        raise ValueError(f"--out {out}: already holds a run (checkpoints or final/); pass --resume to continue it "
-                         "or choose a new --out")
-    return out
-
-
-def build_model(cfg: TrainConfig, data_tok_info: dict[str, Any]) -> tuple[Any, Any]:
-    """(model in float32 on CPU, tokenizer), checked against the data's tokenizer."""
-    import diffcoder
-    from diffcoder.config import ModelConfig
-    from diffcoder.model import DiffCoderLM
-
-    from .data import load_tokenizer
-
-    if cfg.init:
-        model = diffcoder.load(cfg.init, dtype=torch.float32)
-        tok = model.tokenizer
-        if cfg.tokenizer:
-            given = load_tokenizer(cfg.tokenizer)
-            if tok is not None and tokenizer_fingerprint(given) != tokenizer_fingerprint(tok):
-                raise ValueError(f"--tokenizer {cfg.tokenizer} differs from the tokenizer saved in --init {cfg.init}")
-            tok = given
-        if tok is None:
-            raise ValueError(f"--init {cfg.init}: the checkpoint has no tokenizer; pass --tokenizer TOKDIR")
-        src = f"--init {cfg.init}"
-    else:
-        if not cfg.tokenizer:
-            raise ValueError("--model-config needs --tokenizer TOKDIR (the vocabulary size and special ids "
-                             "come from it)")
-        tok = load_tokenizer(cfg.tokenizer)
-        fields = model_config_fields(cfg.model_config)
-        fields.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id, mask_token_id=tok.mask_id)
-        fields["max_position_embeddings"] = max(int(fields.get("max_position_embeddings", 2048)), cfg.seq_len)
-        model = DiffCoderLM(ModelConfig(**fields)).init_weights(cfg.seed)
-        model.mask_id = tok.mask_id
-        src = f"--tokenizer {cfg.tokenizer}"
-    model.tokenizer = tok
-    fp = tokenizer_fingerprint(tok)
-    if data_tok_info["fingerprint"] != fp:
-        raise ValueError(f"tokenizer mismatch: --data {cfg.data} was tokenized with tokenizer {data_tok_info['fingerprint']} "
-                         f"({data_tok_info['vocab_size']} tokens) but {src} has {fp} ({tok.vocab_size} tokens); "
-                         "rebuild the data with this tokenizer")
-    if data_tok_info["vocab_size"] > model.config.vocab_size:
-        raise ValueError(f"vocab mismatch: the data uses {data_tok_info['vocab_size']} token ids but the model's "
-                         f"vocab_size is {model.config.vocab_size}")
-    if cfg.diffusion and model.mask_id is None:
-        raise ValueError(f"{src}: no mask token id; block diffusion needs <[MASK_TOKEN]>")
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{model.config.max_position_embeddings}")
-    return model, tok
-
-
-def model_config_fields(spec: str) -> dict[str, Any]:
-    """Preset name or JSON file of Llama fields -> ModelConfig keyword arguments."""
-    from diffcoder.config import PRESETS, ModelConfig
-
-    if spec in PRESETS:
-        return dict(PRESETS[spec])
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"--model-config {spec!r}: not a preset ({', '.join(PRESETS)}) and not a JSON file")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--model-config {path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"--model-config {path}: expected a JSON object of Llama config fields")
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
-    unknown = sorted(set(raw) - known - HF_IGNORED_FIELDS - {"architectures", "model_type"})
-    if unknown:
-        raise ValueError(f"--model-config {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = ModelConfig.from_dict({"vocab_size": 1, **raw}, source=str(path))  # validates heads etc. (vocab from the tokenizer)
-    fields = {k: getattr(cfg, k) for k in raw if k in known and k not in ("vocab_size",)}
-    fields["rope_theta"] = cfg.rope_theta
-    return fields
-
-
-def lr_lambda(cfg: TrainConfig):  # noqa: ANN201 (a closure for LambdaLR)
-    """Factor of --lr at optimizer step s (0-based): linear warmup, then cosine / WSD / constant."""
-    warm, total, floor = cfg.lr_warmup_steps, cfg.steps, cfg.min_lr / cfg.lr
-
-    def factor(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        if cfg.lr_schedule == "cosine":
-            p = min(1.0, (s - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-        decay = int(round(cfg.wsd_decay_frac * total))  # wsd: stable, then linear decay over the last part
-        start = total - decay
-        if s < start or decay == 0:
-            return 1.0
-        return 1.0 - (1 - floor) * min(1.0, (s - start + 1) / decay)
-
-    return factor
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms and biases (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-
-
-# ------------------------------------------------------------ checkpoints
-def generation_config(cfg: TrainConfig) -> dict[str, Any]:
-    """What decoding should default to for what this run trained."""
-    if cfg.diffusion:
-        return {"block_length": cfg.block_size, "shift": cfg.shift}
-    return {"block_length": 1, "shift": True}  # an AR model decodes as block size 1 with shift
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    # Temporary directories of a save that was killed half-way are never a checkpoint: remove them.
-    for tmp in (out / CKPT_DIR).glob(".step-*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    ckpts = sorted(p for p in (out / CKPT_DIR).glob("step-*") if (p / "trainer.pt").exists())
-    return ckpts[-1] if ckpts else None
-
-
-def _rng_states() -> dict[str, Any]:
-    """Every RNG's state as tensors, tuples and numbers only (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    rng = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-           "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _set_rng_states(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    kind, keys, pos, has_gauss, gauss = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def save_checkpoint(out: Path, model: Any, tok: Any, optim_sd: dict[str, Any], sched: Any, state: dict[str, Any],
-                    cfg: TrainConfig, lora: Any = None) -> Path:
-    """Write checkpoints/step-N atomically (rank 0): the HF model dir (or, for a LoRA run, the
-    adapter dir) + optimizer/scheduler/RNG/step."""
-    import diffcoder
-
-    root = out / CKPT_DIR
-    root.mkdir(exist_ok=True)
-    name = f"step-{state['step']:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
-    try:
-        if lora is not None:
-            from .adapters import save_adapter
-
-            save_adapter(lora, tmp / "adapter", base=cfg.init)
-        else:
-            diffcoder.save(model, tmp / "model", tokenizer=tok, generation_config=generation_config(cfg))
-        torch.save({"optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": _rng_states(), **state},
-                   tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
-        final = root / name
-        replace_dir(tmp, final)  # an existing step-N is moved aside first, never deleted before the swap
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in sorted(p for p in root.glob("step-*"))[:-cfg.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, loss_mod: Any, opt: torch.optim.Optimizer, sched: Any,
-                    lora: Any = None) -> dict[str, Any]:
-    """Restore model (or adapter), optimizer, scheduler and RNG states (any world size / parallel mode).
-    trainer.pt is read with weights_only=True: a checkpoint holds tensors and plain values, never code."""
-    import diffcoder
-
-    from .parallel import load_states
-
-    try:
-        blob = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle refuses anything but tensors, containers and numbers
-        raise ValueError(f"{path / 'trainer.pt'}: not a trainer state this version can read safely ({exc}); "
-                         "start a new run or resume from another checkpoint") from None
-    if lora is not None:
-        from .adapters import load_adapter_weights
-
-        load_adapter_weights(lora, path / "adapter")
-        load_states(loss_mod, opt, None, blob["optimizer"])
-    else:
-        saved = diffcoder.load(path / "model", dtype=torch.float32)
-        load_states(loss_mod, opt, saved.state_dict(), blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    _set_rng_states(blob["rng"])
-    return {k: blob[k] for k in ("step", "rows", "tokens")}
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (a killed run may have logged past its checkpoint)."""
-    from diffcoder.tokenizer import atomic_write_text
-
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-        if rec.get("step", 0) <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 # ------------------------------------------------------------------ loop
@@ -505,8 +237,6 @@ class Trainer:
             self.state = load_checkpoint(ck, self.loss_mod, self.opt, self.sched, self.lora)
         if self.d.main:
             truncate_metrics(metrics, self.state["step"]) if cfg.resume else metrics.unlink(missing_ok=True)
-            from diffcoder.tokenizer import atomic_write_text
-
             atomic_write_text(out / "run.json", json.dumps({**dataclasses.asdict(cfg), "world_size": self.d.world,
                                                             "device": str(self.device), "bf16": self.bf16}, indent=2) + "\n")
         self._barrier()
@@ -570,7 +300,13 @@ class Trainer:
             dist.barrier()
 
     def _progress(self) -> Any:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=self.cfg.quiet or not self.d.main)

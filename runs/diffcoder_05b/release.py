@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from diffcoder.pull import ADAPTERS, stamp_adapter
+from diffcoder.hub import ADAPTERS, stamp_adapter
 from diffcoder.train.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter
 
 HERE = Path(__file__).resolve().parent

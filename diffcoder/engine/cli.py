@@ -18,7 +18,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_runner_flag(p: argparse.ArgumentParser) -> None:
-    from .config import RUNNERS
+    from ..config import RUNNERS
 
     p.add_argument("--runner", default="auto", choices=RUNNERS, help="how each pass runs: auto (CUDA graph on a "
                    "GPU, eager on a CPU), or compiled_static (torch.compile; compiles once per batch size and "
@@ -61,40 +61,20 @@ def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     return kw
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    from .cli import UserError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                            "use --device cpu or auto")
-        index = name.partition(":")[2]
-        if index.isdigit() and int(index) >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return name
-
-
 def load_auto(path: Any, device: str = "auto", dtype: str = "auto") -> Any:
-    """`diffcoder.load` with the CLI's choices: CUDA when present; bfloat16 on GPUs and on CPUs
-    with native bf16, else float32."""
-    from . import load
-    from .fsutil import cpu_has_bf16
+    """`diffcoder.load` with the CLI's choices (diffcoder.hardware): CUDA when present; bfloat16
+    where the device runs it natively, else float32."""
+    from .. import load
+    from ..hardware import pick_device, pick_dtype
 
     device = pick_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
-    return load(path, device=device, dtype=dtype)
+    return load(path, device=device, dtype=pick_dtype(dtype, device))
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    from .defaults import default_model_dir
+    from ..defaults import default_model_dir
 
-    from .pull import PullError
+    from ..hub import PullError
 
     try:
         model = load_auto(args.model or default_model_dir(), args.device, args.dtype)
@@ -133,7 +113,7 @@ def stream_decode(model: Any, prompt_ids: list[int], kw: dict[str, Any], show_st
                   out: Any = None, echo: str = "") -> tuple[str, Any]:
     import time
 
-    from .decode import BlockEvent, Decoding, StepEvent
+    from .decoding import BlockEvent, Decoding, StepEvent
 
     tok = model.tokenizer
     out = out or sys.stdout  # looked up per call: sys.stdout may be replaced after import
@@ -197,7 +177,7 @@ def _readline_history() -> Any:
         import readline
     except ImportError:
         return None
-    from .defaults import cache_root
+    from ..fsutil import cache_root
 
     path = cache_root() / HISTORY_FILE
     readline.set_auto_history(False)  # only real turns and commands go in, blank lines not
@@ -277,7 +257,7 @@ def chat_repl(model: Any, kw: dict[str, Any], system: str | None = None, show_st
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .defaults import default_model_dir
+    from ..defaults import default_model_dir
 
     print(f"loading {args.model or default_model_dir(announce=False).name}...", file=sys.stderr)
     model = load_model(args)

@@ -29,10 +29,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import kernels
+from ..config import REMASKING
+from .rules import block_schedule, commit_rule, committed_window, confidence_ranks, greedy_choice, propose
 from .runners import make_runner
-
-REMASKING = ("low_confidence", "random")
 
 
 @dataclass
@@ -133,75 +132,6 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
         v = getattr(args, name)
         if v is not None and vocab_size is not None and not 0 <= v < vocab_size:
             bad(f"{name} {v} is outside the vocabulary [0, {vocab_size})")
-
-
-def _ranks(conf: torch.Tensor) -> torch.Tensor:
-    """Rank of each position by confidence within its row (0 = most confident; ties: leftmost first)."""
-    order = torch.argsort(conf, dim=-1, descending=True, stable=True)
-    return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                            .expand_as(order))
-
-
-def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, temperature: float = 0.0,
-            remasking: str = "low_confidence", dtype: torch.dtype = torch.float64,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, token) at the block's masked positions, by the release's rules; elsewhere
-    (decoded already: no rule reads them) confidence -inf and token `mask_id`. Pure (no state):
-    compiled runners trace it into the step."""
-    if (temperature == 0 and remasking == "low_confidence" and dtype == torch.float64
-            and masked.shape == logits.shape[:-1]):
-        native = kernels.confidence_ops(logits)
-        if native is not None:  # the same rule in one pass over the masked rows' logits (kernels/confidence.cpp)
-            return native.greedy_confidence(logits, mask_id, masked)
-    scores = logits.to(dtype)  # float64 by default, as the release
-    if remasking == "low_confidence":
-        log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
-    scores[..., mask_id] = float("-inf")  # never predict the mask token itself
-    if temperature > 0:
-        # Gumbel-max in float64, as the release: argmax(exp(l) / (-log U)^T)
-        g = scores.to(torch.float64)
-        u = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float64)
-        x0 = (g.exp() / (-torch.log(u)) ** temperature).argmax(-1)
-    else:
-        x0 = scores.argmax(-1)
-    if remasking == "low_confidence":  # softmax probability of the chosen token
-        conf = (scores.gather(-1, x0.unsqueeze(-1)) - log_z).exp().squeeze(-1)
-    else:
-        conf = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)
-    return torch.where(masked, conf, torch.full_like(conf, float("-inf"))), torch.where(masked, x0, mask_id)
-
-
-def commit_rule(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None,
-                threshold: float | None) -> torch.Tensor:
-    """Which masked positions to commit: the k most confident per row (the step's allotment), or
-    with a threshold the top-1 plus every position at or above it (the release's rules)."""
-    ranks = _ranks(conf)
-    select = (ranks < k) if k is not None else (ranks == 0) | (conf >= threshold)
-    return select & masked
-
-
-def greedy_choice(logits: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None, window: torch.Tensor, *,
-                  mask_id: int, threshold: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """One greedy low-confidence step after the pass: (select, confidence, token, the window's new
-    tokens, its new mask). What a compiled runner fuses into the model's step, so that one
-    compiled call replaces the pass and the ~30 small ops of choosing and committing."""
-    conf, x0 = propose(logits, masked, mask_id=mask_id, dtype=dtype)
-    select = commit_rule(conf, masked, k, threshold)
-    return select, conf, x0, *committed_window(select, x0, window, masked)
-
-
-def committed_window(select: torch.Tensor, x0: torch.Tensor, window: torch.Tensor,
-                     masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The window's tokens and mask once the selected positions are committed."""
-    return torch.where(select, x0, window), masked & ~select
-
-
-def block_schedule(masked: int, steps_per_block: int) -> list[int]:
-    """Tokens committed at each (non-skipped) step of a block: the release's allotment."""
-    base, extra = divmod(masked, steps_per_block)
-    # `extra` steps of base + 1, then the rest of base each (none when base is 0): at most
-    # `masked` entries, whatever steps_per_block is.
-    return [base + 1] * extra + [base] * ((steps_per_block - extra) if base else 0)
 
 
 class Decoding:
@@ -393,7 +323,7 @@ class Decoding:
             masked = self.masked[:, ws:we]
             conf, x0 = self._propose(logits, masked)
             select = conf >= a.threshold
-            select[:, :B] |= _ranks(conf[:, :B]) == 0  # the oldest block always commits its top-1
+            select[:, :B] |= confidence_ranks(conf[:, :B]) == 0  # the oldest block always commits its top-1
             select = self._apply(select & masked, x0, ws, we)
             if self.step_events:
                 for j in range(0, we - ws, B):
@@ -505,23 +435,3 @@ def generate(model: torch.nn.Module, prompts: str | list[str] | list[list[int]],
     if tok is not None:
         dec.result.texts = [tok.decode([t for t in ids if t != eos_id]) for ids in dec.result.tokens]
     return dec.result
-
-
-def release_style_output(model: torch.nn.Module, input_ids: torch.Tensor, *, eos_id: int | None,
-                         block_length: int, gen_length: int, **kwargs: object) -> torch.Tensor:
-    """Prompt + generated ids as the release returns them: cut at the end of the block holding the
-    first EOS, EOS from there on; rows padded to a common length with EOS (or the mask id)."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    prompts = input_ids.tolist()
-    res = generate(model, prompts, eos_id=eos_id, block_length=block_length, gen_length=gen_length, **kwargs)
-    rows = []
-    for p, gen in zip(prompts, res.tokens):
-        seq = p + gen
-        if eos_id is not None and gen and gen[-1] == eos_id:
-            block_end = min((len(seq) - 1) // block_length * block_length + block_length, len(p) + gen_length)
-            seq = seq + [eos_id] * (block_end - len(seq))
-        rows.append(seq)
-    fill = eos_id if eos_id is not None else (kwargs.get("mask_id") or model.mask_id)
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long, device=input_ids.device)

@@ -2,11 +2,13 @@
 
 Both compute the same thing: the pass over columns [qs, we) of the batch (clean columns
 [qs, ws) are kept in the KV cache, the noisy block [ws, we) is not), returning the logits at
-`idx`. The graph runner uses static shapes: the block is written at fixed cache columns given
-by an index tensor, attention spans every cache column, and the mask hides the rest. The
-per-pass Python and kernel-launch overhead then disappears (gpt-fast style). Graphs are keyed
-by (batch, query length, logits slice), so a decode needs two: the plain block step and the
-fused commit+block step; the one-off prefill runs eagerly.
+`idx`. Both write the pass's keys and values through `KVCache.update`: the eager runner at the
+columns after the committed ones, the static runner at fixed cache columns given by an index
+tensor (`cache_cols`), attention then spanning every cache column with the mask hiding the rest.
+With those static shapes a pass can be compiled and captured as a CUDA graph, so its per-pass
+Python and kernel-launch overhead disappears (gpt-fast style). Graphs are keyed by (batch,
+query length, logits slice), so a decode needs two: the plain block step and the fused
+commit+block step; the one-off prefill runs eagerly.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RUNNERS
-from .masks import decode_mask
+from ..config import RUNNERS
+from ..kernels.linear import decode_matmul_kernel
+from ..masks import decode_mask
 
 __all__ = ["RUNNERS", "EagerRunner", "StaticRunner", "make_runner"]
 
@@ -57,11 +60,11 @@ class _Graph:
     ids: torch.Tensor
     pos: torch.Tensor
     mask: torch.Tensor
-    write_idx: torch.Tensor
+    cols: torch.Tensor  # the cache columns the pass writes its keys and values to
     logits: torch.Tensor
     at: tuple  # (qs, we, key_valid) the static inputs other than the token ids were built for
-    # The rotary tables of `pos`, built once per block like the mask. Inside a compiled pass
-    # inductor fused their cos/sin into every layer's rotary kernel and recomputed them there.
+    # The rotary tables of `pos`, built once per block like the mask: computed inside a compiled
+    # pass, inductor would fuse their cos/sin into every layer's rotary kernel and recompute them.
     cos: torch.Tensor
     sin: torch.Tensor
 
@@ -119,25 +122,21 @@ class StaticRunner:
             else:
                 g.pos.copy_(pos[:, qs:we])
                 g.mask.copy_(mask)
-                g.write_idx.copy_(cols[qs:we])
+                g.cols.copy_(cols[qs:we])
                 for table, new in zip((g.cos, g.sin), self.model.rotary(g.pos, self.model.dtype)):
                     table.copy_(new)
                 g.at = at
         if not fresh:
             g.ids.copy_(x[:, qs:we])
-        cache.write_idx = g.write_idx
-        try:
-            if not self.use_graphs:
-                out = self._step(rule)(g.ids, g.pos, g.mask, cache, idx, (g.cos, g.sin), *args)
-            else:
-                if fresh:
-                    self._capture(g, cache, idx)
-                g.graph.replay()
-                out = g.logits
-            self.graphs[key] = g
-        finally:
-            cache.write_idx = None
-        cache.length = ws
+        if not self.use_graphs:
+            out = self._step(rule)(g.ids, g.pos, g.mask, cache, g.cols, idx, (g.cos, g.sin), *args)
+        else:
+            if fresh:
+                self._capture(g, cache, idx)
+            g.graph.replay()
+            out = g.logits
+        self.graphs[key] = g
+        cache.length = ws  # the clean columns [qs, ws) are committed, the block's are scratch
         return out
 
     def _step(self, rule: functools.partial | None):  # noqa: ANN202
@@ -150,7 +149,7 @@ class StaticRunner:
         step = self._step(None)
 
         def run() -> torch.Tensor:
-            return step(g.ids, g.pos, g.mask, cache, idx, (g.cos, g.sin))
+            return step(g.ids, g.pos, g.mask, cache, g.cols, idx, (g.cos, g.sin))
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -166,8 +165,8 @@ class StaticRunner:
 def static_step(model: torch.nn.Module, rule: functools.partial | None = None):  # noqa: ANN201
     """The static-shape pass as a function of its buffers: the logits at `idx`, or with a rule
     what `rule(logits, *args)` returns."""
-    def step(ids, pos, mask, cache, idx, rope, *args):  # noqa: ANN001, ANN002, ANN202
-        logits = model.forward(ids, pos, attn_mask=mask, cache=cache, logits_index=idx, rope=rope)
+    def step(ids, pos, mask, cache, cols, idx, rope, *args):  # noqa: ANN001, ANN002, ANN202
+        logits = model.forward(ids, pos, attn_mask=mask, cache=cache, cache_cols=cols, logits_index=idx, rope=rope)
         return logits if rule is None else rule(logits, *args)
 
     return step
@@ -180,8 +179,8 @@ def compiled_step(model: torch.nn.Module, rule: functools.partial | None = None)
     A fresh `torch.compile` per request would recompile (the compiled code is keyed by the
     wrapper) and soon hit dynamo's recompile limit. On a CPU the step is compiled with inductor's
     C++ wrapper (the per-pass Python that launches each fused kernel disappears: a CPU has no
-    CUDA graphs); in bf16 its matmuls stay the prepacked oneDNN ones of eager mode (the opaque
-    `diffcoder::prepacked_linear` op).
+    CUDA graphs); in bf16 its matmuls run the kernels of eager mode through opaque ops
+    (`packed_linear` in kernels/linear.py).
     """
     steps = model.__dict__.setdefault("_compiled_steps", {})
     key = None if rule is None else (rule.func, tuple(sorted(rule.keywords.items())))
@@ -198,16 +197,13 @@ def _compile_options(model: torch.nn.Module) -> dict:
     """On a CPU, inductor's C++ wrapper where it pays: it removes the per-pass Python that launches
     each fused kernel and extern op (a CPU has no CUDA graphs to hide it), but its one C++ file per
     graph grows with the layer count, and a 30-layer step's first compile takes minutes (inductor
-    caches it on disk for later processes). Small models always gain. For smol-135m it gained
-    nothing while the bf16 matmuls were Python-implemented ops (oneDNN's, which the C++ wrapper
-    calls back into Python for); with them on the AMX kernel, a C++ op, it was the faster wrapper
-    in each of three alternating pairs of batch-1 runs (devlog, session 6)."""
+    caches it on disk for later processes). Small models always gain. A larger model gains when its
+    bf16 matmuls run the AMX kernel, a C++ op; oneDNN's prepacked matmul is a Python-implemented op,
+    which the C++ wrapper calls back into Python for, and gains it nothing."""
     if model.device.type != "cpu":
         return {}
-    from .model import decode_matmul_kernel
-
     small = model.parameter_bytes() <= _CPP_WRAPPER_MAX_BYTES
-    return {"cpp_wrapper": small or decode_matmul_kernel(model) == "amx"}
+    return {"cpp_wrapper": small or decode_matmul_kernel(model.linear) == "amx"}
 
 
 _CPP_WRAPPER_MAX_BYTES = 64 << 20

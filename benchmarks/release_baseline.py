@@ -21,7 +21,7 @@ def _block_causal(q_pos: torch.Tensor, k_len: int, B: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def release_generate(hf, input_ids: torch.Tensor, *, steps: int, gen_length: int, block_length: int,
+def baseline_generate(hf, input_ids: torch.Tensor, *, steps: int, gen_length: int, block_length: int,
                      mask_id: int, threshold: float | None = None, eos_id: int | None = None,
                      temperature: float = 0.0) -> tuple[torch.Tensor, int]:
     """Returns (generated ids [gen], forward passes). input_ids: [1, P]."""

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .decode import generate
-from .tokenizer import Tokenizer
+from .decoding import generate
+from ..tokenizer import Tokenizer
 
 
 def infill_many(model: Any, pairs: list[tuple[str, str]], *, tokenizer: Tokenizer | None = None,

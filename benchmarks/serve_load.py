@@ -1,10 +1,12 @@
-"""`diffcoder serve-bench`: concurrent streaming clients against a real server, measured.
+"""Serve load: concurrent streaming clients against a real server, measured.
+
+    python benchmarks/serve_load.py --model DIR --clients 32 --max-tokens 64 --max-batch 1 8 32 --verify
 
 Starts the server in-process on a loopback port (or targets `--url`), fires `--clients`
 streaming completions at once, and prints throughput, latency percentiles, time to first
 chunk and batch sizes (from /metrics). With several `--max-batch` values it runs each, so the
 effect of batching is visible on the same machine. Every figure docs/serving.md quotes comes
-from this command.
+from this script.
 """
 from __future__ import annotations
 
@@ -17,6 +19,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+import diffcoder
+from diffcoder.hardware import pick_device
+from diffcoder.serve.app import ServeConfig, create_app
+from diffcoder.serve.background import BackgroundServer
+from diffcoder.serve.generation import DEFAULT_BLOCK_LENGTH
+
 
 @dataclass
 class Sample:
@@ -26,12 +38,8 @@ class Sample:
     text: str
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "serve-bench",
-        help="measure the server under concurrent streaming clients (throughput, latency, batch sizes)",
-        description="Start the server on a loopback port (or use --url) and measure N concurrent streaming clients.",
-    )
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: diffcoder.default_model_dir())")
     p.add_argument("--url", default=None, help="measure an already running server at this base URL instead")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
@@ -47,38 +55,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also decode every prompt alone with the engine and count outputs that differ "
                         "from the served (batched) ones (in-process server only)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.set_defaults(func=run_bench)
-
-
-def run_bench(args: argparse.Namespace) -> int:
+    args = p.parse_args(argv)
     if args.clients < 1 or args.max_tokens < 1:
-        raise ValueError("--clients and --max-tokens must be at least 1")
-    results = []
+        p.error("--clients and --max-tokens must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.url:
-        results.append(asyncio.run(_measure(args.url.rstrip("/"), args)) | {"max_batch": None})
+        results = [asyncio.run(_measure(args.url.rstrip("/"), args)) | {"max_batch": None}]
     else:
-        import diffcoder
-        from diffcoder.serve.app import ServeConfig, create_app
-        from diffcoder.serve.background import BackgroundServer
-
-        from diffcoder.run_cli import pick_device
-
-        model = diffcoder.load(args.model or diffcoder.default_model_dir(), device=pick_device(args.device))
-        for max_batch in args.max_batch:
-            config = ServeConfig(max_batch=max_batch, max_queue=max(64, args.clients),
-                                 batch_window_s=args.batch_window_ms / 1000)
-            with BackgroundServer(create_app(model, model_name="bench", config=config)) as srv:
-                result = asyncio.run(_measure(srv.url, args)) | {"max_batch": max_batch}
-            if args.verify:
-                result["differ_from_alone"] = _count_differences(model, result.pop("texts"), args)
-            results.append(result)
+        results = _measure_in_process(args)
     _report(results, args)
-    return 0
+
+
+def _measure_in_process(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One in-process server per --max-batch value, on the same loaded model, each measured."""
+    model = diffcoder.load(args.model or diffcoder.default_model_dir(), device=pick_device(args.device))
+    results = []
+    for max_batch in args.max_batch:
+        config = ServeConfig(max_batch=max_batch, max_queue=max(64, args.clients),
+                             batch_window_s=args.batch_window_ms / 1000)
+        with BackgroundServer(create_app(model, model_name="bench", config=config)) as srv:
+            result = asyncio.run(_measure(srv.url, args)) | {"max_batch": max_batch}
+        if args.verify:
+            result["differ_from_alone"] = _count_differences(model, result.pop("texts"), args)
+        results.append(result)
+    return results
 
 
 async def _measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
-
     body = {"prompt": "", "max_tokens": args.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     if args.steps:
         body["steps"] = args.steps
@@ -114,9 +121,6 @@ def _prompts(n: int) -> list[str]:
 
 def _count_differences(model: Any, texts: list[str], args: argparse.Namespace) -> int:
     """How many served outputs differ from the same prompt decoded alone (greedy)."""
-    import diffcoder
-    from diffcoder.serve.generation import DEFAULT_BLOCK_LENGTH
-
     tok = model.tokenizer
     block = int((getattr(model, "generation_defaults", None) or {}).get("block_length", DEFAULT_BLOCK_LENGTH))
     gen = -(-args.max_tokens // block) * block
@@ -159,9 +163,6 @@ def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     where = args.url or f"in-process server, device {args.device}"
     table = Table(title=f"{args.clients} concurrent streaming clients, max_tokens {args.max_tokens} ({where})")
     for col in ("max_batch", "wall s", "tokens/s", "p50 latency s", "p95 latency s", "p50 first chunk s",
@@ -172,3 +173,7 @@ def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                       f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}", f"{r['first_chunk_p50_s']:.2f}",
                       str(r["batches"]), f"{r['mean_batch_rows']:.1f}", str(r.get("differ_from_alone", "-")))
     Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,10 @@
-"""Benchmark problems (from the copies under diffcoder/eval/data) and how to test a sample.
+"""Problem sets of the evaluation benchmarks (HumanEval, MBPP, MBPP+, HumanEval infilling), read
+from the copies under diffcoder/eval/data, and how to test a sample.
 
-Every benchmark becomes a list of `Problem`s. `Problem.job(sample)` turns one sample (a
-human-eval style `completion`, or an EvalPlus style full `solution`) into the job the
-sandboxed runner executes; `Problem.canonical_sample()` is the reference as a sample.
+Every problem set (a "benchmark" in `--benchmark`) becomes a list of `Problem`s.
+`Problem.job(sample)` turns one sample (a human-eval style `completion`, or an EvalPlus style
+full `solution`) into the job the sandboxed judge runs; `Problem.canonical_sample()` is the
+reference as a sample.
 """
 from __future__ import annotations
 

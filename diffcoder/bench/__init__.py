@@ -1,1 +1,0 @@
-"""Benchmarks shipped with the package (`diffcoder bench ...`); scripts in benchmarks/ call these."""
