@@ -1,6 +1,7 @@
 """Evaluate every arm of diffcoder-0.5b through our own harness, same prompts and settings:
 
     python runs/diffcoder_05b/evaluate.py [--bench humaneval mbpp humaneval-infill-single] [--arms ...]
+                                          [--ar-sft OUT/stage-2/final]
 
 Each arm x benchmark goes to runs/diffcoder_05b/results/ARM/BENCH (resumable: rerun to continue);
 `report.py` turns them into the tables of the model card and docs/replication.md.
@@ -8,6 +9,7 @@ Each arm x benchmark goes to runs/diffcoder_05b/results/ARM/BENCH (resumable: re
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +20,12 @@ BASE, MODEL = "qwen2.5-coder-0.5b-instruct", "diffcoder-0.5b"
 GEN = ["--gen-length", "384", "--stop-after-code"]
 # Single-line infilling: the answer is one line, never a chat reply with a code block.
 GEN_INFILL = ["--gen-length", "64"]
+# The AR-SFT arm (model None): its weights are not shipped; train_ar_sft.sh builds them, `--ar-sft` points at them.
 # name -> (model, decoder flags, what the arm is)
-ARMS: dict[str, tuple[str, list[str], str]] = {
+ARMS: dict[str, tuple[str | None, list[str], str]] = {
     "ar-base": (BASE, ["--block-length", "1", "--shift"], "the AR base, AR decoding"),
+    "ar-sft": (None, ["--block-length", "1", "--shift"],
+               "the AR base after AR SFT on the same data and schedule as diffcoder-0.5b, AR decoding"),
     "base-bd4": (BASE, ["--block-length", "4", "--shift"], "the AR base decoded as block diffusion (B = 4), untrained"),
     "bd4": (MODEL, ["--block-length", "4", "--shift"], "diffcoder-0.5b, B = 4, one token per pass"),
     "bd4-t0.9": (MODEL, ["--block-length", "4", "--shift", "--threshold", "0.9"],
@@ -31,12 +36,23 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
                          "--block-add-threshold", "0.5"], "diffcoder-0.5b, threshold 0.9, two blocks in flight"),
 }
 # FIM: the instruct template is not used; infilling takes the model's own FIM tokens.
-INFILL_ARMS = {"ar-base", "base-bd4", "bd4"}
+INFILL_ARMS = {"ar-base", "ar-sft", "base-bd4", "bd4"}
 
 
-def run(arm: str, bench: str, limit: int | None, batch: int) -> int:
-    model, flags, _ = ARMS[arm]
+def complete(out: Path) -> bool:
+    res = out / "results.json"
+    return res.exists() and json.loads(res.read_text()).get("complete", False)
+
+
+def run(arm: str, bench: str, limit: int | None, batch: int, model: str | None) -> int:
+    _, flags, _ = ARMS[arm]
     out = RESULTS / arm / bench
+    if model is None:
+        if complete(out):
+            print(f"{arm}/{bench}: complete, and no model given to resume it with: kept", flush=True)
+            return 0
+        raise SystemExit(f"{arm}/{bench}: not evaluated yet and this arm's weights are not shipped: build them "
+                         f"with runs/diffcoder_05b/train_ar_sft.sh and pass --{arm} OUT/stage-2/final")
     cmd = [sys.executable, "-m", "diffcoder.cli", "eval", bench, "--model", model, "--out", str(out),
            "--batch-size", str(batch), *(GEN_INFILL if bench.startswith("humaneval-infill") else GEN), *flags,
            "--no-progress"]
@@ -52,12 +68,14 @@ def main() -> int:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--limit", type=int, help="first N problems only (a documented subset)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--ar-sft", metavar="DIR", help="the AR-SFT arm's merged model (train_ar_sft.sh OUT/stage-2/final)")
     args = ap.parse_args()
+    models = {arm: model for arm, (model, _, _) in ARMS.items()} | {"ar-sft": args.ar_sft}
     for bench in args.bench:
         for arm in args.arms:
             if bench.startswith("humaneval-infill") and arm not in INFILL_ARMS:
                 continue
-            if run(arm, bench, args.limit, args.batch_size):
+            if run(arm, bench, args.limit, args.batch_size, models[arm]):
                 return 1
     return 0
 
