@@ -187,3 +187,16 @@ def test_sft_synth_uses_train_split_functions_only(tmp_path: Path, train_tokeniz
         assert name not in val_names and name.startswith("func_")
         assert '"""Return x plus' in user and "y = x +" not in user  # the stub: signature + docstring only
         assert reply.startswith("```python\ndef " + name) and "return y" in reply
+
+
+def test_stub_prompts_leave_out_an_earlier_sets_instructions(tmp_path: Path) -> None:
+    from diffcoder.train import distill
+
+    src = tmp_path / "m.py"
+    src.write_text('def add(a, b):\n    """Return the sum of a and b, two numbers given by the caller."""\n    return a + b\n\n\n'
+                   'def sub(a, b):\n    """Return a minus b, for two numbers given by the caller."""\n    return a - b\n')
+    every = distill.stub_prompts([src], 10, seed=0)
+    assert len(every) == 2
+    rest = distill.stub_prompts([src], 10, seed=0, exclude=frozenset(every[:1]))
+    assert rest == every[1:]
+    assert distill.prompt_key("Write  a Function") == distill.prompt_key("write a function")

@@ -52,15 +52,22 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.lower()).strip()
 
 
-def stub_prompts(sources: Iterable[Path], n: int, seed: int, max_chars: int = 1500) -> list[str]:
-    """Up to n "implement this function" instructions from documented functions in .py files."""
+def prompt_key(text: str) -> str:
+    """What makes two instructions the same: their first 12 words, case and spacing aside."""
+    return " ".join(_norm(text).split()[:12])
+
+
+def stub_prompts(sources: Iterable[Path], n: int, seed: int, max_chars: int = 1500,
+                 exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Up to n "implement this function" instructions from documented functions in .py files,
+    none of them in `exclude` (an earlier data set's instructions)."""
     from .sft_synth import iter_examples
 
     found: dict[str, None] = {}
     for path in sources:
         for ex in iter_examples(path, max_chars):
             user = ex["messages"][0]["content"]
-            if _mostly_ascii(user):
+            if _mostly_ascii(user) and user not in exclude:
                 found.setdefault(user)
     prompts = list(found)
     random.Random(seed).shuffle(prompts)
@@ -92,15 +99,16 @@ def first_paragraph(text: str, ended: bool) -> str | None:
 
 
 def self_instruct_prompts(model: Any, n: int, seed: int, batch_size: int = 32, max_tokens: int = 80,
-                          temperature: float = 0.8,
-                          on_progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Up to n distinct English user turns, written by the model from the openers (Magpie)."""
+                          temperature: float = 0.8, on_progress: Callable[[int, int], None] | None = None,
+                          exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Up to n distinct English user turns, written by the model from the openers (Magpie), none
+    the same (`prompt_key`) as an instruction in `exclude`."""
     tok = model.tokenizer
     head = tok.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
     text = tok.decode(head, skip_special_tokens=False)
     before_user = text[:text.index("\x00")]  # the template up to where the user's words begin
     rng = random.Random(seed)
-    seen: set[str] = set()
+    seen = {prompt_key(p) for p in exclude}
     out: list[str] = []
     attempts = 0
     while len(out) < n and attempts < 4 * n:
@@ -113,7 +121,7 @@ def self_instruct_prompts(model: Any, n: int, seed: int, batch_size: int = 32, m
             if para is None or para.endswith(":") or "```" in para:
                 continue
             prompt = para
-            key = " ".join(_norm(prompt).split()[:12])
+            key = prompt_key(prompt)
             if len(prompt) < 40 or not _mostly_ascii(prompt) or key in seen:
                 continue
             seen.add(key)

@@ -1,12 +1,17 @@
 """Self-distilled SFT data for diffcoder-0.5b: the AR base writes instructions and answers.
 
     python runs/diffcoder_05b/make_data.py --base BASE_DIR --out DATA_DIR [--stubs N --self-instruct N]
+                                           [--seed S --exclude OLD/prompts.jsonl.gz ...]
+
+More data later: a new --seed and --exclude with the earlier sets' prompts make instructions none
+of them holds.
 
 Resumable: rerun the same command to continue. See diffcoder/train/distill.py for the method.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
@@ -25,6 +30,14 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
 
 
+def read_prompts(path: Path) -> list[dict]:
+    """An earlier data set's prompts.jsonl, gzipped (as committed) or not."""
+    if not path.is_file():
+        raise SystemExit(f"--exclude {path}: no such file (give a data set's prompts.jsonl or prompts.jsonl.gz)")
+    text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="the AR base checkpoint (or a pulled model name)")
@@ -35,6 +48,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ngram", type=int, default=10, help="contamination check: shared word n-gram length")
+    ap.add_argument("--exclude", nargs="*", type=Path, default=[],
+                    help="prompts.jsonl[.gz] of earlier data sets: make none of their instructions again")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = diffcoder.load(args.base, dtype="bfloat16")
@@ -45,9 +60,10 @@ def main() -> int:
         return lambda done, total: print(f"{what}: {done}/{total}  {time.time() - t0:.0f}s", flush=True)
 
     if not prompts_path.exists():
-        stubs = distill.stub_prompts(stdlib_files(), args.stubs, args.seed)
+        old = frozenset(r["prompt"] for path in args.exclude for r in read_prompts(path))
+        stubs = distill.stub_prompts(stdlib_files(), args.stubs, args.seed, exclude=old)
         mine = distill.self_instruct_prompts(model, args.self_instruct, args.seed, args.batch_size,
-                                             on_progress=progress("self-instruct prompts"))
+                                             on_progress=progress("self-instruct prompts"), exclude=old)
         both = [("stub", p) for p in stubs] + [("self-instruct", p) for p in mine]
         random.Random(args.seed).shuffle(both)
         distill.write_prompts(prompts_path, both)
