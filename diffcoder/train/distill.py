@@ -22,6 +22,7 @@ Files (resumable: rerunning continues where a run stopped):
 """
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -137,10 +138,12 @@ def write_prompts(path: Path, prompts: list[tuple[str, str]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file, gzipped (a `.gz` name) or not; none when it does not exist."""
     if not path.exists():
         return []
+    data = path.read_bytes()
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -11,7 +11,6 @@ Resumable: rerun the same command to continue. See diffcoder/train/distill.py fo
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import sys
@@ -34,8 +33,7 @@ def read_prompts(path: Path) -> list[dict]:
     """An earlier data set's prompts.jsonl, gzipped (as committed) or not."""
     if not path.is_file():
         raise SystemExit(f"--exclude {path}: no such file (give a data set's prompts.jsonl or prompts.jsonl.gz)")
-    text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return distill.read_jsonl(path)
 
 
 def main() -> int:

@@ -186,8 +186,8 @@ def training_stages(folder: Path) -> list[dict]:
 
 
 LOSS = {"sft": "masked answer tokens", "ar": "answer tokens"}
-LOSS_NAME = {"sft": "block-diffusion loss: masked answer tokens, weighted 1/u after the corruption warmup",
-             "ar": "next-token loss on answer tokens"}
+LOSS_NAME = {"sft": f"block-diffusion loss: {LOSS['sft']}, weighted 1/u after the corruption warmup",
+             "ar": f"next-token loss on {LOSS['ar']}"}
 
 
 def stage_line(t: dict, label: str = "Training") -> str:
