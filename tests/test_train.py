@@ -248,6 +248,14 @@ def test_config_toml_values_and_flag_precedence(tmp_path: Path) -> None:
     toml.write_text('objective = "block_diffusion"\nblock-size = 8\nlr = 1\nseq_len = 64\nno_clip = true\n')
     cfg = make_config(load_toml(toml), {"seq_len": 128})
     assert (cfg.objective, cfg.block_size, cfg.lr, cfg.seq_len, cfg.no_clip) == ("block_diffusion", 8, 1.0, 128, True)
+    # A flag turns off what the TOML turns on: --no-shift over `shift = true`.
+    from diffcoder.cli import build_parser
+    from diffcoder.train.cli import config_from_args
+
+    toml.write_text('objective = "sft"\nshift = true\n')
+    for argv, want in (([], True), (["--no-shift"], False), (["--shift"], True)):
+        args = build_parser().parse_args(["train", "--config", str(toml), *argv])
+        assert config_from_args(args).shift is want
     toml.write_text('steps = "ten"\n')
     with pytest.raises(ValueError, match="expected int"):
         make_config(load_toml(toml), {})

@@ -117,7 +117,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
-            tr.add_argument(flag, action="store_true", default=S, help=TRAIN_HELP[f.name])
+            # --x/--no-x, so a flag can turn off what a --config TOML turns on; the ablation
+            # switches are already negative (--no-clip) and stay one-way
+            action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+            tr.add_argument(flag, action=action, default=S, help=TRAIN_HELP[f.name])
             continue
         kind = {int: int, float: float}.get(type(default), str)
         if f.name in ("lr_warmup", "warmup_steps"):
@@ -209,12 +212,17 @@ def cmd_data_sft_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The --config TOML's values, overridden by the flags given on the command line."""
     from .config import load_toml, make_config
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     toml_values = load_toml(args.config) if getattr(args, "config", None) else {}
-    cfg = make_config(toml_values, flags)
+    return make_config(toml_values, flags)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     from .trainer import train
 
     final = train(cfg)
