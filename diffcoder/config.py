@@ -19,7 +19,7 @@ from .fsutil import read_json
 # CLI can offer the names without paying torch's start-up in `diffcoder --help`, and the checkpoint
 # loader can check generation_config.json without importing the engine.
 RUNNERS = ("auto", "eager", "static", "cuda_graph", "compiled_static", "compiled_cuda_graph")
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "left_to_right")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "StableDiffcoderForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")

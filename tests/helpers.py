@@ -78,7 +78,7 @@ def release_schedule(m: int, s: int) -> list[int]:
 
 @torch.no_grad()
 def oracle_generate(hf, prompt, *, steps, gen_length, block_length, mask_id, threshold=None, shift=False,
-                    eos_id=None):
+                    eos_id=None, left_to_right=False):
     B, P, G = block_length, len(prompt), gen_length
     x = torch.tensor([list(prompt) + [mask_id] * G])
     s = steps // (G // B)
@@ -102,7 +102,17 @@ def oracle_generate(hf, prompt, *, steps, gen_length, block_length, mask_id, thr
             x0 = choice.argmax(-1)
             conf = torch.softmax(block_logits, -1).gather(-1, x0[:, None])[:, 0]
             conf = torch.where(is_mask, conf, torch.full_like(conf, float("-inf")))
-            if threshold is None:
+            if left_to_right:  # our extension: by place, not confidence
+                places = [i for i in range(be - bs) if is_mask[i]]
+                if threshold is None:
+                    picked = places[:schedule[j]]
+                else:
+                    picked = places[:1]
+                    for i in places[1:]:
+                        if i != picked[-1] + 1 or conf[i] < threshold:
+                            break
+                        picked.append(i)
+            elif threshold is None:
                 picked = torch.topk(conf, schedule[j]).indices.tolist()
             else:
                 order = torch.topk(conf, int(is_mask.sum())).indices.tolist()

@@ -50,6 +50,25 @@ def test_matches_release_oracle(pair, case):
     assert got.nfe < release_nfe  # the fused commit pass saves one forward per block (and the prefill)
 
 
+@pytest.mark.parametrize("case", cases(16, seed=1), ids=lambda c: f"B{c['block_length']}-G{c['gen_length']}"
+                         f"-S{c['steps']}-P{len(c['prompt'])}-t{c['threshold']}-sh{int(c['shift'])}-e{c['eos_id']}")
+def test_left_to_right_matches_its_oracle(pair, case):
+    """remasking="left_to_right": the allotment goes to the leftmost masked positions; with a
+    threshold, the leftmost plus the unbroken run after it at or above the threshold."""
+    model, hf = pair
+    prompt = case.pop("prompt")
+    want, _ = oracle_generate(hf, prompt, mask_id=MASK, left_to_right=True, **case)
+    assert diffcoder.generate(model, [prompt], remasking="left_to_right", **case).tokens[0] == want
+
+
+def test_left_to_right_commits_in_place_order(pair):
+    model, _ = pair
+    dec = Decoding(model, [[9, 10, 11, 12, 13]], steps=8, gen_length=8, block_length=4, step_events=True,
+                   remasking="left_to_right")
+    order = [p for e in dec if isinstance(e, StepEvent) for p in e.positions]
+    assert order == list(range(8))
+
+
 @pytest.mark.slow
 def test_eos_cases_are_exercised(pair):
     """The random cases above must really contain early stops, or the EOS rule is untested."""
@@ -227,6 +246,7 @@ BAD = [
     (dict(gen_length=8, steps=8, max_active_blocks=2), "give a threshold"),
     (dict(gen_length=8, steps=8, max_active_blocks=0), "max_active_blocks"),
     (dict(gen_length=8, steps=8, max_active_blocks=2, threshold=0.5, block_add_threshold=0.0), "block_add"),
+    (dict(gen_length=8, steps=8, max_active_blocks=2, threshold=0.5, remasking="left_to_right"), "pipelining"),
 ]
 
 

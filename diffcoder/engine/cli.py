@@ -6,6 +6,8 @@ import re
 import sys
 from typing import Any
 
+from ..config import REMASKING
+
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR|NAME", help="Hugging Face-layout checkpoint directory, or a model "
@@ -34,8 +36,9 @@ def add_decoder_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="confidence threshold in (0, 1]: commit the top-1 plus every "
                    "masked position at least this confident (parallel decoding; default off)")
     g.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples (Gumbel-max)")
-    g.add_argument("--remasking", choices=["low_confidence", "random"], help="which positions to commit first "
-                   "(default low_confidence)")
+    g.add_argument("--remasking", choices=REMASKING, help="which positions to commit first: the most confident "
+                   "(low_confidence, default), random ones, or the leftmost (left_to_right; with --threshold, the "
+                   "leftmost plus the run after it at least that confident)")
     g.add_argument("--shift", action="store_true", default=None, help="logits at i-1 predict token i: for "
                    "autoregressive checkpoints (use with --block-length 1)")
     g.add_argument("--seed", type=int, help="random seed for temperature > 0 / random remasking")

@@ -126,6 +126,9 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
         if args.threshold is None:
             bad("multi-block pipelining (max_active_blocks > 1) commits later blocks by confidence: "
                 "give a threshold too (e.g. threshold=0.9)")
+        if args.remasking == "left_to_right":
+            bad("multi-block pipelining commits by confidence across blocks: use remasking low_confidence "
+                "or random with max_active_blocks > 1")
         if not 0.0 < float(args.block_add_threshold) <= 1.0:
             bad(f"block_add_threshold must be in (0, 1], got {args.block_add_threshold!r}")
     for name in ("eos_id", "mask_id"):
@@ -260,7 +263,8 @@ class Decoding:
         masked = self.masked[:, ws:we]
         if self._fused_choice is None:
             conf, x0 = self._propose(self._forward(ws, we, qs), masked)
-            return self._apply(commit_rule(conf, masked, k, a.threshold), x0, ws, we), conf, x0
+            select = commit_rule(conf, masked, k, a.threshold, left_to_right=a.remasking == "left_to_right")
+            return self._apply(select, x0, ws, we), conf, x0
         select, conf, x0, tokens, still_masked = self._pass(ws, we, qs, (self._fused_choice, masked, k,
                                                                           self.x[:, ws:we]))
         self._write(ws, we, tokens, still_masked)

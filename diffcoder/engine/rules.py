@@ -21,13 +21,13 @@ def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, tempera
     """(confidence, token) at the block's masked positions, by the release's rules; elsewhere
     (decoded already: no rule reads them) confidence -inf and token `mask_id`. Pure (no state):
     compiled runners trace it into the step."""
-    if (temperature == 0 and remasking == "low_confidence" and dtype == torch.float64
+    if (temperature == 0 and remasking != "random" and dtype == torch.float64
             and masked.shape == logits.shape[:-1]):
         native = kernels.confidence_ops(logits)
         if native is not None:  # the same rule in one pass over the masked rows' logits (kernels/confidence.cpp)
             return native.greedy_confidence(logits, mask_id, masked)
     scores = logits.to(dtype)  # float64 by default, as the release
-    if remasking == "low_confidence":
+    if remasking != "random":
         log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
     scores[..., mask_id] = float("-inf")  # never predict the mask token itself
     if temperature > 0:
@@ -37,7 +37,7 @@ def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, tempera
         x0 = (g.exp() / (-torch.log(u)) ** temperature).argmax(-1)
     else:
         x0 = scores.argmax(-1)
-    if remasking == "low_confidence":  # softmax probability of the chosen token
+    if remasking != "random":  # softmax probability of the chosen token
         conf = (scores.gather(-1, x0.unsqueeze(-1)) - log_z).exp().squeeze(-1)
     else:
         conf = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)
@@ -45,12 +45,20 @@ def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, tempera
 
 
 def commit_rule(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None,
-                threshold: float | None) -> torch.Tensor:
+                threshold: float | None, left_to_right: bool = False) -> torch.Tensor:
     """Which masked positions to commit: the k most confident per row (the step's allotment), or
-    with a threshold the top-1 plus every position at or above it (the release's rules)."""
-    ranks = confidence_ranks(conf)
-    select = (ranks < k) if k is not None else (ranks == 0) | (conf >= threshold)
-    return select & masked
+    with a threshold the top-1 plus every position at or above it (the release's rules).
+    `left_to_right` ranks by place instead: the k leftmost masked positions, or with a threshold
+    the leftmost plus the unbroken run of masked positions after it at or above the threshold."""
+    if not left_to_right:
+        ranks = confidence_ranks(conf)
+        select = (ranks < k) if k is not None else (ranks == 0) | (conf >= threshold)
+        return select & masked
+    ranks = torch.cumsum(masked.long(), dim=-1) - 1  # 0 = leftmost masked position of the row
+    if k is not None:
+        return (ranks < k) & masked
+    ok = (conf >= threshold) | (ranks == 0) | ~masked
+    return torch.cumprod(ok.long(), dim=-1).bool() & masked
 
 
 def greedy_choice(logits: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | None, window: torch.Tensor, *,

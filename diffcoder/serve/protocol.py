@@ -79,7 +79,7 @@ class DecoderOptions(BaseModel):
     steps: int | None = Field(None, ge=1, description="denoising steps over the whole generation")
     block_length: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, gt=0.0, le=1.0)
-    remasking: Literal["low_confidence", "random"] | None = None
+    remasking: Literal["low_confidence", "random", "left_to_right"] | None = None
     include_steps: bool = Field(False, description="stream per-step denoising states (playground)")
 
     def unsupported_fields(self, temperature: float) -> list[tuple[str, str]]:
