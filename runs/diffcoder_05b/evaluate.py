@@ -32,6 +32,10 @@ ARMS: dict[str, tuple[str | None, list[str], str]] = {
                  "diffcoder-0.5b, threshold 0.9"),
     "bd4-t0.7": (MODEL, ["--block-length", "4", "--shift", "--threshold", "0.7"],
                  "diffcoder-0.5b, threshold 0.7"),
+    "bd4-l2r": (MODEL, ["--block-length", "4", "--shift", "--remasking", "left_to_right"],
+                "diffcoder-0.5b, B = 4, one token per pass, leftmost masked position first"),
+    "bd4-l2r-t0.9": (MODEL, ["--block-length", "4", "--shift", "--remasking", "left_to_right", "--threshold", "0.9"],
+                     "diffcoder-0.5b, leftmost first, threshold 0.9 (the leftmost plus the confident run after it)"),
     "bd4-pipe": (MODEL, ["--block-length", "4", "--shift", "--threshold", "0.9", "--max-active-blocks", "2",
                          "--block-add-threshold", "0.5"], "diffcoder-0.5b, threshold 0.9, two blocks in flight"),
 }

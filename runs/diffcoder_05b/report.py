@@ -144,7 +144,7 @@ def targets(speed: dict[str, dict]) -> list[str]:
         out.append(f"- The paper's comparison proper, same checkpoint, data and budget: block diffusion (`bd4`) "
                    f"{100 * bd:.1f} vs AR SFT (`ar-sft`) {100 * ar_sft:.1f} on HumanEval, "
                    f"{100 * (bd - ar_sft):+.1f} points ({'at least equal: the claim holds here' if bd >= ar_sft else 'the claim does not hold at this budget'}).")
-    for arm in ("bd4-t0.9", "bd4-t0.7", "bd4-pipe"):
+    for arm in ("bd4-t0.9", "bd4-t0.7", "bd4-l2r-t0.9", "bd4-pipe"):
         res = read_json(HERE / "results" / arm / "humaneval" / "results.json")
         p = pass_rate(arm, "humaneval")
         if res and p is not None and bd is not None and "tokens_per_pass" in res:
