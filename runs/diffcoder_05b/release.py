@@ -1,12 +1,13 @@
 """Ship a training run's adapter as diffcoder-0.5b, or keep a run to ship later:
 
-    python runs/diffcoder_05b/release.py RUNDIR STAGE
-    python runs/diffcoder_05b/release.py RUNDIR --keep DIR
+    python runs/diffcoder_05b/release.py RUNDIR STAGE --data DATASET
+    python runs/diffcoder_05b/release.py RUNDIR --keep DIR --data DATASET
 
 The first copies RUNDIR/adapter into diffcoder/weights/diffcoder-0.5b in bfloat16 (half the size;
 the merge is done in float64 either way), with the decoding defaults, keeps the run's
 metrics.jsonl and run.json under runs/diffcoder_05b/train/stage-STAGE/ (a stage is one training
-run; a later stage starts from the adapter the earlier one shipped), and records the sha256 that
+run; a later stage starts from the adapter the earlier one shipped) with data.json naming the
+data set it trained on (a folder of this one, e.g. data-2), and records the sha256 that
 `diffcoder pull diffcoder-0.5b` must reproduce (building the merged model once from the pulled base).
 
 The second writes the same files into DIR laid out as a run folder (adapter/, final/
@@ -38,6 +39,7 @@ def write_adapter(run: Path, dst: Path) -> None:
     save_file({PEFT_PREFIX + k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
               str(dst / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     cfg["base_model_name_or_path"] = "qwen2.5-coder-0.5b-instruct"
+    cfg["target_modules"] = sorted(cfg["target_modules"])  # peft writes a set, in hash order
     (dst / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -46,22 +48,26 @@ def generation_config(run: Path) -> str:
                       indent=2) + "\n"
 
 
-def keep(run: Path, dst: Path) -> dict:
+def write_records(run: Path, dst: Path, data_set: str) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in RECORDS:
+        shutil.copy(run / name, dst / name)
+    (dst / "data.json").write_text(json.dumps({"data_set": data_set}) + "\n")
+
+
+def keep(run: Path, dst: Path, data_set: str) -> dict:
     write_adapter(run, dst / "adapter")
     (dst / "final").mkdir(parents=True, exist_ok=True)
     (dst / "final" / "generation_config.json").write_text(generation_config(run))
-    for name in RECORDS:
-        shutil.copy(run / name, dst / name)
+    write_records(run, dst, data_set)
     return {"kept": str(dst)}
 
 
-def ship(run: Path, stage: Path) -> dict:
+def ship(run: Path, stage: Path, data_set: str) -> dict:
     dst = ADAPTERS / "diffcoder-0.5b"
     write_adapter(run, dst)
     (dst / "generation_config.json").write_text(generation_config(run))
-    stage.mkdir(parents=True, exist_ok=True)
-    for name in RECORDS:
-        shutil.copy(run / name, stage / name)
+    write_records(run, stage, data_set)
     return {"adapter": str(dst), "sha256": stamp_adapter("diffcoder-0.5b")}
 
 
@@ -70,13 +76,17 @@ def main() -> int:
     ap.add_argument("run", type=Path, help="a training run's --out folder (or a folder --keep wrote)")
     ap.add_argument("stage", nargs="?", type=int, help="ship it: the training stage this run is (1, 2, ...)")
     ap.add_argument("--keep", type=Path, metavar="DIR", help="do not ship: write a committable copy of the run here")
+    ap.add_argument("--data", required=True, metavar="DATASET",
+                    help="the data set the run trained on: a folder of runs/diffcoder_05b (data, data-2, ...)")
     args = ap.parse_args()
     if (args.stage is None) == (args.keep is None):
         ap.error("give STAGE (ship the run) or --keep DIR (keep it to ship later), not both")
+    if not (HERE / args.data / "contamination.json").is_file():
+        ap.error(f"--data {args.data}: no {HERE / args.data / 'contamination.json'} (name a data set make_data.py wrote)")
     if args.keep:
-        print(json.dumps(keep(args.run, args.keep)))
+        print(json.dumps(keep(args.run, args.keep, args.data)))
     else:
-        print(json.dumps(ship(args.run, HERE / "train" / f"stage-{args.stage}")))
+        print(json.dumps(ship(args.run, HERE / "train" / f"stage-{args.stage}", args.data)))
     return 0
 
 

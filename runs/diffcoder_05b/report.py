@@ -2,8 +2,8 @@
 
     python runs/diffcoder_05b/report.py
 
-Reads train/stage-N/{metrics.jsonl,run.json} (the training runs), data/contamination.json (the
-n-gram check) and results/ARM/BENCH/{results,per_problem}.json[l] (evaluate.py); prints the
+Reads train/stage-N/{metrics.jsonl,run.json,data.json} (the training runs and the data set each
+used), DATASET/contamination.json (each data set's n-gram check) and results/ARM/BENCH/{results,per_problem}.json[l] (evaluate.py); prints the
 tables and writes them into the two documents. Nothing here is typed in by hand except the
 published numbers of other models, each with its source.
 """
@@ -131,7 +131,11 @@ def pass_rate(arm: str, bench: str) -> float | None:
     return res["n_passed_samples"] / res["n_problems"] if res and res["n_problems"] else None
 
 
-def targets(speed: dict[str, dict]) -> list[str]:
+def budget(stages: list[dict]) -> str:
+    return f"{len(stages)} stages, {sum(t['tokens'] for t in stages) / 1e6:.2f} M tokens"
+
+
+def targets(speed: dict[str, dict], stages: list[dict], ar_stages: list[dict]) -> list[str]:
     """The issue's targets, each with the measured value and whether it holds."""
     out = []
     ar, bd = pass_rate("ar-base", "humaneval"), pass_rate("bd4", "humaneval")
@@ -141,7 +145,10 @@ def targets(speed: dict[str, dict]) -> list[str]:
                    f"claim, at least equal: {'met' if bd >= ar else 'not met'}).")
     ar_sft = pass_rate("ar-sft", "humaneval")
     if ar_sft and bd is not None:
-        out.append(f"- The paper's comparison proper, same checkpoint, data and budget: block diffusion (`bd4`) "
+        same = [t["data_set"] for t in stages] == [t["data_set"] for t in ar_stages]
+        budgets = ("the same data and budget" if same else
+                   f"block diffusion {budget(stages)}, AR SFT {budget(ar_stages)}")
+        out.append(f"- The paper's comparison proper, from the same checkpoint ({budgets}): block diffusion (`bd4`) "
                    f"{100 * bd:.1f} vs AR SFT (`ar-sft`) {100 * ar_sft:.1f} on HumanEval, "
                    f"{100 * (bd - ar_sft):+.1f} points ({'at least equal: the claim holds here' if bd >= ar_sft else 'the claim does not hold at this budget'}).")
     for arm in ("bd4-t0.9", "bd4-t0.7", "bd4-l2r-t0.9", "bd4-pipe"):
@@ -181,7 +188,8 @@ def training_stages(folder: Path) -> list[dict]:
                        "loss_last10": sum(r["loss"] for r in last) / len(last), "rank": run.get("lora_rank"),
                        "alpha": run.get("lora_alpha"), "lr": run.get("lr"), "min_lr": run.get("min_lr"),
                        "seq_len": run.get("seq_len"), "batch": run.get("batch_size"), "seed": run.get("seed"),
-                       "objective": run.get("objective"), "resumed": bool(run.get("adapter"))})
+                       "objective": run.get("objective"), "resumed": bool(run.get("adapter")),
+                       "data_set": read_json(stage / "data.json")["data_set"]})
     return stages
 
 
@@ -192,11 +200,22 @@ LOSS_NAME = {"sft": f"block-diffusion loss: {LOSS['sft']}, weighted 1/u after th
 
 def stage_line(t: dict, label: str = "Training") -> str:
     start = "from the previous stage's adapter, " if t["resumed"] else "from the AR base, "
-    return (f"- {label} {t['name']}: {start}{t['steps']} optimizer steps, {t['tokens'] / 1e6:.2f} M tokens (prompt "
+    return (f"- {label} {t['name']}: {start}on data set `{t['data_set']}/`, {t['steps']} optimizer steps, {t['tokens'] / 1e6:.2f} M tokens (prompt "
             f"and answer, packed rows of {t['seq_len']}; the loss is on {LOSS[t['objective']]} only), peak lr "
             f"{t['lr']:g} (cosine to {t['min_lr']:g}), data-order seed {t['seed']}, {t['wall_h']:.2f} h of optimizer "
             f"steps on 2 CPU cores ({t['tok_s']:.0f} tokens/s); mean loss of the last 10 steps {t['loss_last10']:.3f} "
             f"({LOSS_NAME[t['objective']]}).")
+
+
+def data_sets(stages: list[dict]) -> list[str]:
+    return sorted({t["data_set"] for t in stages}, key=lambda name: (len(name), name))
+
+
+def data_line(name: str) -> str:
+    d = read_json(HERE / name / "contamination.json")["summary"]
+    return (f"- Data set `{name}/`: {d['chats']} self-distilled chats; {d['dropped']} dropped by the contamination "
+            f"check (any shared {d['ngram_words']}-word n-gram with HumanEval, MBPP sanitized or MBPP full: prompt, "
+            f"solution or tests), {d['kept']} kept.")
 
 
 def adapter_facts() -> dict:
@@ -215,7 +234,6 @@ def main() -> int:
         raise SystemExit(f"{HERE / 'train'}: no stage-N folders (release.py writes them)")
     t = stages[-1]
     ar_stages = training_stages(HERE / "train" / "ar-sft")
-    d = read_json(HERE / "data" / "contamination.json")["summary"]
     a = adapter_facts()
     table = arms_table()
     published = ["| model (their harness) | HumanEval | MBPP |", "| --- | --- | --- |",
@@ -226,13 +244,11 @@ def main() -> int:
         *(stage_line(a, "AR-SFT arm (`train_ar_sft.sh`, weights not shipped)") for a in ar_stages),
         f"- Adapter: LoRA rank {t['rank']}, alpha {t['alpha']:g}, on every linear layer of all 24 blocks, plus the mask "
         f"token's input embedding; {a['params'] / 1e6:.2f} M parameters, {a['bytes'] / 1e6:.1f} MB in bfloat16.",
-        f"- Data: {d['chats']} self-distilled chats; {d['dropped']} dropped by the contamination check "
-        f"(any shared {d['ngram_words']}-word n-gram with HumanEval, MBPP sanitized or MBPP full: prompt, solution "
-        f"or tests), {d['kept']} kept.",
+        *map(data_line, data_sets(stages + ar_stages)),
         f"- Merged weights (`diffcoder pull diffcoder-0.5b`): sha256 `{a['sha']}`.",
     ]
     speed = speed_results()
-    goals = targets(speed)
+    goals = targets(speed, stages, ar_stages)
     sections = [facts, table, subset_notes(), speed_table(speed), ["Targets:", "", *goals] if goals else [],
                 ["Published numbers, other harnesses (for orientation only):", "", *published]]
     block = "\n\n".join("\n".join(part) for part in sections if part)
