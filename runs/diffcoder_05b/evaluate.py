@@ -22,25 +22,24 @@ GEN = ["--gen-length", "384", "--stop-after-code"]
 GEN_INFILL = ["--gen-length", "64"]
 # The AR-SFT arm (model None): its weights are not shipped; train_ar_sft.sh builds them, `--ar-sft` points at them.
 # name -> (model, decoder flags, what the arm is)
+AR = ["--block-length", "1", "--shift"]
+CONF = ["--block-length", "4", "--shift", "--remasking", "low_confidence"]  # most confident position first
+L2R = ["--block-length", "4", "--shift", "--remasking", "left_to_right"]  # leftmost masked position first
 ARMS: dict[str, tuple[str | None, list[str], str]] = {
-    "ar-base": (BASE, ["--block-length", "1", "--shift"], "the AR base, AR decoding"),
-    "ar-sft": (None, ["--block-length", "1", "--shift"],
-               "the AR base after AR SFT on the same data and schedule as diffcoder-0.5b, AR decoding"),
+    "ar-base": (BASE, AR, "the AR base, AR decoding"),
+    "ar-sft": (None, AR, "the AR base after AR SFT on the same data and schedule as diffcoder-0.5b, AR decoding"),
     "base-bd4": (BASE, ["--block-length", "4", "--shift"], "the AR base decoded as block diffusion (B = 4), untrained"),
-    "bd4": (MODEL, ["--block-length", "4", "--shift"], "diffcoder-0.5b, B = 4, one token per pass"),
-    "bd4-t0.9": (MODEL, ["--block-length", "4", "--shift", "--threshold", "0.9"],
-                 "diffcoder-0.5b, threshold 0.9"),
-    "bd4-t0.7": (MODEL, ["--block-length", "4", "--shift", "--threshold", "0.7"],
-                 "diffcoder-0.5b, threshold 0.7"),
-    "bd4-l2r": (MODEL, ["--block-length", "4", "--shift", "--remasking", "left_to_right"],
-                "diffcoder-0.5b, B = 4, one token per pass, leftmost masked position first"),
-    "bd4-l2r-t0.9": (MODEL, ["--block-length", "4", "--shift", "--remasking", "left_to_right", "--threshold", "0.9"],
+    "bd4": (MODEL, CONF, "diffcoder-0.5b, B = 4, one token per pass, most confident position first"),
+    "bd4-t0.9": (MODEL, [*CONF, "--threshold", "0.9"], "diffcoder-0.5b, threshold 0.9"),
+    "bd4-t0.7": (MODEL, [*CONF, "--threshold", "0.7"], "diffcoder-0.5b, threshold 0.7"),
+    "bd4-l2r": (MODEL, L2R, "diffcoder-0.5b, B = 4, one token per pass, leftmost masked position first"),
+    "bd4-l2r-t0.9": (MODEL, [*L2R, "--threshold", "0.9"],
                      "diffcoder-0.5b, leftmost first, threshold 0.9 (the leftmost plus the confident run after it)"),
-    "bd4-pipe": (MODEL, ["--block-length", "4", "--shift", "--threshold", "0.9", "--max-active-blocks", "2",
-                         "--block-add-threshold", "0.5"], "diffcoder-0.5b, threshold 0.9, two blocks in flight"),
+    "bd4-pipe": (MODEL, [*CONF, "--threshold", "0.9", "--max-active-blocks", "2", "--block-add-threshold", "0.5"],
+                 "diffcoder-0.5b, threshold 0.9, two blocks in flight"),
 }
 # FIM: the instruct template is not used; infilling takes the model's own FIM tokens.
-INFILL_ARMS = {"ar-base", "ar-sft", "base-bd4", "bd4"}
+INFILL_ARMS = {"ar-base", "ar-sft", "base-bd4", "bd4", "bd4-l2r"}
 
 
 def complete(out: Path) -> bool:
