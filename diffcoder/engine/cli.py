@@ -37,8 +37,8 @@ def add_decoder_flags(p: argparse.ArgumentParser) -> None:
                    "masked position at least this confident (parallel decoding; default off)")
     g.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples (Gumbel-max)")
     g.add_argument("--remasking", choices=REMASKING, help="which positions to commit first: the most confident "
-                   "(low_confidence, default), random ones, or the leftmost (left_to_right; with --threshold, the "
-                   "leftmost plus the run after it at least that confident)")
+                   "(low_confidence), random ones, or the leftmost (left_to_right; with --threshold, the leftmost plus "
+                   "the run after it at least that confident); default: the model's, else low_confidence")
     g.add_argument("--shift", action="store_true", default=None, help="logits at i-1 predict token i: for "
                    "autoregressive checkpoints (use with --block-length 1)")
     g.add_argument("--seed", type=int, help="random seed for temperature > 0 / random remasking")
