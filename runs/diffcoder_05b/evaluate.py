@@ -1,7 +1,7 @@
 """Evaluate every arm of diffcoder-0.5b through our own harness, same prompts and settings:
 
     python runs/diffcoder_05b/evaluate.py [--bench humaneval mbpp humaneval-infill-single] [--arms ...]
-                                          [--ar-sft OUT/stage-2/final]
+                                          [--ar-sft OUT/stage-3/final]
 
 Each arm x benchmark goes to runs/diffcoder_05b/results/ARM/BENCH (resumable: rerun to continue);
 `report.py` turns them into the tables of the model card and docs/replication.md.
@@ -55,7 +55,7 @@ def run(arm: str, bench: str, limit: int | None, batch: int, model: str | None) 
             print(f"{arm}/{bench}: complete, and no model given to resume it with: kept", flush=True)
             return 0
         raise SystemExit(f"{arm}/{bench}: not evaluated yet and this arm's weights are not shipped: build them "
-                         f"with runs/diffcoder_05b/train_ar_sft.sh and pass --{arm} OUT/stage-2/final")
+                         f"with runs/diffcoder_05b/train_ar_sft.sh and pass --{arm} OUT/stage-3/final")
     cmd = [sys.executable, "-m", "diffcoder.cli", "eval", bench, "--model", model, "--out", str(out),
            "--batch-size", str(batch), *(GEN_INFILL if bench.startswith("humaneval-infill") else GEN), *flags,
            "--no-progress"]
@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--limit", type=int, help="first N problems only (a documented subset)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--ar-sft", metavar="DIR", help="the AR-SFT arm's merged model (train_ar_sft.sh OUT/stage-2/final)")
+    ap.add_argument("--ar-sft", metavar="DIR", help="the AR-SFT arm's merged model (train_ar_sft.sh OUT/stage-3/final)")
     args = ap.parse_args()
     models = {arm: model for arm, (model, _, _) in ARMS.items()} | {"ar-sft": args.ar_sft}
     for bench in args.bench:

@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# The AR-SFT arm of the replication study: the same data, LoRA, steps and two-stage schedule as
-# diffcoder-0.5b (train/stage-1, train/stage-2), with the next-token objective instead of block
-# diffusion. Usage:
+# The AR-SFT arm of the replication study: the same data, LoRA, steps and stages as
+# diffcoder-0.5b (train/stage-N), with the next-token objective instead of block diffusion. Usage:
 #
-#   bash runs/diffcoder_05b/train_ar_sft.sh SFT_DIR OUT
+#   bash runs/diffcoder_05b/train_ar_sft.sh SFT_DIR SFT2_DIR OUT
 #
-# SFT_DIR: `diffcoder data sft` output from data/train.jsonl.gz (see the model card). Writes OUT/stage-1
-# and OUT/stage-2 (each resumable with --resume), copies their metrics to train/ar-sft/stage-N/, and
-# leaves the merged model in OUT/stage-2/final for `evaluate.py --ar-sft`.
+# SFT_DIR and SFT2_DIR: `diffcoder data sft` outputs from data/train.jsonl.gz and
+# data-2/train.jsonl.gz (see the model card). Writes OUT/stage-1..3 (a stage whose final/ exists
+# is kept; an interrupted one continues with --resume), copies their metrics to
+# train/ar-sft/stage-N/, and leaves the merged model in OUT/stage-3/final for `evaluate.py --ar-sft`.
 set -euo pipefail
-[ $# -eq 2 ] || { echo "usage: $0 SFT_DIR OUT" >&2; exit 2; }
-sft=$1 out=$2
+[ $# -eq 3 ] || { echo "usage: $0 SFT_DIR SFT2_DIR OUT" >&2; exit 2; }
+sft=$1 sft2=$2 out=$3
 here=$(cd "$(dirname "$0")" && pwd)
 base=qwen2.5-coder-0.5b-instruct
-common=(--config "$here/sft.toml" --objective ar --data "$sft" --init "$base")
-# Each stage's flags are those the block-diffusion stage of the same number ran with (train/stage-N/run.json).
-diffcoder train "${common[@]}" --out "$out/stage-1"
-diffcoder train "${common[@]}" --out "$out/stage-2" --adapter "$out/stage-1/adapter" \
-  --steps 100 --lr 1e-4 --min-lr 1e-5 --lr-warmup 3 --seed 1
-for n in 1 2; do
+
+stage() {  # N DATA_DIR DATA_SET [flags]: one stage, from the previous stage's adapter when N > 1
+  local n=$1 data=$2 set=$3
+  shift 3
+  local run=$out/stage-$n
+  local from=()
+  [ "$n" -gt 1 ] && from=(--adapter "$out/stage-$((n - 1))/adapter")
+  if [ ! -f "$run/final/model.safetensors" ]; then
+    local resume=()
+    [ -d "$run/checkpoints" ] && resume=(--resume)
+    diffcoder train --config "$here/sft.toml" --objective ar --data "$data" --init "$base" --out "$run" \
+      "${from[@]}" "${resume[@]}" "$@"
+  fi
   mkdir -p "$here/train/ar-sft/stage-$n"
-  cp "$out/stage-$n/metrics.jsonl" "$out/stage-$n/run.json" "$here/train/ar-sft/stage-$n/"
-done
+  cp "$run/metrics.jsonl" "$run/run.json" "$here/train/ar-sft/stage-$n/"
+  echo "{\"data_set\": \"$set\"}" > "$here/train/ar-sft/stage-$n/data.json"
+}
+
+# Each stage's flags are those the block-diffusion stage of the same number ran with (train/stage-N/run.json).
+stage 1 "$sft" data
+stage 2 "$sft" data --steps 100 --lr 1e-4 --min-lr 1e-5 --lr-warmup 3 --seed 1
+stage 3 "$sft2" data-2 --steps 100 --lr 1e-4 --min-lr 1e-5 --lr-warmup 3 --seed 2
