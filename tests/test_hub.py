@@ -153,10 +153,18 @@ def test_adapted_model_is_rebuilt_and_checked_against_its_hash(registry, tmp_pat
     got = diffcoder.load("tiny-bd")
     assert got.generation_defaults == {"block_length": 4, "shift": True}
     assert not torch.equal(got.model.layers[0].mlp.up_proj.weight, diffcoder.load(base).model.layers[0].mlp.up_proj.weight)
+    # A newer installation ships other decoding defaults: the cached build is out of date and the
+    # next use rebuilds it, rather than running the old one.
+    (shipped / "tiny-bd" / "generation_config.json").write_text(
+        json.dumps({"block_length": 4, "shift": True, "remasking": "left_to_right"}))
+    assert hub.is_pulled("tiny-bd") and not hub.is_current("tiny-bd")
+    assert diffcoder.load("tiny-bd").generation_defaults["remasking"] == "left_to_right"
+    assert hub.is_current("tiny-bd") and "out of date" in capsys.readouterr().err
     (shipped / "tiny-bd" / "result.json").write_text(json.dumps({"sha256": "0" * 64}))
     assert cli_main(["pull", "tiny-bd", "--force"]) == 2
     assert "expected " + "0" * 64 in capsys.readouterr().err
     assert hub.is_pulled("tiny-bd")  # the good copy from before is left in place, not half-replaced
+    assert not hub.is_current("tiny-bd")
 
 
 def test_serve_takes_a_pulled_name(registry) -> None:
