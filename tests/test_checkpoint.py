@@ -112,7 +112,7 @@ def test_error_bad_config_sizes_name_the_file_and_field(tiny_model_dir, tmp_path
     ("block_length", -4, "a positive integer"), ("block_length", "4", "a positive integer"),
     ("gen_length", 0, "a positive integer"), ("steps", 2.5, "a positive integer or null"),
     ("temperature", -1, "a number >= 0"), ("threshold", 1.5, r"a number in \(0, 1\] or null"),
-    ("remasking", "sometimes", "one of 'low_confidence', 'random'"), ("shift", "no", "true or false"),
+    ("remasking", "sometimes", "one of 'low_confidence', 'random', 'left_to_right'"), ("shift", "no", "true or false"),
     ("seed", 1.0, "an integer or null"), ("max_active_blocks", 0, "a positive integer"),
     ("block_add_threshold", 0, r"a number in \(0, 1\]"),
 ])
