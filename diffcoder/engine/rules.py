@@ -21,13 +21,14 @@ def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, tempera
     """(confidence, token) at the block's masked positions, by the release's rules; elsewhere
     (decoded already: no rule reads them) confidence -inf and token `mask_id`. Pure (no state):
     compiled runners trace it into the step."""
-    if (temperature == 0 and remasking != "random" and dtype == torch.float64
+    scored = remasking != "random"  # confidence = the chosen token's softmax probability
+    if (temperature == 0 and scored and dtype == torch.float64
             and masked.shape == logits.shape[:-1]):
         native = kernels.confidence_ops(logits)
         if native is not None:  # the same rule in one pass over the masked rows' logits (kernels/confidence.cpp)
             return native.greedy_confidence(logits, mask_id, masked)
     scores = logits.to(dtype)  # float64 by default, as the release
-    if remasking != "random":
+    if scored:
         log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # over the full vocabulary, mask included
     scores[..., mask_id] = float("-inf")  # never predict the mask token itself
     if temperature > 0:
@@ -37,7 +38,7 @@ def propose(logits: torch.Tensor, masked: torch.Tensor, *, mask_id: int, tempera
         x0 = (g.exp() / (-torch.log(u)) ** temperature).argmax(-1)
     else:
         x0 = scores.argmax(-1)
-    if remasking != "random":  # softmax probability of the chosen token
+    if scored:
         conf = (scores.gather(-1, x0.unsqueeze(-1)) - log_z).exp().squeeze(-1)
     else:
         conf = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)

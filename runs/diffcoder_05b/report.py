@@ -3,9 +3,10 @@
     python runs/diffcoder_05b/report.py
 
 Reads train/stage-N/{metrics.jsonl,run.json,data.json} (the training runs and the data set each
-used), DATASET/contamination.json (each data set's n-gram check) and results/ARM/BENCH/{results,per_problem}.json[l] (evaluate.py); prints the
-tables and writes them into the two documents. Nothing here is typed in by hand except the
-published numbers of other models, each with its source.
+used), DATASET/contamination.json (each data set's n-gram check) and
+results/ARM/BENCH/{results,per_problem}.json[l] (evaluate.py); prints the tables and writes them
+into the two documents. Nothing here is typed in by hand except the published numbers of other
+models, each with its source.
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def targets(speed: dict[str, dict], stages: list[dict], ar_stages: list[dict]) -
                    f"vs AR SFT (`ar-sft`) {100 * ar_sft:.1f} on HumanEval, the better order "
                    f"{100 * (best - ar_sft):+.1f} points ({'at least equal: the claim holds here' if best >= ar_sft else 'the claim does not hold at this budget'}).")
     for arm in ("bd4-t0.9", "bd4-t0.7", "bd4-l2r-t0.9", "bd4-pipe"):
-        base = "bd4-l2r" if "l2r" in arm else "bd4"  # against one token per pass in the same order
+        base = "bd4-l2r" if "left_to_right" in ARMS[arm][1] else "bd4"  # one token per pass, same order
         res, p, bd = read_json(HERE / "results" / arm / "humaneval" / "results.json"), pass_rate(arm, "humaneval"), one[base]
         if res and p is not None and bd is not None and "tokens_per_pass" in res:
             tpp, loss = res["tokens_per_pass"], 100 * (bd - p)
@@ -211,8 +212,8 @@ LOSS_NAME = {"sft": f"block-diffusion loss: {LOSS['sft']}, weighted 1/u after th
 
 def stage_line(t: dict, label: str = "Training") -> str:
     start = "from the previous stage's adapter, " if t["resumed"] else "from the AR base, "
-    return (f"- {label} {t['name']}: {start}on data set `{t['data_set']}/`, {t['steps']} optimizer steps, {t['tokens'] / 1e6:.2f} M tokens (prompt "
-            f"and answer, packed rows of {t['seq_len']}; the loss is on {LOSS[t['objective']]} only), peak lr "
+    return (f"- {label} {t['name']}: {start}on data set `{t['data_set']}/`, {t['steps']} optimizer steps, "
+            f"{t['tokens'] / 1e6:.2f} M tokens (prompt and answer, packed rows of {t['seq_len']}; the loss is on {LOSS[t['objective']]} only), peak lr "
             f"{t['lr']:g} (cosine to {t['min_lr']:g}), data-order seed {t['seed']}, {t['wall_h']:.2f} h of optimizer "
             f"steps on 2 CPU cores ({t['tok_s']:.0f} tokens/s); mean loss of the last 10 steps {t['loss_last10']:.3f} "
             f"({LOSS_NAME[t['objective']]}).")
