@@ -20,7 +20,7 @@ REPO = HERE.parents[1]
 CARD = REPO / "diffcoder" / "weights" / "diffcoder-0.5b" / "MODEL_CARD.md"
 DOC = REPO / "docs" / "replication-0.5b.md"
 sys.path.insert(0, str(HERE))
-from evaluate import ARMS  # noqa: E402
+from evaluate import ABLATIONS, ARMS  # noqa: E402
 
 BENCHES = (("humaneval", "HumanEval"), ("mbpp", "MBPP (sanitized)"), ("humaneval-infill-single", "HE single-line infill"))
 # Published pass@1 of other models, their harnesses (not comparable to ours; see the card's text).
@@ -62,6 +62,8 @@ def arms_table() -> list[str]:
             + " | tokens per pass (HumanEval) | answers that do not parse (HumanEval) |")
     rows = [head, "|" + " --- |" * (len(BENCHES) + 4)]
     for arm, (_, _, what) in ARMS.items():
+        if arm in ABLATIONS:
+            continue
         cells, tpp = [], "-"
         for bench, _ in BENCHES:
             text, res = cell(arm, bench)
@@ -186,23 +188,78 @@ def targets(speed: dict[str, dict], stages: list[dict], ar_stages: list[dict]) -
     return out
 
 
+def training_run(folder: Path) -> dict:
+    """One training run's facts, from the metrics.jsonl, run.json and data.json that release.py or
+    the arm's script copied into `folder`."""
+    recs = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    run = read_json(folder / "run.json") or {}
+    wall = sum(r["step_time_s"] for r in recs)
+    last = recs[-10:]
+    data = read_json(folder / "data.json")
+    return {"name": folder.name, "steps": recs[-1]["step"], "tokens": recs[-1]["tokens"],
+            "wall_h": wall / 3600, "tok_s": recs[-1]["tokens"] / wall,
+            "loss_last10": sum(r["loss"] for r in last) / len(last), "rank": run.get("lora_rank"),
+            "alpha": run.get("lora_alpha"), "lr": run.get("lr"), "min_lr": run.get("min_lr"),
+            "seq_len": run.get("seq_len"), "batch": run.get("batch_size"), "seed": run.get("seed"),
+            "objective": run.get("objective"), "resumed": bool(run.get("adapter")),
+            "data_set": data["data_set"] if data else None}
+
+
 def training_stages(folder: Path) -> list[dict]:
     """One entry per training run (folder/stage-N/), in order; each later stage starts from the
     adapter the one before it made."""
-    stages = []
-    for stage in sorted(folder.glob("stage-*"), key=lambda p: int(p.name.split("-")[1])):
-        recs = [json.loads(l) for l in (stage / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        run = read_json(stage / "run.json") or {}
-        wall = sum(r["step_time_s"] for r in recs)
-        last = recs[-10:]
-        stages.append({"name": stage.name, "steps": recs[-1]["step"], "tokens": recs[-1]["tokens"],
-                       "wall_h": wall / 3600, "tok_s": recs[-1]["tokens"] / wall,
-                       "loss_last10": sum(r["loss"] for r in last) / len(last), "rank": run.get("lora_rank"),
-                       "alpha": run.get("lora_alpha"), "lr": run.get("lr"), "min_lr": run.get("min_lr"),
-                       "seq_len": run.get("seq_len"), "batch": run.get("batch_size"), "seed": run.get("seed"),
-                       "objective": run.get("objective"), "resumed": bool(run.get("adapter")),
-                       "data_set": read_json(stage / "data.json")["data_set"]})
-    return stages
+    return [training_run(stage) for stage in sorted(folder.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))]
+
+
+def paired_difference(arm: str, ref: str, bench: str) -> tuple[float, float] | None:
+    """pass@1 of `arm` minus `ref` on the same problems, in points, with the standard error of the
+    paired difference (both arms answer every problem, so per-problem differences are what vary)."""
+    rows = {}
+    for name in (arm, ref):
+        f = HERE / "results" / name / bench / "per_problem.jsonl"
+        if not f.exists():
+            return None
+        rows[name] = {r["task_id"]: float(r["passed"]) for r in map(json.loads, f.read_text().splitlines()) if r}
+    tasks = sorted(rows[arm].keys() & rows[ref].keys())
+    if not tasks:
+        return None
+    d = [rows[arm][t] - rows[ref][t] for t in tasks]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return 100 * mean, 100 * math.sqrt(var / len(d))
+
+
+ABLATION_REF = "s1"
+
+
+ABLATION_BENCHES = (("humaneval", "HumanEval"), ("mbpp", "MBPP (sanitized)"))
+
+
+def ablation_table() -> list[str]:
+    """Stage 1 with one setting changed (train_ablations.sh), each against stage 1 itself."""
+    rows = []
+    for arm, sub in ABLATIONS.items():
+        folder = HERE / "train" / ("stage-1" if arm == ABLATION_REF else f"ablation/{sub}")
+        if not read_json(HERE / "results" / arm / "humaneval" / "results.json") or not (folder / "metrics.jsonl").exists():
+            continue
+        cells = []
+        for bench, _ in ABLATION_BENCHES:
+            diff = paired_difference(arm, ABLATION_REF, bench) if arm != ABLATION_REF else None
+            cells += [cell(arm, bench)[0], f"{diff[0]:+.1f} ± {diff[1]:.1f}" if diff else "-"]
+        t = training_run(folder)
+        rows.append(f"| `{arm}` | {ARMS[arm][2]} | {' | '.join(cells)} | {syntax_errors(arm, 'humaneval')} "
+                    f"| {t['steps']}, {t['tokens'] / 1e6:.2f} M | {t['lr']:g} | {t['wall_h']:.2f} h "
+                    f"({t['tok_s']:.0f} tokens/s) | {t['loss_last10']:.3f} |")
+    if len(rows) < 2:
+        return []
+    benches = " | ".join(f"{name} | vs `{ABLATION_REF}` (points)" for _, name in ABLATION_BENCHES)
+    return [f"Ablations (`train_ablations.sh`): stage 1 (from the AR base, data set `data/`, `sft.toml`, data-order "
+            "seed 0) with one setting changed, at the same steps and tokens; decoded as `bd4-l2r` (B = 4, one token "
+            f"per pass, leftmost masked position first); each difference against `{ABLATION_REF}` is paired by "
+            "problem (± its standard error):", "",
+            f"| arm | what | {benches} | answers that do not parse (HumanEval) | optimizer steps, tokens | peak lr "
+            "| optimizer time on 2 CPU cores | mean loss, last 10 steps |",
+            "|" + " --- |" * (7 + 2 * len(ABLATION_BENCHES)), *rows]
 
 
 LOSS = {"sft": "masked answer tokens", "ar": "answer tokens"}
@@ -261,7 +318,7 @@ def main() -> int:
     ]
     speed = speed_results()
     goals = targets(speed, stages, ar_stages)
-    sections = [facts, table, subset_notes(), speed_table(speed), ["Targets:", "", *goals] if goals else [],
+    sections = [facts, table, subset_notes(), ablation_table(), speed_table(speed), ["Targets:", "", *goals] if goals else [],
                 ["Published numbers, other harnesses (for orientation only):", "", *published]]
     block = "\n\n".join("\n".join(part) for part in sections if part)
     for path in (CARD, DOC):
