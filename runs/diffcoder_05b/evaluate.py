@@ -41,7 +41,8 @@ ARMS: dict[str, tuple[str | None, list[str], str]] = {
     # The ablations, at stage 1's budget: each is decoded like bd4-l2r (the shipped default).
     "s1": (None, L2R, "stage 1 alone (LoRA, logit shift kept, corruption warmup): the ablations' reference"),
     "s1-full": (None, L2R, "stage 1 with full fine-tuning instead of LoRA"),
-    "s1-noshift": (None, [f for f in L2R if f != "--shift"], "stage 1 with the logit shift dropped (the paper's choice)"),
+    "s1-noshift": (None, [f for f in L2R if f != "--shift"],
+                   "stage 1 with the logit shift dropped (the paper's choice)"),
     "s1-nowarmup": (None, L2R, "stage 1 without the corruption warmup"),
 }
 ABLATIONS = {"s1": "s1", "s1-full": "full", "s1-noshift": "noshift", "s1-nowarmup": "nowarmup"}  # arm -> OUT/ folder

@@ -232,18 +232,21 @@ def paired_difference(arm: str, ref: str, bench: str) -> tuple[float, float] | N
 ABLATION_REF = "s1"
 
 
-ABLATION_BENCHES = (("humaneval", "HumanEval"), ("mbpp", "MBPP (sanitized)"))
-
-
 def ablation_table() -> list[str]:
-    """Stage 1 with one setting changed (train_ablations.sh), each against stage 1 itself."""
+    """Stage 1 with one setting changed (train_ablations.sh), each against stage 1 itself; a
+    benchmark gets columns once the reference and one ablation have results on it."""
+    def done(arm: str, bench: str) -> bool:
+        return bool(read_json(HERE / "results" / arm / bench / "results.json"))
+
     rows = []
+    benches = [(bench, name) for bench, name in BENCHES[:2]
+               if done(ABLATION_REF, bench) and any(done(arm, bench) for arm in ABLATIONS if arm != ABLATION_REF)]
     for arm, sub in ABLATIONS.items():
         folder = HERE / "train" / ("stage-1" if arm == ABLATION_REF else f"ablation/{sub}")
-        if not read_json(HERE / "results" / arm / "humaneval" / "results.json") or not (folder / "metrics.jsonl").exists():
+        if not done(arm, "humaneval") or not (folder / "metrics.jsonl").exists():
             continue
         cells = []
-        for bench, _ in ABLATION_BENCHES:
+        for bench, _ in benches:
             diff = paired_difference(arm, ABLATION_REF, bench) if arm != ABLATION_REF else None
             cells += [cell(arm, bench)[0], f"{diff[0]:+.1f} ± {diff[1]:.1f}" if diff else "-"]
         t = training_run(folder)
@@ -252,14 +255,14 @@ def ablation_table() -> list[str]:
                     f"({t['tok_s']:.0f} tokens/s) | {t['loss_last10']:.3f} |")
     if len(rows) < 2:
         return []
-    benches = " | ".join(f"{name} | vs `{ABLATION_REF}` (points)" for _, name in ABLATION_BENCHES)
+    heads = " | ".join(f"{name} | vs `{ABLATION_REF}` (points)" for _, name in benches)
     return [f"Ablations (`train_ablations.sh`): stage 1 (from the AR base, data set `data/`, `sft.toml`, data-order "
             "seed 0) with one setting changed, at the same steps and tokens; decoded as `bd4-l2r` (B = 4, one token "
             f"per pass, leftmost masked position first); each difference against `{ABLATION_REF}` is paired by "
             "problem (± its standard error):", "",
-            f"| arm | what | {benches} | answers that do not parse (HumanEval) | optimizer steps, tokens | peak lr "
+            f"| arm | what | {heads} | answers that do not parse (HumanEval) | optimizer steps, tokens | peak lr "
             "| optimizer time on 2 CPU cores | mean loss, last 10 steps |",
-            "|" + " --- |" * (7 + 2 * len(ABLATION_BENCHES)), *rows]
+            "|" + " --- |" * (7 + 2 * len(benches)), *rows]
 
 
 LOSS = {"sft": "masked answer tokens", "ar": "answer tokens"}
