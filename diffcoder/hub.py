@@ -152,7 +152,7 @@ def resolve(name_or_path: str | Path, pull_missing: bool = True) -> Path:
             raise PullError(f"model {name!r} is {state}: run `diffcoder pull {name}`")
         _say(f"{name}: {state}; building it once into {model_dir(name)}")
         pull(name)
-    return model_dir(str(name_or_path))
+    return model_dir(name)
 
 
 def load(name_or_path: str | Path | None = None, device: str | torch.device = "cpu",

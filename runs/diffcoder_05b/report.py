@@ -235,15 +235,13 @@ ABLATION_REF = "s1"
 def ablation_table() -> list[str]:
     """Stage 1 with one setting changed (train_ablations.sh), each against stage 1 itself; a
     benchmark gets columns once the reference and one ablation have results on it."""
-    def done(arm: str, bench: str) -> bool:
-        return bool(read_json(HERE / "results" / arm / bench / "results.json"))
-
     rows = []
-    benches = [(bench, name) for bench, name in BENCHES[:2]
-               if done(ABLATION_REF, bench) and any(done(arm, bench) for arm in ABLATIONS if arm != ABLATION_REF)]
+    others = [arm for arm in ABLATIONS if arm != ABLATION_REF]
+    benches = [(bench, name) for bench, name in BENCHES[:2] if pass_rate(ABLATION_REF, bench) is not None
+               and any(pass_rate(arm, bench) is not None for arm in others)]
     for arm, sub in ABLATIONS.items():
         folder = HERE / "train" / ("stage-1" if arm == ABLATION_REF else f"ablation/{sub}")
-        if not done(arm, "humaneval") or not (folder / "metrics.jsonl").exists():
+        if pass_rate(arm, "humaneval") is None or not (folder / "metrics.jsonl").exists():
             continue
         cells = []
         for bench, _ in benches:

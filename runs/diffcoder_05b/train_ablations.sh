@@ -18,6 +18,7 @@ arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=(s1 full noshift nowarmup)
 here=$(cd "$(dirname "$0")" && pwd)
 base=qwen2.5-coder-0.5b-instruct
+source "$here/train_lib.sh"
 stage1_commit=d87e049  # the commit that shipped stage 1's adapter (train/stage-1)
 
 reference() {  # stage 1's adapter from git history, merged into the pulled base
@@ -42,14 +43,8 @@ EOF
 arm() {  # NAME [flags]: stage 1 with the flags changed
   local name=$1
   shift
-  local run=$out/$name
-  if [ ! -f "$run/final/model.safetensors" ]; then
-    local resume=()
-    [ -d "$run/checkpoints" ] && resume=(--resume)
-    diffcoder train --config "$here/sft.toml" --data "$sft" --init "$base" --out "$run" --seed 0 "${resume[@]}" "$@"
-  fi
-  mkdir -p "$here/train/ablation/$name"
-  cp "$run/metrics.jsonl" "$run/run.json" "$here/train/ablation/$name/"
+  train_kept "$out/$name" "$here/train/ablation/$name" --config "$here/sft.toml" --data "$sft" --init "$base" \
+    --seed 0 "$@"
 }
 
 for a in "${arms[@]}"; do

@@ -13,21 +13,15 @@ set -euo pipefail
 sft=$1 sft2=$2 out=$3
 here=$(cd "$(dirname "$0")" && pwd)
 base=qwen2.5-coder-0.5b-instruct
+source "$here/train_lib.sh"
 
 stage() {  # N DATA_DIR DATA_SET [flags]: one stage, from the previous stage's adapter when N > 1
   local n=$1 data=$2 set=$3
   shift 3
-  local run=$out/stage-$n
   local from=()
   [ "$n" -gt 1 ] && from=(--adapter "$out/stage-$((n - 1))/adapter")
-  if [ ! -f "$run/final/model.safetensors" ]; then
-    local resume=()
-    [ -d "$run/checkpoints" ] && resume=(--resume)
-    diffcoder train --config "$here/sft.toml" --objective ar --data "$data" --init "$base" --out "$run" \
-      "${from[@]}" "${resume[@]}" "$@"
-  fi
-  mkdir -p "$here/train/ar-sft/stage-$n"
-  cp "$run/metrics.jsonl" "$run/run.json" "$here/train/ar-sft/stage-$n/"
+  train_kept "$out/stage-$n" "$here/train/ar-sft/stage-$n" --config "$here/sft.toml" --objective ar \
+    --data "$data" --init "$base" "${from[@]}" "$@"
   echo "{\"data_set\": \"$set\"}" > "$here/train/ar-sft/stage-$n/data.json"
 }
 
