@@ -6,6 +6,9 @@ Bad names are ValueErrors worded for the command line.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from pathlib import Path
 
 import torch
@@ -64,3 +67,29 @@ def pick_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> t
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16 (float64 for tests)")
     return DTYPES[name]
+
+
+@functools.cache
+def _malloc_trim() -> object | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc `malloc_trim(0)`); False where there is
+    no such call.
+
+    Why: a training step allocates tensors whose sizes change every step (the number of masked
+    positions is random), and glibc serves blocks of up to 32 MiB from its heap once a block
+    that size has been freed; the freed pages stay mapped between live blocks, so the process
+    grows step after step although what it holds does not.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

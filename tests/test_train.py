@@ -129,6 +129,48 @@ def test_resume_after_sigkill_is_bit_identical(one_process_dir: Path, train_data
     assert cli_main([*args, "--resume"]) == 0 and untimed(metrics(tmp_path / "cut")) == untimed(full)
 
 
+def test_trimming_the_heap_leaves_the_run_unchanged(one_process_dir: Path, train_data_dir: Path,
+                                                   train_tokenizer_dir: Path, tiny_json: Path, tmp_path: Path) -> None:
+    args = base_args(train_data_dir, train_tokenizer_dir, tiny_json, tmp_path / "plain", *ONE_EXTRA,
+                     "--trim-heap-every", "0")
+    assert cli_main(args) == 0
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["trim_heap_every"] == 0
+    assert json.loads((one_process_dir / "run.json").read_text())["trim_heap_every"] == 1  # the default
+    assert untimed(metrics(tmp_path / "plain")) == untimed(metrics(one_process_dir))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/proc/self/statm"), reason="/proc")
+def test_release_free_heap_returns_freed_pages_to_the_os() -> None:
+    """Freed blocks below the mmap threshold stay resident under a live block at the heap's top
+    until the heap is trimmed: the pattern of a training step's variable-size tensors."""
+    import ctypes
+    import ctypes.util
+
+    from diffcoder.hardware import release_free_heap
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "malloc_trim"):
+        pytest.skip("not glibc")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * page
+
+    size, count = 64 << 10, 2048  # 128 MiB in blocks under glibc's smallest mmap threshold (128 KiB)
+    blocks = [libc.malloc(size) for _ in range(count)]
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    pin = libc.malloc(size)  # keeps the heap's top in use, so free() alone cannot shrink it
+    for b in blocks:
+        libc.free(b)
+    before = rss()
+    assert release_free_heap()
+    assert before - rss() > size * count // 2
+    libc.free(pin)
+
+
 def assert_same_trajectory(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in b] == [r["step"] for r in a]
     for ra, rb in zip(a, b):

@@ -59,6 +59,9 @@ TRAIN_HELP = {
     "dist": "data parallelism under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard: parameters, "
             "gradients and optimizer state sharded)",
     "activation_checkpointing": "recompute layer activations in backward (less memory, more compute)",
+    "trim_heap_every": "every N steps, return the memory the steps freed to the OS (glibc malloc_trim), so the "
+                       "process does not grow over a run; 1 = after every step (the least memory, a few %% slower), "
+                       "0 = never",
     "save_dtype": "dtype of final/ (float32, bfloat16); checkpoints keep float32 for exact resume",
     "quiet": "no progress bar, nor (without a terminal) the line every 10 steps",
 }

@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     activation_checkpointing: bool = False
+    trim_heap_every: int = 1
     dist: str = "ddp"
     save_dtype: str = "float32"
     quiet: bool = False
@@ -136,7 +137,7 @@ class TrainConfig:
         if self.lora_rank and self.dist == "fsdp":
             raise ValueError("--lora-rank with --dist fsdp is not supported: the frozen base is small enough to "
                              "replicate, use --dist ddp")
-        for name in ("save_every", "eval_every"):
+        for name in ("save_every", "eval_every", "trim_heap_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = off)")
 

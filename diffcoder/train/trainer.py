@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from diffcoder.fsutil import atomic_write_text
+from diffcoder.hardware import release_free_heap
 
 from .batches import FimSpec, PretrainStream, SFTStream
 from .checkpointing import generation_config, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
@@ -185,6 +186,8 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if cfg.trim_heap_every and (step + 1) % cfg.trim_heap_every == 0:
+            release_free_heap()
         if self.d.world > 1:
             dist.all_reduce(loss_sum)
         if self.device.type == "cuda":
