@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("flags", nargs="*", help="train flags after `--` (default: %(default)s)", default=DEFAULT_FLAGS)
     args = ap.parse_args()
+    if args.steps < 3:
+        ap.error("--steps must be >= 3: RSS is read between steps, and the first and last are special")
     if not Path("/proc/self/statm").exists():
         sys.exit("train_memory.py reads /proc: Linux only")
     print(json.dumps({"hardware": cpu_name(), "train_flags": args.flags}), flush=True)
