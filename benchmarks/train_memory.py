@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from measure import hardware_name
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FLAGS = ["--config", str(ROOT / "runs/diffcoder_05b/sft.toml"), "--init", "qwen2.5-coder-0.5b-instruct",
                  "--seed", "0"]
@@ -30,13 +33,6 @@ ARMS = {"every-step": ["--trim-heap-every", "1"], "every-10": ["--trim-heap-ever
         "never": ["--trim-heap-every", "0"]}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    return "unknown CPU"
 
 
 def sample(pid: int) -> tuple[int, int, float] | None:
@@ -93,7 +89,7 @@ def main() -> None:
         ap.error("--steps must be >= 3: RSS is read between steps, and the first and last are special")
     if not Path("/proc/self/statm").exists():
         sys.exit("train_memory.py reads /proc: Linux only")
-    print(json.dumps({"hardware": cpu_name(), "train_flags": args.flags}), flush=True)
+    print(json.dumps({"hardware": hardware_name(torch.device("cpu")), "train_flags": args.flags}), flush=True)
     rows = {}
     for name in args.arms:
         with tempfile.TemporaryDirectory() as tmp:

@@ -46,12 +46,17 @@ def cell(arm: str, bench: str) -> tuple[str, dict | None]:
     return f"{100 * p:.1f} ± {100 * se:.1f} ({k}/{n})", res
 
 
+def per_problem(arm: str, bench: str) -> list[dict] | None:
+    """The harness's one record per problem (task_id, passed, status, reason), or None before it ran."""
+    f = HERE / "results" / arm / bench / "per_problem.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else None
+
+
 def syntax_errors(arm: str, bench: str) -> str:
     """How many answers do not even parse: the signature of tokens committed out of order."""
-    f = HERE / "results" / arm / bench / "per_problem.jsonl"
-    if not f.exists():
+    rows = per_problem(arm, bench)
+    if rows is None:
         return "-"
-    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     bad = sum(1 for r in rows if r["status"] == "error"
               and any(kind in (r.get("reason") or "") for kind in ("SyntaxError", "IndentationError")))
     return f"{bad}/{len(rows)}"
@@ -216,10 +221,9 @@ def paired_difference(arm: str, ref: str, bench: str) -> tuple[float, float] | N
     paired difference (both arms answer every problem, so per-problem differences are what vary)."""
     rows = {}
     for name in (arm, ref):
-        f = HERE / "results" / name / bench / "per_problem.jsonl"
-        if not f.exists():
+        if (records := per_problem(name, bench)) is None:
             return None
-        rows[name] = {r["task_id"]: float(r["passed"]) for r in map(json.loads, f.read_text().splitlines()) if r}
+        rows[name] = {r["task_id"]: float(r["passed"]) for r in records}
     tasks = sorted(rows[arm].keys() & rows[ref].keys())
     if not tasks:
         return None
