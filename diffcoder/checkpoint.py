@@ -124,6 +124,7 @@ def read_generation_config(path: Path) -> dict[str, Any]:
         "block_add_threshold": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
         "remasking": (lambda v: v in REMASKING, "one of " + ", ".join(map(repr, REMASKING))),
         "shift": (lambda v: isinstance(v, bool), "true or false"),
+        "speculative": (lambda v: isinstance(v, bool), "true or false"),
         "seed": (lambda v: v is None or integer(v), "an integer or null"),
     }
     for key, (ok, what) in rules.items():

@@ -46,6 +46,18 @@ def test_generate_streams_the_same_tokens_as_the_api(tiny_model_dir):
     assert "forward passes" in res.stderr and "step 0" in res.stderr
 
 
+def test_generate_speculative_prints_the_same_text_in_fewer_passes(tiny_model_dir):
+    args = ["generate", "--model", str(tiny_model_dir), "--gen-length", "32", "--dtype", "float32",
+            "class Stack:\n    def push(self"]
+    plain, spec = run(*args), run(*args, "--speculative")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+
+    def passes(res) -> int:  # noqa: ANN001
+        return int(res.stderr.split(" forward passes")[0].rsplit(" ", 1)[1])
+    assert passes(spec) < passes(plain)
+
+
 @pytest.mark.slow
 def test_generate_reads_stdin_and_chat_template(tiny_model_dir):
     res = run("generate", "--model", str(tiny_model_dir), "--chat", "--gen-length", "8", "-", stdin="hello")
@@ -75,6 +87,7 @@ def test_chat_with_the_compiled_runner_says_what_eager_says(tiny_model_dir):
     (["--gen-length", "10"], "multiple of block_length"),
     (["--threshold", "2"], "threshold"),
     (["--steps", "3", "--gen-length", "8"], "steps"),
+    (["--speculative", "--threshold", "0.9"], "no threshold"),
 ])
 @pytest.mark.slow
 def test_bad_flags_give_one_line_errors(tiny_model_dir, args, match):

@@ -11,6 +11,7 @@ from diffcoder.engine.decoding import BlockEvent, Decoding, StepEvent
 from diffcoder.engine.release import release_generate
 from diffcoder.engine.rules import block_schedule
 from diffcoder.model import DiffCoderLM
+from diffcoder.defaults import default_model_dir
 from helpers import EOS, MASK, V, cases, decode_model, hf_twin, oracle_generate, rand_prompt
 
 
@@ -247,6 +248,10 @@ BAD = [
     (dict(gen_length=8, steps=8, max_active_blocks=0), "max_active_blocks"),
     (dict(gen_length=8, steps=8, max_active_blocks=2, threshold=0.5, block_add_threshold=0.0), "block_add"),
     (dict(gen_length=8, steps=8, max_active_blocks=2, threshold=0.5, remasking="left_to_right"), "pipelining"),
+    (dict(gen_length=8, steps=8, speculative=True, threshold=0.5), "no threshold"),
+    (dict(gen_length=8, steps=4, speculative=True), "steps >= gen_length"),
+    (dict(gen_length=8, steps=8, speculative=True, temperature=0.5), "temperature 0"),
+    (dict(gen_length=8, steps=8, speculative=True, remasking="random"), "temperature 0"),
 ]
 
 
@@ -364,3 +369,45 @@ def test_pipelining_overlaps_blocks_and_finishes(pair, eos, shift):
     assert res.nfe < plain.nfe
     static = diffcoder.generate(model, prompts, runner="static", max_active_blocks=3, block_add_threshold=0.25, **kw)
     assert static.tokens == res.tokens and static.nfe == res.nfe  # the static-shape pass (CUDA graphs) too
+
+
+# ------------------------------------------------------------------ speculative (exact)
+SPEC_CASES = [dict(c, steps=c["gen_length"], threshold=None) for c in cases(24, seed=2)]
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "left_to_right"])
+@pytest.mark.parametrize("case", SPEC_CASES, ids=lambda c: f"B{c['block_length']}-G{c['gen_length']}"
+                         f"-P{len(c['prompt'])}-sh{int(c['shift'])}-e{c['eos_id']}")
+def test_speculative_matches_the_oracle(pair, case, remasking):
+    """The drafts verified in copies give exactly the tokens of one token per pass."""
+    model, hf = pair
+    case = dict(case)
+    prompt = case.pop("prompt")
+    want, _ = oracle_generate(hf, prompt, mask_id=MASK, left_to_right=remasking == "left_to_right", **case)
+    got = diffcoder.generate(model, [prompt], remasking=remasking, speculative=True, **case)
+    assert got.tokens[0] == want
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "left_to_right"])
+def test_speculative_batch_commits_several_tokens_per_pass(remasking):
+    """Rows of different lengths, EOS and shift, in one batch: the tokens and finish reasons of
+    one token per pass, in fewer passes, with passes that commit more than one token. The model
+    is the trained tiny one: a random model's drafts would almost never hold."""
+    model = diffcoder.load(default_model_dir(), dtype="float32")
+    tok = model.tokenizer
+    prompts = [tok.encode(t) for t in ("def add(a, b):\n    return", "import os\n", "class Stack:\n    def push(self",
+                                        "for i in range(10):\n")]
+    for shift in (False, True):
+        kw = dict(steps=32, gen_length=32, block_length=4, eos_id=tok.eos_id, remasking=remasking, shift=shift)
+        plain = diffcoder.generate(model, prompts, **kw)
+        dec = Decoding(model, prompts, step_events=True, speculative=True, **kw)
+        events = list(dec)
+        assert dec.result.tokens == plain.tokens
+        assert dec.result.finish_reasons == plain.finish_reasons
+        assert dec.result.nfe < plain.nfe
+        steps = [e for e in events if isinstance(e, StepEvent)]
+        assert max(len(e.positions) for e in steps) > 1
+        for row, toks in enumerate(dec.result.tokens):  # each position committed once, streamed in order
+            committed = sorted(p for e in steps if e.row == row for p in e.positions)
+            assert committed[:len(toks)] == list(range(len(toks)))
+            assert sum((e.tokens for e in events if isinstance(e, BlockEvent) and e.row == row), []) == toks

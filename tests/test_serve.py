@@ -69,6 +69,12 @@ def test_completion_equals_engine_output(client, model):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_speculative_request_decodes_the_same_text(client, model):
+    prompt = "def add(a, b):\n    return"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, extra_body={"speculative": True})
+    assert r.choices[0].text == engine_text(model, model.tokenizer.encode(prompt), 16)[0]
+
+
 def test_max_tokens_rounds_up_to_blocks_and_cuts(client, model):
     # max_tokens=6 decodes 8 tokens (two blocks of 4) and returns the first 6.
     prompt = "x = [1, 2, 3]\n"
@@ -179,6 +185,7 @@ BAD_REQUESTS = [
     ({"prompt": ["ok", "\udc00"]}, 400, "'prompt.1' contains a lone UTF-16 surrogate"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "remasking": "sometimes"}, 400, "remasking"),
+    ({"prompt": "x", "speculative": True, "temperature": 0.5}, 400, "temperature 0"),
     ({"prompt": "x", "n": 99}, 400, "lower n"),
     ({"prompt": [1, 2, 99999]}, 400, "vocabulary"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),

@@ -46,10 +46,14 @@ def add_decoder_flags(p: argparse.ArgumentParser) -> None:
                    "up to this many blocks are denoised at once (default 1 = off)")
     g.add_argument("--block-add-threshold", type=float, help="pipelining: start the next block once this share "
                    "of the newest block is committed (default 0.5)")
+    g.add_argument("--speculative", action="store_true", default=None, help="exact parallel decoding (greedy, one "
+                   "token per pass): each pass also checks the last pass's guesses for the block's next positions "
+                   "and commits those that one token per pass would commit; the same tokens in fewer passes")
 
 
 DEFAULTS = dict(gen_length=128, steps=None, block_length=4, threshold=None, temperature=0.0,
-                remasking="low_confidence", shift=False, seed=None, max_active_blocks=1, block_add_threshold=0.5)
+                remasking="low_confidence", shift=False, seed=None, max_active_blocks=1, block_add_threshold=0.5,
+                speculative=False)
 
 
 def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:

@@ -18,6 +18,8 @@ docs/decoding.md) are kept exactly, its defects are not:
 * shift=True: the logits for column i come from column i - 1, including the block's first
   column (from the preceding committed token, whose logits do not change within the block).
 * When a block is complete and contains EOS in its generated part, that row stops.
+* speculative=True (greedy, one token per pass): the same tokens in fewer passes. Each pass
+  verifies the previous pass's drafts for the block's next positions (`_speculative_window`).
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class DecodeArgs:
     seed: int | None = None
     max_active_blocks: int = 1
     block_add_threshold: float = 0.5
+    speculative: bool = False
 
     @property
     def steps_per_block(self) -> int:
@@ -131,6 +134,13 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
                 "or random with max_active_blocks > 1")
         if not 0.0 < float(args.block_add_threshold) <= 1.0:
             bad(f"block_add_threshold must be in (0, 1], got {args.block_add_threshold!r}")
+    if args.speculative:
+        if args.temperature != 0 or args.remasking not in ("low_confidence", "left_to_right"):
+            bad("speculative decoding reproduces greedy decoding: use temperature 0 and remasking "
+                "low_confidence or left_to_right")
+        if args.threshold is not None or args.max_active_blocks > 1 or args.steps < args.gen_length:
+            bad("speculative decoding reproduces one token per pass exactly: give no threshold, no pipelining "
+                f"and steps >= gen_length ({args.gen_length})")
     for name in ("eos_id", "mask_id"):
         v = getattr(args, name)
         if v is not None and vocab_size is not None and not 0 <= v < vocab_size:
@@ -145,10 +155,10 @@ class Decoding:
                  threshold: float | None = None, shift: bool = False, eos_id: int | None = None,
                  mask_id: int | None = None, seed: int | None = None, step_events: bool = False,
                  confidence_dtype: torch.dtype = torch.float64, runner: str = "auto",
-                 max_active_blocks: int = 1, block_add_threshold: float = 0.5) -> None:
+                 max_active_blocks: int = 1, block_add_threshold: float = 0.5, speculative: bool = False) -> None:
         mask_id = mask_id if mask_id is not None else getattr(model, "mask_id", None)
         self.args = DecodeArgs(steps, gen_length, block_length, float(temperature), remasking, threshold, shift,
-                               eos_id, mask_id, seed, max_active_blocks, block_add_threshold)
+                               eos_id, mask_id, seed, max_active_blocks, block_add_threshold, speculative)
         cfg = model.config
         validate_args(self.args, prompts, cfg.vocab_size, cfg.max_position_embeddings)
         self.model = model
@@ -187,7 +197,9 @@ class Decoding:
         pad = self.c - full
         self.n_windows = -(-(int(rem.max()) + G) // B)
         bucket = self.runner.cache_bucket  # static-shape runners: one graph serves many lengths
-        T = -(-(self.c + B * self.n_windows) // bucket) * bucket  # columns past the last window stay unused
+        # A speculative pass writes up to B copies of the block as scratch after the cache.
+        scratch = B * (B - 1) if a.speculative else 0
+        T = -(-(self.c + B * self.n_windows + scratch) // bucket) * bucket  # columns past the last window stay unused
         n = len(self.prompts)
         cols = torch.arange(T)
         x = torch.full((n, T), a.mask_id, dtype=torch.long)
@@ -217,7 +229,8 @@ class Decoding:
                     if not self.rows:
                         break
                     ws = self.c + w * B
-                    yield from self._decode_window(w, ws, commit_from)
+                    decode = self._speculative_window if self.args.speculative else self._decode_window
+                    yield from decode(w, ws, commit_from)
                     yield from self._finish_window(w, ws)
                     commit_from = ws
         self.result = GenerateResult(self._tokens, self.nfe, self._reasons)
@@ -304,6 +317,110 @@ class Decoding:
         a = self.args
         return propose(logits, masked, mask_id=a.mask_id, temperature=a.temperature, remasking=a.remasking,
                        dtype=self.confidence_dtype, generator=self._gen)
+
+    # --------------------------------------------- speculative: drafts verified in copies (exact)
+    def _speculative_window(self, w: int, ws: int, commit_from: int) -> Iterator[StepEvent]:
+        """One token per pass, exactly, in fewer passes (greedy; docs/decoding.md, *Speculative*).
+
+        A pass proposes a token at every masked position; the first one the rule picks is
+        committed, the others are drafts: the rule's next picks and their tokens, if committing
+        one token changes nothing else. The next pass runs the block in copies, copy j with the
+        first j drafts filled in (each copy sees the cached prefix and itself). Copy 0 is the
+        one-token-per-pass step; while copy j's pick equals draft j, copy j + 1 was the true
+        state too and its pick is committed as well. So a pass commits 1 + the accepted drafts,
+        the tokens are those of one token per pass, and the last true copy gives the new drafts.
+        """
+        a = self.args
+        we = ws + a.block_length
+        logits = self._forward(ws, we, commit_from)  # the block's first pass (fused commit pass)
+        drafts: list[list[tuple[int, int]]] = [[] for _ in self.rows]
+        step = 0
+        while True:
+            masked = self.masked[:, ws:we]
+            n_copies = int(masked.sum(1).max())
+            if n_copies == 0:
+                return
+            if step:
+                logits = self._verify_pass(ws, we, drafts, n_copies)
+            else:
+                n_copies = 1
+            copies = self._draft_copies(ws, we, drafts, n_copies)[1]
+            rows = len(self.rows)
+            conf, x0 = self._propose(logits.reshape(rows * n_copies, a.block_length, -1),
+                                     copies.reshape(rows * n_copies, -1))
+            conf = conf.view(rows, n_copies, -1).tolist()
+            x0 = x0.view(rows, n_copies, -1).tolist()
+            tokens, still = self.x[:, ws:we].tolist(), masked.tolist()
+            commits = []
+            for b in range(rows):
+                done, drafts[b] = self._accept(conf[b], x0[b], still[b], drafts[b])
+                for p, t, _ in done:
+                    tokens[b][p], still[b][p] = t, False
+                commits.append(done)
+            self._write(ws, we, torch.tensor(tokens, device=self.x.device),
+                        torch.tensor(still, device=self.x.device))
+            if self.step_events:
+                for b, row in enumerate(self.rows):
+                    if commits[b]:
+                        yield StepEvent(row, step, w, [ws + p - self.gen_start[row] for p, _, _ in commits[b]],
+                                        [t for _, t, _ in commits[b]], [c for _, _, c in commits[b]])
+            step += 1
+
+    def _accept(self, conf: list[list[float]], x0: list[list[int]], masked: list[bool],
+                drafts: list[tuple[int, int]]) -> tuple[list[tuple[int, int, float]], list[tuple[int, int]]]:
+        """One row: the commits (position, token, confidence) copy by copy while the drafts hold,
+        and the new drafts from the last true copy."""
+        open_ = [p for p, m in enumerate(masked) if m]
+        done: list[tuple[int, int, float]] = []
+        for j in range(len(open_)):
+            filled = {p for p, _ in drafts[:j]}
+            left = [p for p in open_ if p not in filled]
+            order = self._rule_order(conf[j], left)
+            pick = order[0]
+            done.append((pick, x0[j][pick], conf[j][pick]))
+            if j >= len(drafts) or drafts[j] != (pick, x0[j][pick]):
+                return done, [(p, x0[j][p]) for p in order[1:]]
+        return done, []
+
+    def _rule_order(self, conf: list[float], positions: list[int]) -> list[int]:
+        """The order in which one token per pass would commit `positions`, judged by one pass:
+        leftmost first, or most confident first (ties: leftmost, as `confidence_ranks`)."""
+        if self.args.remasking == "left_to_right":
+            return positions
+        return sorted(positions, key=lambda p: (-conf[p], p))
+
+    def _draft_copies(self, ws: int, we: int, drafts: list[list[tuple[int, int]]],
+                      n_copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block in `n_copies` copies per row, copy j with the row's first j drafts filled in:
+        token ids and masked flags, [rows, n_copies, B] each."""
+        ids = self.x[:, ws:we].unsqueeze(1).repeat(1, n_copies, 1)
+        masked = self.masked[:, ws:we].unsqueeze(1).repeat(1, n_copies, 1)
+        for b, row_drafts in enumerate(drafts):
+            for i, (p, t) in enumerate(row_drafts[:n_copies - 1]):
+                ids[b, i + 1:, p] = t
+                masked[b, i + 1:, p] = False
+        return ids, masked
+
+    def _verify_pass(self, ws: int, we: int, drafts: list[list[tuple[int, int]]], n_copies: int) -> torch.Tensor:
+        """Logits [rows, n_copies * B, vocab] of the block's copies in one pass (keys kept as scratch)."""
+        a = self.args
+        B = a.block_length
+        assert self.cache.length == ws
+        ids = self._draft_copies(ws, we, drafts, n_copies)[0].flatten(1)
+        positions = self.pos[:, ws:we].repeat(1, n_copies)
+        valid = self.key_valid[:, ws:we].repeat(1, n_copies)
+        copy = torch.arange(n_copies * B, device=ids.device) // B
+        own = (copy[:, None] == copy[None, :]) & valid[:, None, :]
+        own |= torch.eye(n_copies * B, dtype=torch.bool, device=ids.device)  # a pad query sees itself
+        prefix = self.key_valid[:, None, :ws].expand(-1, n_copies * B, -1)
+        mask = torch.cat([prefix, own], dim=-1)
+        logits = self.model(ids, positions, attn_mask=mask, cache=self.cache, keep=0)
+        self.nfe += 1
+        if a.shift:  # column i's logits come from column i - 1; a block's first column from the lead
+            lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, :1])
+            logits = logits.view(len(self.rows), n_copies, B, -1)
+            logits = torch.cat([lead.unsqueeze(1).expand(-1, n_copies, -1, -1), logits[:, :, :B - 1]], dim=2)
+        return logits
 
     # ------------------------------------------------------ multi-block pipelining (approximate)
     def _pipelined(self) -> Iterator[StepEvent | BlockEvent]:
@@ -402,14 +519,16 @@ def generate(model: torch.nn.Module, prompts: str | list[str] | list[list[int]],
              shift: bool = False, eos_id: int | None = None, mask_id: int | None = None, seed: int | None = None,
              on_event: Callable[[StepEvent | BlockEvent], None] | None = None,
              step_events: bool = False, confidence_dtype: torch.dtype = torch.float64,
-             runner: str = "auto", max_active_blocks: int = 1, block_add_threshold: float = 0.5) -> GenerateResult:
+             runner: str = "auto", max_active_blocks: int = 1, block_add_threshold: float = 0.5,
+             speculative: bool = False) -> GenerateResult:
     """Decode every prompt with block diffusion; see `Decoding` for the rules.
 
     `prompts` are token-id lists, or text (a str or a list of str) encoded with `model.tokenizer`;
     for text, `eos_id` defaults to the tokenizer's and `result.texts` holds each row's decoded text.
     `gen_length` (alias `max_new_tokens`) tokens are generated in `steps` steps (default gen_length:
     one token per forward pass). max_active_blocks > 1 turns on multi-block pipelining
-    (approximate; needs a threshold)."""
+    (approximate; needs a threshold); speculative=True decodes the tokens of one token per pass
+    in fewer passes (greedy)."""
     if max_new_tokens is not None:
         if gen_length is not None and gen_length != max_new_tokens:
             raise ValueError(f"gen_length={gen_length} and max_new_tokens={max_new_tokens} name the same setting; "
@@ -431,7 +550,7 @@ def generate(model: torch.nn.Module, prompts: str | list[str] | list[list[int]],
                    temperature=temperature, remasking=remasking, threshold=threshold, shift=shift,
                    eos_id=eos_id, mask_id=mask_id, seed=seed, step_events=step_events,
                    confidence_dtype=confidence_dtype, runner=runner, max_active_blocks=max_active_blocks,
-                   block_add_threshold=block_add_threshold)
+                   block_add_threshold=block_add_threshold, speculative=speculative)
     for event in dec:
         if on_event is not None:
             on_event(event)

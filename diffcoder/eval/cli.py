@@ -146,6 +146,7 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
                    shift=bool(kw["shift"]), batch_size=args.batch_size, n_samples=args.n_samples,
                    seed=kw["seed"] or 0, prompt_style=args.prompt_style,
                    max_active_blocks=kw["max_active_blocks"], block_add_threshold=kw["block_add_threshold"],
+                   speculative=bool(kw["speculative"]),
                    runner=args.runner, stop_after_code=args.stop_after_code)
     if args.n_samples > 1 and spec.temperature == 0 and spec.remasking != "random":
         print("note: --n-samples > 1 with temperature 0 gives identical samples; pass --temperature",

@@ -31,6 +31,7 @@ class GenSpec:
     prompt_style: str = "auto"
     max_active_blocks: int = 1
     block_add_threshold: float = 0.5
+    speculative: bool = False  # exact: the tokens of one token per pass, in fewer passes
     runner: str = "auto"  # how each pass runs (diffcoder.engine.runners); recorded when not the default
     stop_after_code: bool = False  # instruct answers: stop a row once its first code block is closed
 
@@ -40,6 +41,8 @@ class GenSpec:
               "temperature": self.temperature, "remasking": self.remasking, "shift": self.shift}
         if self.max_active_blocks > 1:  # recorded in results.json only when pipelining is on
             kw.update(max_active_blocks=self.max_active_blocks, block_add_threshold=self.block_add_threshold)
+        if self.speculative:  # recorded in results.json only when on
+            kw["speculative"] = True
         if self.runner != "auto":  # exact modes decode the same tokens; bf16 kernels may round differently
             kw["runner"] = self.runner
         return kw

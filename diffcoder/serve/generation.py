@@ -123,14 +123,20 @@ def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max
     temperature = _temperature(req, info)
     threshold = req.threshold if req.threshold is not None else d.get("threshold")
     sampled = temperature > 0
+    remasking = req.remasking or str(d.get("remasking", "low_confidence"))
+    speculative = req.speculative
+    if speculative is None:  # the model's default applies where it can: greedy, one token per pass
+        speculative = (bool(d.get("speculative", False)) and not sampled and threshold is None
+                       and steps == gen_length and remasking != "random")
     return BatchKey(
         gen_length=gen_length,
         steps=steps,
         block_length=block,
         threshold=None if threshold is None else float(threshold),
-        remasking=req.remasking or str(d.get("remasking", "low_confidence")),
+        remasking=remasking,
         temperature=float(temperature),
         shift=bool(d.get("shift", False)),
+        speculative=speculative,
         seed=req.seed if sampled else None,
         solo=job_tag if sampled and req.seed is not None else None,
     )
@@ -161,7 +167,7 @@ def _check_with_engine(key: BatchKey, prompts: list[list[int]], info: ModelInfo)
     from diffcoder.engine.decoding import DecodeArgs, validate_args
 
     args = DecodeArgs(key.steps, key.gen_length, key.block_length, key.temperature, key.remasking,
-                      key.threshold, key.shift, info.eos_id, info.mask_id, key.seed)
+                      key.threshold, key.shift, info.eos_id, info.mask_id, key.seed, speculative=key.speculative)
     try:
         validate_args(args, prompts, info.vocab_size, info.context_length)
     except ValueError as exc:

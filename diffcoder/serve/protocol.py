@@ -80,6 +80,8 @@ class DecoderOptions(BaseModel):
     block_length: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, gt=0.0, le=1.0)
     remasking: Literal["low_confidence", "random", "left_to_right"] | None = None
+    speculative: bool | None = Field(None, description="exact parallel decoding: the tokens of greedy one-token-"
+                                     "per-pass decoding in fewer passes (default: the model's, where it applies)")
     include_steps: bool = Field(False, description="stream per-step denoising states (playground)")
 
     def unsupported_fields(self, temperature: float) -> list[tuple[str, str]]:

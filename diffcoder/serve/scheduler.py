@@ -40,6 +40,7 @@ class BatchKey:
     remasking: str
     temperature: float
     shift: bool
+    speculative: bool = False
     # Sampling draws noise for the whole batch from one generator, so a seeded sampled job
     # would get different samples depending on its batch mates. Such jobs run alone
     # (`solo` = the job id) to keep `seed` reproducible; greedy jobs batch freely.
@@ -56,6 +57,7 @@ class BatchKey:
             "temperature": self.temperature,
             "shift": self.shift,
             "seed": self.seed,
+            "speculative": self.speculative,
         }
 
 

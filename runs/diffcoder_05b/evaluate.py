@@ -36,6 +36,9 @@ ARMS: dict[str, tuple[str | None, list[str], str]] = {
     "bd4-l2r": (MODEL, L2R, "diffcoder-0.5b, B = 4, one token per pass, leftmost masked position first"),
     "bd4-l2r-t0.9": (MODEL, [*L2R, "--threshold", "0.9"],
                      "diffcoder-0.5b, leftmost first, threshold 0.9 (the leftmost plus the confident run after it)"),
+    "bd4-l2r-spec": (MODEL, [*L2R, "--speculative"],
+                     "diffcoder-0.5b, leftmost first, speculative (each pass also verifies the last pass's drafts: "
+                     "the tokens of one token per pass)"),
     "bd4-pipe": (MODEL, [*CONF, "--threshold", "0.9", "--max-active-blocks", "2", "--block-add-threshold", "0.5"],
                  "diffcoder-0.5b, threshold 0.9, two blocks in flight"),
     # The ablations, at stage 1's budget: each is decoded like bd4-l2r (the shipped default).
