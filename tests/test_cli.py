@@ -58,6 +58,24 @@ def test_generate_speculative_prints_the_same_text_in_fewer_passes(tiny_model_di
     assert passes(spec) < passes(plain)
 
 
+def test_a_models_speculative_default_applies_only_where_it_can():
+    """generation_config.json may turn speculative decoding on; a flag that rules it out (sampling,
+    a threshold, fewer steps) then decodes as asked, and --no-speculative turns it off."""
+    import argparse
+    import types
+
+    from diffcoder.engine.cli import DEFAULTS, decoder_kwargs
+
+    model = types.SimpleNamespace(generation_defaults={"speculative": True, "gen_length": 16})
+
+    def spec(**flags) -> bool:  # noqa: ANN003
+        return decoder_kwargs(argparse.Namespace(**{**dict.fromkeys(DEFAULTS), **flags}), model)["speculative"]
+    assert spec() is True
+    assert spec(threshold=0.9) is False and spec(temperature=0.7) is False and spec(steps=8) is False
+    assert spec(remasking="random") is False and spec(speculative=False) is False
+    assert spec(speculative=True, threshold=0.9) is True  # asked for by flag: the engine's check explains the clash
+
+
 @pytest.mark.slow
 def test_generate_reads_stdin_and_chat_template(tiny_model_dir):
     res = run("generate", "--model", str(tiny_model_dir), "--chat", "--gen-length", "8", "-", stdin="hello")

@@ -46,9 +46,10 @@ def add_decoder_flags(p: argparse.ArgumentParser) -> None:
                    "up to this many blocks are denoised at once (default 1 = off)")
     g.add_argument("--block-add-threshold", type=float, help="pipelining: start the next block once this share "
                    "of the newest block is committed (default 0.5)")
-    g.add_argument("--speculative", action="store_true", default=None, help="exact parallel decoding (greedy, one "
+    g.add_argument("--speculative", action=argparse.BooleanOptionalAction, help="exact parallel decoding (greedy, one "
                    "token per pass): each pass also checks the last pass's guesses for the block's next positions "
-                   "and commits those that one token per pass would commit; the same tokens in fewer passes")
+                   "and commits those that one token per pass would commit; the same tokens in fewer passes (default: the "
+                   "model's, where the other settings allow it)")
 
 
 DEFAULTS = dict(gen_length=128, steps=None, block_length=4, threshold=None, temperature=0.0,
@@ -65,6 +66,11 @@ def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         kw[key] = flag if flag is not None else saved.get(key, default)
     if kw["steps"] is None:
         kw["steps"] = kw["gen_length"]
+    if getattr(args, "speculative", None) is None and kw["speculative"]:
+        from .decoding import speculative_applies
+
+        kw["speculative"] = speculative_applies(**{k: kw[k] for k in ("temperature", "remasking", "threshold", "steps",
+                                                                      "gen_length", "max_active_blocks")})
     return kw
 
 

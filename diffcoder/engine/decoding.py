@@ -147,6 +147,14 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
             bad(f"{name} {v} is outside the vocabulary [0, {vocab_size})")
 
 
+def speculative_applies(*, temperature: float, remasking: str, threshold: float | None, steps: int,
+                        gen_length: int, max_active_blocks: int = 1) -> bool:
+    """Whether settings are ones speculative decoding reproduces (greedy, one token per pass): a
+    model whose defaults turn it on decodes so only then, and as asked otherwise."""
+    return (temperature == 0 and remasking in ("low_confidence", "left_to_right") and threshold is None
+            and steps >= gen_length and max_active_blocks == 1)
+
+
 class Decoding:
     """Streaming decode of a batch of prompts. Iterate for events; `.result` afterwards."""
 
@@ -340,11 +348,11 @@ class Decoding:
             n_copies = int(masked.sum(1).max())
             if n_copies == 0:
                 return
+            if not step:
+                n_copies = 1  # no drafts yet: the block's first pass ran it once
+            ids, copies = self._draft_copies(ws, we, drafts, n_copies)
             if step:
-                logits = self._verify_pass(ws, we, drafts, n_copies)
-            else:
-                n_copies = 1
-            copies = self._draft_copies(ws, we, drafts, n_copies)[1]
+                logits = self._verify_pass(ws, we, ids)
             rows = len(self.rows)
             conf, x0 = self._propose(logits.reshape(rows * n_copies, a.block_length, -1),
                                      copies.reshape(rows * n_copies, -1))
@@ -401,12 +409,14 @@ class Decoding:
                 masked[b, i + 1:, p] = False
         return ids, masked
 
-    def _verify_pass(self, ws: int, we: int, drafts: list[list[tuple[int, int]]], n_copies: int) -> torch.Tensor:
-        """Logits [rows, n_copies * B, vocab] of the block's copies in one pass (keys kept as scratch)."""
+    def _verify_pass(self, ws: int, we: int, copies: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, n_copies, B, vocab] of the block's copies [rows, n_copies, B] in one pass
+        (their keys are scratch past the cache)."""
         a = self.args
         B = a.block_length
         assert self.cache.length == ws
-        ids = self._draft_copies(ws, we, drafts, n_copies)[0].flatten(1)
+        n_copies = copies.shape[1]
+        ids = copies.flatten(1)
         positions = self.pos[:, ws:we].repeat(1, n_copies)
         valid = self.key_valid[:, ws:we].repeat(1, n_copies)
         copy = torch.arange(n_copies * B, device=ids.device) // B
@@ -416,9 +426,9 @@ class Decoding:
         mask = torch.cat([prefix, own], dim=-1)
         logits = self.model(ids, positions, attn_mask=mask, cache=self.cache, keep=0)
         self.nfe += 1
+        logits = logits.view(len(self.rows), n_copies, B, -1)
         if a.shift:  # column i's logits come from column i - 1; a block's first column from the lead
-            lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, :1])
-            logits = logits.view(len(self.rows), n_copies, B, -1)
+            lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, 0, :1])
             logits = torch.cat([lead.unsqueeze(1).expand(-1, n_copies, -1, -1), logits[:, :, :B - 1]], dim=2)
         return logits
 

@@ -126,8 +126,10 @@ def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max
     remasking = req.remasking or str(d.get("remasking", "low_confidence"))
     speculative = req.speculative
     if speculative is None:  # the model's default applies where it can: greedy, one token per pass
-        speculative = (bool(d.get("speculative", False)) and not sampled and threshold is None
-                       and steps == gen_length and remasking != "random")
+        from diffcoder.engine.decoding import speculative_applies
+
+        speculative = bool(d.get("speculative", False)) and speculative_applies(
+            temperature=temperature, remasking=remasking, threshold=threshold, steps=steps, gen_length=gen_length)
     return BatchKey(
         gen_length=gen_length,
         steps=steps,
