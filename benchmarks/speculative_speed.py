@@ -83,8 +83,23 @@ def main(argv: list[str] | None = None) -> dict:
               f"tokens identical: {same}")
     summary = {"model": args.model, "hardware": hw, "dtype": str(model.dtype).removeprefix("torch."), **kw,
                "prompts": "humaneval instruct", "results": results}
+    print()
+    print("\n".join(markdown_table(summary)))
     print(json.dumps(summary))
     return summary
+
+
+def markdown_table(summary: dict) -> list[str]:
+    """The run as a table (report.py puts it in the model card)."""
+    rows = ["| batch | one token per pass, tok/s | speculative, tok/s | speculative / one token per pass "
+            "| speculative, tokens per pass | speculative, passes/s | one token per pass, passes/s | same tokens |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, r in summary["results"].items():
+        plain, spec = r["plain"], r["speculative"]
+        rows.append(f"| {key[5:]} | {plain['tokens_per_s']:.2f} | {spec['tokens_per_s']:.2f} | {r['speedup']:.2f}x "
+                    f"| {spec['tokens_per_pass']:.2f} | {spec['passes_per_s']:.2f} | {plain['passes_per_s']:.2f} "
+                    f"| {'yes' if r['identical'] else 'no'} |")
+    return rows
 
 
 if __name__ == "__main__":
