@@ -134,13 +134,11 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
                 "or random with max_active_blocks > 1")
         if not 0.0 < float(args.block_add_threshold) <= 1.0:
             bad(f"block_add_threshold must be in (0, 1], got {args.block_add_threshold!r}")
-    if args.speculative:
-        if args.temperature != 0 or args.remasking not in ("low_confidence", "left_to_right"):
-            bad("speculative decoding reproduces greedy decoding: use temperature 0 and remasking "
-                "low_confidence or left_to_right")
-        if args.threshold is not None or args.max_active_blocks > 1 or args.steps < args.gen_length:
-            bad("speculative decoding reproduces one token per pass exactly: give no threshold, no pipelining "
-                f"and steps >= gen_length ({args.gen_length})")
+    if args.speculative and not speculative_applies(
+            temperature=args.temperature, remasking=args.remasking, threshold=args.threshold, steps=args.steps,
+            gen_length=args.gen_length, max_active_blocks=args.max_active_blocks):
+        bad("speculative decoding reproduces greedy one-token-per-pass decoding: use temperature 0, remasking "
+            f"low_confidence or left_to_right, no threshold, no pipelining and steps >= gen_length ({args.gen_length})")
     for name in ("eos_id", "mask_id"):
         v = getattr(args, name)
         if v is not None and vocab_size is not None and not 0 <= v < vocab_size:
