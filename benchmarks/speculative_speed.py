@@ -23,7 +23,7 @@ from measure import hardware_name
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffcoder  # noqa: E402
 from diffcoder.engine.decoding import Decoding, StepEvent  # noqa: E402
-from diffcoder.eval.generation import _prompt_ids  # noqa: E402
+from diffcoder.eval.generation import prompt_ids  # noqa: E402
 from diffcoder.eval.problems import load_benchmark  # noqa: E402
 from diffcoder.hardware import pick_device, pick_dtype  # noqa: E402
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     tok = model.tokenizer
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     problems = load_benchmark("humaneval", limit=max(sizes))
-    prompts = [_prompt_ids(pr, "instruct", tok) for pr in problems]
+    prompts = [prompt_ids(pr, "instruct", tok) for pr in problems]
     saved = model.generation_defaults or {}
     kw = dict(gen_length=args.gen_length, steps=args.gen_length, block_length=int(saved.get("block_length", 4)),
               shift=bool(saved.get("shift", False)), remasking=args.remasking or saved.get("remasking", "low_confidence"),

@@ -38,6 +38,18 @@ def decode_mask(q_cols: torch.Tensor, k_cols: torch.Tensor, key_valid: torch.Ten
     return allowed | (k_cols.unsqueeze(0) == q_cols.unsqueeze(1)).unsqueeze(0)
 
 
+def block_copies_mask(prefix_valid: torch.Tensor, block_valid: torch.Tensor, n_copies: int) -> torch.Tensor:
+    """[b, n*B, P + n*B] mask for n copies of one block side by side after a prefix of P columns
+    (speculative decoding): every copy sees the prefix's valid columns and its own valid columns,
+    never another copy. prefix_valid [b, P], block_valid [b, B]. Each query may see itself (as in
+    `decode_mask`: a pad query never has an empty row)."""
+    B = block_valid.shape[1]
+    copy = torch.arange(n_copies * B, device=block_valid.device) // B
+    own = (copy[:, None] == copy[None, :]) & block_valid.repeat(1, n_copies)[:, None, :]
+    own |= torch.eye(n_copies * B, dtype=torch.bool, device=block_valid.device)
+    return torch.cat([prefix_valid[:, None, :].expand(-1, n_copies * B, -1), own], dim=-1)
+
+
 def block_diffusion_training_mask(seq_len: int, block_size: int,
                                   device: torch.device | str | None = None) -> torch.Tensor:
     """[2L, 2L] mask over the concatenation [noisy x_t; clean x_0] (both at positions 0..L-1).

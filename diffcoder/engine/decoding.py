@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import REMASKING
+from ..masks import block_copies_mask
 from .rules import block_schedule, commit_rule, committed_window, confidence_ranks, greedy_choice, propose
 from .runners import make_runner
 
@@ -414,21 +415,19 @@ class Decoding:
         B = a.block_length
         assert self.cache.length == ws
         n_copies = copies.shape[1]
-        ids = copies.flatten(1)
-        positions = self.pos[:, ws:we].repeat(1, n_copies)
-        valid = self.key_valid[:, ws:we].repeat(1, n_copies)
-        copy = torch.arange(n_copies * B, device=ids.device) // B
-        own = (copy[:, None] == copy[None, :]) & valid[:, None, :]
-        own |= torch.eye(n_copies * B, dtype=torch.bool, device=ids.device)  # a pad query sees itself
-        prefix = self.key_valid[:, None, :ws].expand(-1, n_copies * B, -1)
-        mask = torch.cat([prefix, own], dim=-1)
-        logits = self.model(ids, positions, attn_mask=mask, cache=self.cache, keep=0)
+        mask = block_copies_mask(self.key_valid[:, :ws], self.key_valid[:, ws:we], n_copies)
+        # With shift a copy's last column predicts past the block: its vocabulary projection is skipped.
+        cols = torch.arange(n_copies * B, device=copies.device)
+        index = cols[cols % B < B - 1] if a.shift else None
+        logits = self.model(copies.flatten(1), self.pos[:, ws:we].repeat(1, n_copies), attn_mask=mask,
+                            cache=self.cache, keep=0, logits_index=index)
         self.nfe += 1
-        logits = logits.view(len(self.rows), n_copies, B, -1)
-        if a.shift:  # column i's logits come from column i - 1; a block's first column from the lead
-            lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, 0, :1])
-            logits = torch.cat([lead.unsqueeze(1).expand(-1, n_copies, -1, -1), logits[:, :, :B - 1]], dim=2)
-        return logits
+        if not a.shift:
+            return logits.view(len(self.rows), n_copies, B, -1)
+        # Column i's logits come from column i - 1; a block's first column from the lead.
+        logits = logits.view(len(self.rows), n_copies, B - 1, -1)
+        lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, 0, :1])
+        return torch.cat([lead.unsqueeze(1).expand(-1, n_copies, -1, -1), logits], dim=2)
 
     # ------------------------------------------------------ multi-block pipelining (approximate)
     def _pipelined(self) -> Iterator[StepEvent | BlockEvent]:

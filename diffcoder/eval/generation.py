@@ -84,7 +84,8 @@ def resolve_style(style: str, tokenizer: Any) -> str:
     return style
 
 
-def _prompt_ids(problem: Problem, style: str, tok: Any) -> list[int]:
+def prompt_ids(problem: Problem, style: str, tok: Any) -> list[int]:
+    """The token ids `diffcoder eval` decodes for PROBLEM in STYLE (instruct: the chat template)."""
     if style == "instruct":
         return tok.apply_chat_template(instruct_messages(problem), add_generation_prompt=True)
     ids = tok.encode(base_prompt(problem))
@@ -118,7 +119,7 @@ def _decode_batch(model: Any, batch: list[Problem], style: str, kwargs: dict, se
     if batch[0].kind == "infill":  # a benchmark is all-infill or none
         pairs = [(p.prompt, p.suffix) for p in batch]
         return diffcoder.infill_many(model, pairs, seed=seed, **kwargs), [{} for _ in batch]
-    prompts = [_prompt_ids(p, style, tok) for p in batch]
+    prompts = [prompt_ids(p, style, tok) for p in batch]
     passes: list[set[int]] = [set() for _ in batch]  # the passes (by number) in which a row committed tokens
     committed = [0] * len(batch)
     final: list[list[int]] = [[] for _ in batch]

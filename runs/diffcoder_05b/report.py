@@ -22,6 +22,8 @@ DOC = REPO / "docs" / "replication-0.5b.md"
 sys.path.insert(0, str(HERE))
 from evaluate import ABLATIONS, ARMS  # noqa: E402
 
+from diffcoder.eval.harness import read_jsonl  # noqa: E402
+
 BENCHES = (("humaneval", "HumanEval"), ("mbpp", "MBPP (sanitized)"), ("humaneval-infill-single", "HE single-line infill"))
 # Published pass@1 of other models, their harnesses (not comparable to ours; see the card's text).
 PUBLISHED = [
@@ -46,18 +48,21 @@ def cell(arm: str, bench: str) -> tuple[str, dict | None]:
     return f"{100 * p:.1f} ± {100 * se:.1f} ({k}/{n})", res
 
 
+def records(arm: str, bench: str, name: str) -> list[dict] | None:
+    """results/ARM/BENCH/NAME.jsonl (the harness's records), or None before it ran."""
+    f = HERE / "results" / arm / bench / f"{name}.jsonl"
+    return read_jsonl(f, what=name + " file") if f.exists() else None
+
+
 def per_problem(arm: str, bench: str) -> list[dict] | None:
     """The harness's one record per problem (task_id, passed, status, reason), or None before it ran."""
-    f = HERE / "results" / arm / bench / "per_problem.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else None
+    return records(arm, bench, "per_problem")
 
 
 def identical_answers(arm: str, ref: str, bench: str) -> str:
     """', the same text as REF on k of n problems': how exactly ARM reproduced REF's answers."""
     def texts(a: str) -> dict[str, str]:
-        f = HERE / "results" / a / bench / "samples.jsonl"
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
-        return {r["task_id"]: r["raw"] for r in rows}
+        return {r["task_id"]: r["raw"] for r in records(a, bench, "samples") or []}
 
     mine, theirs = texts(arm), texts(ref)
     shared = [t for t in mine if t in theirs]
@@ -214,7 +219,8 @@ def targets(speed: dict[str, dict], stages: list[dict], ar_stages: list[dict]) -
                 same = identical_answers(arm, base, "humaneval")
                 rerun = identical_answers(arm, f"{base}-rerun", "humaneval")
                 if rerun:  # one token per pass decoded again on the machine that ran ARM (results/ARM-rerun)
-                    same += f"; `{base}` decoded again on the same machine{rerun}"
+                    same += (f"; `{base}` decoded again on the same machine{rerun} (against the stored `{base}`"
+                             f"{identical_answers(f'{base}-rerun', base, 'humaneval')})")
             out.append(f"- `{arm}`: {tpp:.2f} tokens per pass, HumanEval {change} one token per pass in the same "
                        f"order (`{base}`{same}; target: at least 1.5 tokens per pass and at most 5 points below: "
                        f"{'met' if ok else 'not met'}).")
