@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+import diffcoder
 from diffcoder.config import PRESETS, ModelConfig
 from diffcoder.hardware import pick_device, pick_dtype
 from diffcoder.engine.decoding import BlockEvent, Decoding
@@ -262,10 +263,8 @@ class Setup:
 def benchmark_model(args: argparse.Namespace, device: torch.device) -> tuple[DiffCoderLM, str]:
     """The checkpoint of --model, else random weights of --shape; and its label in the results."""
     dtype = pick_dtype(args.dtype, device)
-    if args.model:
-        from diffcoder.checkpoint import load
-
-        return load(args.model, device=device, dtype=dtype), args.model
+    if args.model:  # a directory or a registered model name (pulled on first use)
+        return diffcoder.load(args.model, device=device, dtype=dtype), args.model
     return random_model(args.shape, dtype, device, args.seed), f"random {args.shape}"
 
 

@@ -95,7 +95,8 @@ def test_cpu_matmul_flag_picks_the_kernel_for_the_run_and_the_limit_is_the_faste
     flags = ["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--gen-length", "8", "--prompt-len", "8",
              "--repeats", "1", "--no-baseline"]
     has_amx = kernels.amx_unsupported_reason() is None
-    for choice, want in (("onednn", "onednn"), ("auto", "amx" if has_amx else "onednn")):
+    auto = "amx" if has_amx else "avx512" if kernels.avx512_for(4) is not None else "onednn"
+    for choice, want in (("onednn", "onednn"), ("auto", auto)):
         out = main([*flags, "--cpu-matmul", choice])
         assert out["cpu_matmul"] == want and kernels.current_policy().matmul == "auto"
         readers = out["bandwidth_readers"]
@@ -103,7 +104,8 @@ def test_cpu_matmul_flag_picks_the_kernel_for_the_run_and_the_limit_is_the_faste
         assert set(readers) == ({"float32 sum", "AMX kernel"} if has_amx else {"float32 sum"})
     float32 = main([*flags[:4], "--dtype", "float32", *flags[6:]])
     assert float32["cpu_matmul"] is None
-    assert float32["native_ops"] == (["confidence"] if has_amx else [])  # native attention: bf16 only
+    native_confidence = kernels.confidence_ops(torch.zeros(1)) is not None  # the AMX or the AVX-512 library's
+    assert float32["native_ops"] == (["confidence"] if native_confidence else [])  # native attention: bf16 only
 
 
 def test_cpu_attention_and_confidence_flags_switch_the_native_ops_for_the_run_only():

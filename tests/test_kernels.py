@@ -26,6 +26,27 @@ def amx():
     return ops
 
 
+@pytest.fixture(scope="module")
+def avx512():
+    reason = kernels.avx512_unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"AVX-512 kernel: {reason}")
+    ops = kernels.avx512_ops()
+    assert ops is not None, "this CPU has AVX-512, so the kernel must build and load (see the warning)"
+    return ops
+
+
+@pytest.fixture(scope="module")
+def confidence_lib():
+    """The library whose greedy_confidence op this CPU runs (AMX's, else AVX-512's)."""
+    ops = kernels.native_ops() if kernels.amx_unsupported_reason() is None else None
+    if ops is None and kernels.avx512_unsupported_reason() is None:
+        ops = kernels.avx512_ops()
+    if ops is None:
+        pytest.skip("the confidence op needs a CPU with AVX-512")
+    return ops
+
+
 def within_one_bf16_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     """y agrees with the float64 product rounded to bf16 up to one bf16 step (fp32 sums in any
     order stay well inside that; a wrong layout, a lost row or column, or a missing bias does not)."""
@@ -114,6 +135,105 @@ def test_amx_linear_gives_each_row_the_same_bits_at_any_batch_size(amx, rows):
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("rows,out_features,in_features,bias", [
+    (1, 16, 32, False), (4, 960, 576, False), (8, 576, 1536, True), (16, 37, 100, True),
+    (17, 49, 33, False), (7, 5, 17, True), (64, 130, 896, True), (100, 24, 160, False), (3, 1, 7, True),
+])
+def test_avx512_linear_matches_the_exact_product_within_bf16_rounding(avx512, rows, out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(2, rows, in_features, generator=gen).to(torch.bfloat16)
+    w = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    b = torch.randn(out_features, generator=gen).to(torch.bfloat16) if bias else None
+    y = avx512.bf16_linear(x, w, b)
+    assert y.dtype == torch.bfloat16 and within_one_bf16_rounding(y, x, w, b)
+    strided = torch.cat([x, x[..., :8]], dim=-1)[..., :in_features]
+    assert not strided.is_contiguous() and torch.equal(avx512.bf16_linear(strided, w, b), y)
+    # the weight in place, or a transposed view of one: the same bits
+    assert torch.equal(avx512.bf16_linear(x, w.T.contiguous().T, b), y)
+
+
+def test_avx512_linear_rounds_like_torch_and_keeps_nans_and_infinities(avx512):
+    """One exact product per output (one nonzero term), so the only rounding is the final fp32 ->
+    bf16 one: it must be torch's (nearest even), and NaN and inf must come through."""
+    values = torch.tensor([1.0, -2.5, 3.0e38, float("inf"), float("-inf"), float("nan"), 1e-40, 0.0])
+    x = torch.tensor([[1.0, 0.0]]).to(torch.bfloat16)
+    w = torch.stack([values, torch.zeros_like(values)], dim=1).to(torch.bfloat16)
+    y = avx512.bf16_linear(x, w, None)
+    ref = F.linear(x.float(), w.float()).to(torch.bfloat16)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y[~y.isnan()], ref[~ref.isnan()])
+    # a sum that needs rounding: 1 + 2^-8 + 2^-9 (ties and above-ties at bf16's 8 bits)
+    x = torch.tensor([[1.0, 1.0, 1.0]]).to(torch.bfloat16)
+    w = torch.tensor([[1.0, 2.0**-8, 2.0**-9], [1.0, 2.0**-8, 0.0], [-1.0, -(2.0**-8), 0.0]]).to(torch.bfloat16)
+    assert torch.equal(avx512.bf16_linear(x, w, None), F.linear(x.float(), w.float()).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", [8, 64, 130])
+def test_avx512_linear_gives_each_row_the_same_bits_at_any_batch_size(avx512, rows):
+    """Rows are tiled by up to 6 and columns by 4, but every output sums over k in the same order:
+    a sequence's result does not depend on the rows batched with it."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
+    w = torch.randn(3 * 64 + 7, 576, generator=gen).to(torch.bfloat16)
+    together = avx512.bf16_linear(x, w, None)
+    alone = torch.cat([avx512.bf16_linear(x[i:i + 1], w, None) for i in range(rows)])
+    assert torch.equal(together, alone)
+
+
+def test_avx512_linear_rejects_mismatched_inputs_with_a_clear_message(avx512):
+    w = torch.randn(32, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x has 63 features, the weight"):
+        avx512.bf16_linear(torch.randn(2, 63).to(torch.bfloat16), w, None)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        avx512.bf16_linear(torch.randn(2, 64), w, None)
+    with pytest.raises(RuntimeError, match="bias must be bfloat16 with out_features"):
+        avx512.bf16_linear(torch.randn(2, 64).to(torch.bfloat16), w, torch.zeros(31).to(torch.bfloat16))
+
+
+def test_packed_linear_takes_the_avx512_kernel_where_bf16_products_are_emulated(avx512, kernel_policy, monkeypatch):
+    """auto: every bf16 call runs the AVX-512 kernel on a CPU without AMX or avx512_bf16, and none on
+    one with them (oneDNN multiplies bf16 natively there); "avx512" forces it, "onednn" refuses it."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 64, generator=gen).to(torch.bfloat16)
+    x = torch.randn(1, 200, 64, generator=gen).to(torch.bfloat16)
+    monkeypatch.setitem(kernels._LOADED, "ops", None)  # as on a CPU without AMX
+    with torch.inference_mode():
+        kernel_policy(matmul="avx512")
+        assert torch.equal(packed_linear(x, w, None), avx512.bf16_linear(x, w, None))
+        kernel_policy(matmul="auto")
+        monkeypatch.setitem(kernels._LOADED, "bf16_products", False)
+        assert torch.equal(packed_linear(x, w, None), avx512.bf16_linear(x, w, None))
+        monkeypatch.setitem(kernels._LOADED, "bf16_products", True)
+        assert kernels.avx512_for(4) is None and torch.equal(packed_linear(x, w, None), F.linear(x, w))
+        kernel_policy(matmul="onednn")
+        assert kernels.avx512_for(4) is None and torch.equal(packed_linear(x, w, None), F.linear(x, w))
+
+
+def test_a_bf16_model_on_the_avx512_kernel_agrees_with_onednn(avx512, kernel_policy):
+    model = llama_model(seed=9, tie_word_embeddings=True).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        model.prepare_for_decoding()
+        kernel_policy(matmul="avx512")
+        with torch.profiler.profile() as prof:
+            on_avx512 = model(ids, attn_mask=("block_causal", 4)).float()
+        kernel_policy(matmul="onednn")
+        on_onednn = model(ids, attn_mask=("block_causal", 4)).float()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "diffcoder_avx512::bf16_linear")
+    assert calls == 4 * len(model.model.layers) + 1  # fused q/k/v, o, fused gate/up, down per layer; the head
+    assert (on_avx512 - on_onednn).abs().max().item() < 0.05 * on_onednn.abs().max().item()
+
+
+@pytest.mark.slow
+def test_a_compiled_step_calls_the_avx512_kernel(avx512, kernel_policy):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 32, generator=gen).to(torch.bfloat16)
+    x = torch.randn(3, 32, generator=gen).to(torch.bfloat16)
+    kernel_policy(matmul="avx512")
+    step = torch.compile(lambda a: packed_linear(torch.relu(a), w, None) * 2.0, dynamic=False)
+    with torch.inference_mode():
+        assert torch.equal(step(x), avx512.bf16_linear(torch.relu(x), w, None) * 2.0)
+
+
 def test_amx_linear_rejects_mismatched_inputs_with_a_clear_message(amx):
     w = torch.randn(32, 64).to(torch.bfloat16)
     packed = amx.pack_amx(w)
@@ -196,7 +316,7 @@ def torch_propose(logits: torch.Tensor, masked: torch.Tensor, mask_id: int) -> t
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("vocab,mask_id", [(49152, 5), (1000, 0), (1000, 999), (17, 16), (1, 0)])
-def test_greedy_confidence_agrees_with_torchs_float64_ops(amx, dtype, vocab, mask_id):
+def test_greedy_confidence_agrees_with_torchs_float64_ops(confidence_lib, dtype, vocab, mask_id):
     """Same tokens; float64 confidences equal up to the order of the float64 additions (a few ulps).
     Logits past 16-wide chunks, the mask token at either end, and a vocabulary of one (the chosen
     token is then the mask token, whose confidence is 0) are all covered."""
@@ -213,7 +333,7 @@ def test_greedy_confidence_agrees_with_torchs_float64_ops(amx, dtype, vocab, mas
     assert torch.allclose(conf[finite], ref_conf[finite], rtol=1e-13, atol=0)
 
 
-def test_greedy_confidence_follows_torch_on_ties_infinities_and_nans(amx):
+def test_greedy_confidence_follows_torch_on_ties_infinities_and_nans(confidence_lib):
     logits = torch.zeros(5, 40)
     logits[0, [7, 9]] = 5.0  # a tie: the first index wins
     logits[1, 3] = float("nan")  # NaN is the maximum, the confidence NaN
@@ -228,29 +348,29 @@ def test_greedy_confidence_follows_torch_on_ties_infinities_and_nans(amx):
     assert conf[0].item() == pytest.approx(ref_conf[0].item(), rel=1e-15)
 
 
-def test_a_compiled_step_calls_the_confidence_op(amx):
+def test_a_compiled_step_calls_the_confidence_op(confidence_lib):
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 4, 300, generator=gen).to(torch.bfloat16)
     masked = torch.tensor([[True, False, True, True], [True, True, True, False]])
     step = torch.compile(lambda lg, m: propose(lg * 2, m, mask_id=7), dynamic=False)
     conf, x0 = step(logits, masked)
-    ref_conf, ref_x0 = amx.greedy_confidence(logits * 2, 7)  # every row
+    ref_conf, ref_x0 = confidence_lib.greedy_confidence(logits * 2, 7)  # every row
     assert torch.equal(x0, torch.where(masked, ref_x0, 7))  # the masked rows only: the rest skipped
     assert torch.equal(conf, torch.where(masked, ref_conf, torch.full_like(ref_conf, float("-inf"))))
     with pytest.raises(RuntimeError, match="masked must be boolean"):
-        amx.greedy_confidence(logits, 7, masked[:, :3])
+        confidence_lib.greedy_confidence(logits, 7, masked[:, :3])
 
 
-def test_the_confidence_policy_is_checked_and_can_switch_the_op_off(amx, kernel_policy):
+def test_the_confidence_policy_is_checked_and_can_switch_the_op_off(confidence_lib, kernel_policy):
     logits = torch.randn(2, 50).to(torch.bfloat16)
-    assert kernels.confidence_ops(logits) is amx
+    assert kernels.confidence_ops(logits) is confidence_lib
     assert kernels.confidence_ops(logits.double()) is None  # float64 logits: torch's ops
     kernel_policy(confidence="torch")
     assert kernels.confidence_ops(logits) is None
     with pytest.raises(ValueError, match="DIFFCODER_CPU_CONFIDENCE"):
         kernel_policy(confidence="fast")
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
-        amx.greedy_confidence(logits.double(), 0)
+        confidence_lib.greedy_confidence(logits.double(), 0)
 
 
 def reference_attention(q, k, v, mask):  # noqa: ANN001, ANN201
@@ -470,6 +590,24 @@ def test_a_kernel_that_does_not_compile_falls_back_and_says_why(tmp_path, monkey
     with pytest.warns(RuntimeWarning, match="did not build or load.*error"):
         assert kernels.native_ops() is None
     assert not kernels.library_path().exists()  # nothing half-built left where a later run would load it
+
+
+def test_an_avx512_kernel_that_does_not_compile_falls_back_to_onednn_and_says_why(tmp_path, monkeypatch, kernel_policy):
+    if kernels.avx512_unsupported_reason() is not None:
+        pytest.skip("the build is only attempted on CPUs with AVX-512")
+    broken = tmp_path / "avx512_linear.cpp"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setattr(kernels, "AVX512_SOURCES", (broken,))
+    monkeypatch.setattr(kernels, "_LOADED", {"ops": None, "bf16_products": False})
+    with pytest.warns(RuntimeWarning, match="AVX-512 matmul kernel is not used: it did not build or load.*error"):
+        assert kernels.avx512_for(4) is None
+    assert not kernels.library_path(kernels.AVX512_SOURCES, kernels.AVX512_COMPILE_FLAGS, "avx512_kernels").exists()
+    w, x = torch.randn(8, 32).to(torch.bfloat16), torch.randn(4, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(packed_linear(x, w, None), F.linear(x, w))
+    kernel_policy(matmul="avx512")
+    with pytest.raises(RuntimeError, match="DIFFCODER_CPU_MATMUL=avx512, but the AVX-512 kernel is unavailable"):
+        kernels.avx512_for(4)
 
 
 @pytest.mark.slow

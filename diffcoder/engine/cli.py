@@ -16,7 +16,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    "and use the small shipped model instead of stopping")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bfloat16 on GPUs and on CPUs with bf16 instructions, else float32)")
+                   help="weights dtype (auto: bfloat16 on GPUs, on CPUs with bf16 instructions and on CPUs "
+                        "with AVX-512 (the AVX-512 matmul kernel), else float32)")
 
 
 def add_runner_flag(p: argparse.ArgumentParser) -> None:
@@ -76,12 +77,13 @@ def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 def load_auto(path: Any, device: str = "auto", dtype: str = "auto") -> Any:
     """`diffcoder.load` with the CLI's choices (diffcoder.hardware): CUDA when present; bfloat16
-    where the device runs it natively, else float32."""
+    where the device runs it natively or its matmuls run on the AVX-512 kernel, else float32."""
     from .. import load
-    from ..hardware import pick_device, pick_dtype
+    from ..hardware import pick_device
+    from ..kernels.linear import decode_dtype
 
     device = pick_device(device)
-    return load(path, device=device, dtype=pick_dtype(dtype, device))
+    return load(path, device=device, dtype=decode_dtype(dtype, device))
 
 
 def load_model(args: argparse.Namespace) -> Any:

@@ -164,8 +164,16 @@ std::tuple<at::Tensor, at::Tensor> greedy_confidence(const at::Tensor& logits, i
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(diffcoder_cpu, m) {
+// The op's namespace: diffcoder_cpu in the AMX library, diffcoder_avx512 in the AVX-512 one
+// (diffcoder/kernels/__init__.py compiles this file into both). The wrappers expand it first.
+#ifndef DIFFCODER_OPS
+#define DIFFCODER_OPS diffcoder_cpu
+#endif
+#define DIFFCODER_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define DIFFCODER_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+DIFFCODER_FRAGMENT(DIFFCODER_OPS, m) {
   m.def("greedy_confidence(Tensor logits, int mask_id, Tensor? masked=None) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(diffcoder_cpu, CPU, m) { m.impl("greedy_confidence", &greedy_confidence); }
+DIFFCODER_IMPL(DIFFCODER_OPS, CPU, m) { m.impl("greedy_confidence", &greedy_confidence); }

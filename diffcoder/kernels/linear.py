@@ -1,5 +1,6 @@
 """The matmul a model's passes use (`decode_linear`): F.linear, or on a CPU in bf16
-`packed_linear`, which runs the AMX kernel (amx_linear.cpp) or oneDNN's prepacked one."""
+`packed_linear`, which runs the AMX kernel (amx_linear.cpp), the AVX-512 one (avx512_linear.cpp)
+or oneDNN's prepacked one."""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,7 +8,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import amx_for
+from ..hardware import pick_dtype, runs_bf16
+from . import amx_for, avx512_for
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -44,16 +46,22 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
     """F.linear with bf16 weights packed once for the CPU kernels (CPU, inference only).
 
     Decode-sized calls run the AMX kernel (same products, fp32 sums in another order, so within
-    one bf16 rounding of F.linear), larger ones oneDNN's prepacked kernel (bit-identical to
-    F.linear); the policy's matmul="onednn" makes every call the latter (`amx_for`). With autograd
-    enabled it is plain F.linear. Under torch.compile it emits opaque ops that run the same
-    kernels: `diffcoder_cpu::packed_linear` (C++) or `diffcoder::prepacked_linear`.
+    one bf16 rounding of F.linear); on a CPU without native bf16 products every call runs the
+    AVX-512 kernel (the same, and unpacked); the rest oneDNN's prepacked kernel (bit-identical to
+    F.linear); the policy's matmul="onednn" makes every call the latter (`amx_for`, `avx512_for`).
+    With autograd enabled it is plain F.linear. Under torch.compile it emits opaque ops that run
+    the same kernels: `diffcoder_cpu::packed_linear`, `diffcoder_avx512::bf16_linear` (C++) or
+    `diffcoder::prepacked_linear`.
     """
     if torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.bfloat16:
         return F.linear(x, w, b)
-    amx = amx_for(x.numel() // x.shape[-1])  # shapes are static under torch.compile too
+    rows = x.numel() // x.shape[-1]  # shapes are static under torch.compile too
+    amx = amx_for(rows)
     if amx is not None:
         return amx.packed_linear(x, w, b)  # a C++ op: no Python between the graph and the kernel
+    avx512 = avx512_for(rows)
+    if avx512 is not None:
+        return avx512.bf16_linear(x, w, b)
     if torch.compiler.is_compiling():
         return torch.ops.diffcoder.prepacked_linear(x, w, b)
     return _linear_prepacked(x, w, b)
@@ -61,18 +69,30 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
 
 def decode_linear(device: torch.device, dtype: torch.dtype, weight_bytes: int, max_packed_bytes: int) -> Linear:
     """The matmul for a decoding model's fused projections: `packed_linear` on a CPU in bf16 with
-    oneDNN (no per-call weight reorder; the AMX kernel for decode-sized calls), else F.linear.
-    Packing keeps a second copy of the weights (a third once a prefill also packs them for
-    oneDNN), so weights over `max_packed_bytes` stay unpacked."""
-    if (device.type == "cpu" and dtype == torch.bfloat16 and weight_bytes <= max_packed_bytes
-            and torch.backends.mkldnn.is_available()):
+    oneDNN (no per-call weight reorder; the AMX kernel for decode-sized calls) or the AVX-512
+    kernel, else F.linear. Packing keeps a second copy of the weights (a third once a prefill also
+    packs them for oneDNN), so weights over `max_packed_bytes` stay unpacked, unless the AVX-512
+    kernel, which reads them in place, takes every call."""
+    if (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and (weight_bytes <= max_packed_bytes or avx512_for(4) is not None)):
         return packed_linear
     return F.linear
 
 
 def decode_matmul_kernel(linear: Linear) -> str | None:
     """The kernel a decode step's matmuls run on through `linear` under the current policy:
-    "amx" or "onednn" for `packed_linear`, None for plain F.linear."""
+    "amx", "avx512" or "onednn" for `packed_linear`, None for plain F.linear."""
     if linear is not packed_linear:
         return None
-    return "amx" if amx_for(4) is not None else "onednn"
+    if amx_for(4) is not None:
+        return "amx"
+    return "avx512" if avx512_for(4) is not None else "onednn"
+
+
+def decode_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """`hardware.pick_dtype` for decoding: "auto" is also bfloat16 on a CPU whose bf16 matmuls run
+    on the AVX-512 kernel (bf16 weights widened in registers: half float32's bytes at its FMA rate,
+    where oneDNN would emulate bf16 products at a loss)."""
+    if name == "auto" and torch.device(device).type == "cpu" and not runs_bf16(device) and avx512_for(4) is not None:
+        return torch.bfloat16
+    return pick_dtype(name, device)

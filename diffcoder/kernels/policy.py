@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-MATMUL_KERNELS = ("auto", "amx", "onednn")  # auto: AMX where it works, oneDNN elsewhere
+# auto: AMX where it works; else, where bf16 products are emulated (no avx512_bf16), the AVX-512
+# kernel; oneDNN for the rest.
+MATMUL_KERNELS = ("auto", "amx", "avx512", "onednn")
 SWITCHES = ("auto", "torch")  # auto: the native op where it works; torch: torch's ops
 FOLDING = ("auto", "on", "off")  # auto: the device type's default (FOLDS_BY_DEFAULT)
 # The environment variable each policy field starts from.
@@ -31,8 +33,8 @@ FOLDS_BY_DEFAULT = frozenset({"cpu"})
 
 @dataclass(frozen=True)
 class KernelPolicy:
-    """`matmul`: the bf16 CPU matmul kernel of a packed decode ("auto", "amx": an error where AMX
-    does not work, "onednn": bit-identical to F.linear); `attention`, `confidence`: whether a CPU
+    """`matmul`: the bf16 CPU matmul kernel of a packed decode ("auto", "amx" or "avx512": an error
+    where that kernel does not work, "onednn": bit-identical to F.linear); `attention`, `confidence`: whether a CPU
     decode step's attention and greedy float64 confidences may run on the native ops ("auto") or
     stay on torch's ("torch"); `fold_query_groups`: whether inference attention folds query-head
     groups ("auto": per device type, "on", "off")."""
