@@ -2,6 +2,7 @@
 markdown tables of benchmarks/RESULTS.md.
 
     python benchmarks/summarize.py benchmarks/results/*/*.txt
+    python benchmarks/summarize.py --kernels benchmarks/results/cpu-real-0.5b/linear_kernels_streamed.txt
 """
 from __future__ import annotations
 
@@ -43,7 +44,29 @@ def commands(paths: list[Path]) -> dict[str, str]:
     return found
 
 
+def kernel_table(path: Path) -> None:
+    """benchmarks/linear_kernels.py --streamed's lines: one row per (rows, method), each method's
+    time for the whole pass's weights against the fastest bf16 method and oneDNN's, per row count."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    summary, rows = lines[-1], [r for r in lines[:-1] if "method" in r]
+    print(f"{summary['hardware']}, {summary['threads']} threads, {summary['model_shape']}: "
+          f"{summary['weight_bytes'] / 1e6:.0f} MB of bf16 matmul weights per pass (`{summary['command']}`)")
+    print()
+    print("| rows | method | ms per pass's weights | weight GB/s | oneDNN (packed for 4 rows) / this |")
+    print("|---|---|---|---|---|")
+    for m in sorted({r["rows"] for r in rows}):
+        at_m = [r for r in rows if r["rows"] == m]
+        onednn = next((r["pass_ms"] for r in at_m if r["method"] == "oneDNN packed for 4 rows"), None)
+        for r in sorted(at_m, key=lambda r: r["pass_ms"]):
+            ratio = f"{onednn / r['pass_ms']:.2f}x" if onednn and not r["method"].startswith("read") else ""
+            print(f"| {m} | {r['method']} | {r['pass_ms']:.1f} | {r['weight_GBps']:.1f} | {ratio} |")
+
+
 def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--kernels":
+        for a in argv[1:]:
+            kernel_table(Path(a))
+        return
     paths = [Path(a) for a in argv]
     cmds = commands(paths)
     print("| run | hardware | model | dtype | runner | batch | tok/s | passes/s | passes/token | % of bandwidth "

@@ -149,3 +149,26 @@ def test_the_script_prints_json_last():
     assert summary["tokens_identical"] is True and summary["ours"]["batch1"]["tokens"] == 8
     assert summary["ours"]["batch1"]["matmul_only_bandwidth_fraction"] > 0
     assert "its matmuls alone (4 rows)" in res.stdout
+
+
+def test_the_kernel_benchmark_times_every_method_this_cpu_has_and_summarize_tabulates_it(tmp_path):
+    """linear_kernels.py --streamed on the small shape, once: a line per (rows, method) with the
+    CPU's own kernel among them where it has one, then summarize.py --kernels' table of that file."""
+    from diffcoder import kernels
+
+    bench = SCRIPT.with_name("linear_kernels.py")
+    res = subprocess.run([sys.executable, str(bench), "--streamed", "--rows", "4", "--repeats", "1", "--fp32"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    methods = {r["method"] for r in lines[:-1]}
+    assert {"F.linear bf16", "oneDNN packed for 4 rows", "F.linear fp32 (float32 weights)",
+            "read ceiling (float32 sum)"} <= methods
+    assert ("AVX-512 kernel (diffcoder)" in methods) == (kernels.avx512_ops() is not None)
+    assert lines[-1]["name"] == "linear_kernels_streamed" and lines[-1]["model_shape"] == "smol-135m"
+    out = tmp_path / "kernels.txt"
+    out.write_text(res.stdout)
+    table = subprocess.run([sys.executable, str(SCRIPT.with_name("summarize.py")), "--kernels", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.count("\n| 4 | ") == len(methods) and "| 4 | oneDNN packed for 4 rows |" in table.stdout

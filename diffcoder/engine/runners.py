@@ -198,12 +198,12 @@ def _compile_options(model: torch.nn.Module) -> dict:
     each fused kernel and extern op (a CPU has no CUDA graphs to hide it), but its one C++ file per
     graph grows with the layer count, and a 30-layer step's first compile takes minutes (inductor
     caches it on disk for later processes). Small models always gain. A larger model gains when its
-    bf16 matmuls run the AMX kernel, a C++ op; oneDNN's prepacked matmul is a Python-implemented op,
-    which the C++ wrapper calls back into Python for, and gains it nothing."""
+    bf16 matmuls run one of our kernels (AMX or AVX-512), C++ ops; oneDNN's prepacked matmul is a
+    Python-implemented op, which the C++ wrapper calls back into Python for, and gains it nothing."""
     if model.device.type != "cpu":
         return {}
     small = model.parameter_bytes() <= _CPP_WRAPPER_MAX_BYTES
-    return {"cpp_wrapper": small or decode_matmul_kernel(model.linear) == "amx"}
+    return {"cpp_wrapper": small or decode_matmul_kernel(model.linear) in ("amx", "avx512")}
 
 
 _CPP_WRAPPER_MAX_BYTES = 64 << 20
