@@ -170,7 +170,23 @@ def subset_notes() -> list[str]:
         if full and sizes and max(sizes) < full:
             notes.append(f"- {name}: the first {max(sizes)} of its {full} problems (file order), a fixed subset "
                          "chosen to fit the CPU budget (`evaluate.py --limit`).")
-    return notes
+    return notes + dtype_notes()
+
+
+def dtype_notes() -> list[str]:
+    """Which arms decoded in a dtype other than most (each result folder's generation.json)."""
+    dtypes: dict[str, set[str]] = {}
+    for arm in ARMS:
+        for bench, _ in BENCHES:
+            gen = read_json(HERE / "results" / arm / bench / "generation.json")
+            if gen and "dtype" in gen:
+                dtypes.setdefault(gen["dtype"].removeprefix("torch."), set()).add(arm)
+    if len(dtypes) < 2:
+        return []
+    common = max(dtypes, key=lambda d: len(dtypes[d]))
+    others = "; ".join(f"{d}: {', '.join(f'`{a}`' for a in sorted(arms))}" for d, arms in sorted(dtypes.items())
+                       if d != common)
+    return [f"- Weights and activations in {common}, except {others} (`--dtype auto` on the machine that ran them)."]
 
 
 def pass_rate(arm: str, bench: str) -> float | None:
@@ -178,10 +194,10 @@ def pass_rate(arm: str, bench: str) -> float | None:
     return res["n_passed_samples"] / res["n_problems"] if res and res["n_problems"] else None
 
 
-# results/ARM-rerun/BENCH: ARM decoded again on the machine that ran its speculative arm, the first
-# problems only, with evaluate.py's flags for ARM into that folder (`diffcoder eval humaneval --model
-# diffcoder-0.5b --out results/bd4-l2r-rerun/humaneval --limit 32 ...`): its texts against the
-# speculative arm's separate the method from the bf16 kernels of two machines.
+# results/ARM-rerun/BENCH: ARM decoded again as its speculative arm was (same machine and dtype), the
+# first problems only, with evaluate.py's flags for ARM into that folder (`diffcoder eval humaneval
+# --model diffcoder-0.5b --out results/bd4-l2r-rerun/humaneval --limit 32 ...`): its texts against the
+# speculative arm's separate the method from the arithmetic of two runs (machine, dtype).
 # One token per pass, by in-block order: the release's and the one diffcoder-0.5b ships with (release.py).
 ONE_PER_PASS = {"bd4": "most confident position first (the release's order)",
                 "bd4-l2r": "leftmost masked position first (the shipped default)"}
@@ -223,9 +239,9 @@ def targets(speed: dict[str, dict], stages: list[dict], ar_stages: list[dict]) -
             if "--speculative" in ARMS[arm][1]:
                 same = identical_answers(arm, base, "humaneval")
                 rerun = identical_answers(arm, f"{base}-rerun", "humaneval")
-                if rerun:  # one token per pass decoded again on the machine that ran ARM (results/ARM-rerun)
-                    same += (f"; `{base}` decoded again on the same machine{rerun} (against the stored `{base}`"
-                             f"{identical_answers(f'{base}-rerun', base, 'humaneval')})")
+                if rerun:  # one token per pass decoded again as ARM was (results/ARM-rerun)
+                    same += (f"; `{base}` decoded again as `{arm}` was (machine and dtype){rerun} (against the "
+                             f"stored `{base}`{identical_answers(f'{base}-rerun', base, 'humaneval')})")
             out.append(f"- `{arm}`: {tpp:.2f} tokens per pass, HumanEval {change} one token per pass in the same "
                        f"order (`{base}`{same}; target: at least 1.5 tokens per pass and at most 5 points below: "
                        f"{'met' if ok else 'not met'}).")
