@@ -32,8 +32,8 @@ $DIFFCODER_CPU_CONFIDENCE ("auto" or "torch").
 
 Each library is built with torch.utils.cpp_extension (g++ and ninja) into `$DIFFCODER_HOME/kernels/`
 (or `$DIFFCODER_KERNELS_DIR`) the first time a process needs it (once, under a minute); a machine
-where that fails, or whose CPU lacks AMX, keeps oneDNN (or the AVX-512 matmul), SDPA and torch's
-ops, with one warning.
+where that fails, or whose CPU lacks AMX and AVX-512, keeps oneDNN (or the AVX-512 matmul), SDPA
+and torch's ops, with one warning; a CPU with AVX-512 but no AMX runs the AVX-512 library, silently.
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def native_ops() -> Any | None:
 
 
 def _load_native_ops() -> Any | None:
-    reason = amx_unsupported_reason()
+    reason = unsupported = amx_unsupported_reason()
     if reason is None:
         target = library_path()
         try:
@@ -186,6 +186,8 @@ def _load_native_ops() -> Any | None:
             reason = "the OS refused AMX state to this process"
         except Exception as exc:  # noqa: BLE001 - any build or load failure means: keep oneDNN
             reason = _build_failure(exc)
+    if unsupported is not None and avx512_ops() is not None:
+        return None  # a CPU without AMX runs the AVX-512 library as designed: nothing to warn about
     matmul = "the AVX-512 kernel" if avx512_ops() is not None and not _has_bf16_products() else "oneDNN"
     confidences = "the AVX-512 op" if avx512_ops() is not None else "torch's ops"
     warnings.warn(f"diffcoder: the native CPU kernels are not used: {reason}; bf16 matmuls use {matmul}, "
