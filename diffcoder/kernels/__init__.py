@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from ..fsutil import cache_root
-from ..hardware import cpu_flags
+from ..hardware import cpu_flags, cpu_has_bf16
 from .policy import FOLDING, MATMUL_KERNELS, SWITCHES, KernelPolicy, current_policy, using_policy
 
 __all__ = ["KernelPolicy", "current_policy", "using_policy", "MATMUL_KERNELS", "SWITCHES", "FOLDING", "native_ops",
@@ -241,8 +241,8 @@ def _load_avx512_ops() -> Any | None:
 def _has_bf16_products() -> bool:
     """Whether this CPU multiplies bf16 natively (AMX or avx512_bf16), so oneDNN's bf16 matmul is
     not emulated: "auto" then keeps it for what AMX does not take."""
-    if "bf16_products" not in _LOADED:
-        _LOADED["bf16_products"] = bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    if "bf16_products" not in _LOADED:  # read once: this is asked on every matmul call
+        _LOADED["bf16_products"] = cpu_has_bf16()
     return _LOADED["bf16_products"]
 
 
