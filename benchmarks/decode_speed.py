@@ -168,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=4)
     p.add_argument("--steps", type=int, help="default: gen_length (one token per pass)")
     p.add_argument("--threshold", type=float)
+    p.add_argument("--remasking", choices=["low_confidence", "left_to_right"], default="low_confidence",
+                   help="in-block order (low_confidence: the release's; left_to_right: our engine only)")
     p.add_argument("--shift", action="store_true", help="logit shift (AR-initialised models; with --block-length 1 "
                    "this is AR decoding); our engine only")
     p.add_argument("--runner", default="auto", choices=list(RUNNERS))
@@ -284,6 +286,11 @@ def decode_settings(args: argparse.Namespace, mask_id: int) -> dict[str, Any]:
         if not args.no_baseline:
             raise SystemExit("--shift: the release-approach baseline has no correct shift decoding; add --no-baseline")
         kw["shift"] = True
+    if args.remasking != "low_confidence":
+        if not args.no_baseline:
+            raise SystemExit(f"--remasking {args.remasking}: the release-approach baseline decodes by confidence only; "
+                             "add --no-baseline")
+        kw["remasking"] = args.remasking
     return kw
 
 
@@ -436,7 +443,7 @@ def summary_of(args: argparse.Namespace, setup: Setup, fold: bool, read_rate: fl
         "params": setup.model.config.num_parameters, "weight_bytes_per_pass": setup.weight_bytes,
         "bandwidth_bytes_per_s": setup.bandwidth, "bandwidth_readers": setup.readers, "prompt_len": args.prompt_len,
         "gen_length": args.gen_length, "block_length": args.block_length, "steps": setup.settings["steps"],
-        "shift": args.shift, "threshold": args.threshold, "runner": args.runner,
+        "shift": args.shift, "threshold": args.threshold, "remasking": args.remasking, "runner": args.runner,
         "confidence_dtype": args.confidence_dtype, "fold_query_groups": fold, "cpu_matmul": setup.matmul_kernel,
         "native_ops": setup.native_ops, "weight_read_passes_per_s": read_rate,
         "weight_read_bandwidth_fraction": setup.bandwidth_fraction(read_rate),

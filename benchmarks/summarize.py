@@ -80,6 +80,8 @@ def main(argv: list[str]) -> None:
         if not cmd.startswith(ENV.get(p.stem, "")):
             cmd = ENV[p.stem] + cmd
         matmuls = d["runner"] + (f", {d['cpu_matmul']} matmuls" if d.get("cpu_matmul") else "")
+        if d.get("remasking", "low_confidence") != "low_confidence":  # absent in older runs
+            matmuls += f", {d['remasking']}"
         for key, r in d["ours"].items():
             batch, _, variant = key[5:].partition("_")  # "batch16" or "batch16_torch_ops" (--ab-torch-ops)
             runner = matmuls + ("".join(f", native {op}" for op in d.get("native_ops", []))  # absent in older runs

@@ -172,3 +172,12 @@ def test_the_kernel_benchmark_times_every_method_this_cpu_has_and_summarize_tabu
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert table.stdout.count("\n| 4 | ") == len(methods) and "| 4 | oneDNN packed for 4 rows |" in table.stdout
+
+
+def test_remasking_flag_decodes_leftmost_first_and_is_recorded():
+    flags = ["--shape", "tiny", "--device", "cpu", "--gen-length", "8", "--prompt-len", "8", "--repeats", "1",
+             "--remasking", "left_to_right"]
+    with pytest.raises(SystemExit, match="decodes by confidence only; add --no-baseline"):
+        main(flags)
+    out = main([*flags, "--no-baseline"])
+    assert out["remasking"] == "left_to_right" and out["ours"]["batch1"]["tokens"] == 8

@@ -9,6 +9,7 @@ import torch
 import diffcoder
 from diffcoder.engine.decoding import BlockEvent, Decoding, StepEvent
 from diffcoder.engine.release import release_generate
+from diffcoder.engine.runners import EagerRunner
 from diffcoder.engine.rules import block_schedule
 from diffcoder.model import DiffCoderLM
 from diffcoder.defaults import default_model_dir
@@ -411,3 +412,32 @@ def test_speculative_batch_commits_several_tokens_per_pass(remasking):
             committed = sorted(p for e in steps if e.row == row for p in e.positions)
             assert committed[:len(toks)] == list(range(len(toks)))
             assert sum((e.tokens for e in events if isinstance(e, BlockEvent) and e.row == row), []) == toks
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_leftmost_first_projects_only_the_picked_column_and_changes_nothing(shift, monkeypatch):
+    """Leftmost first at one token per pass, the eager runner projects only the column every row
+    picks (when the rows agree; rows of different lengths disagree in their first and last blocks):
+    the same tokens, finish reasons and passes as projecting the whole block, eager or static."""
+    model = diffcoder.load(default_model_dir(), dtype="float32")
+    tok = model.tokenizer
+    prompts = [tok.encode(t) for t in ("def add(a, b):\n    return", "import os\n", "class Stack:\n    def push(self",
+                                        "x = 1")]
+    kw = dict(steps=24, gen_length=24, block_length=4, eos_id=tok.eos_id, remasking="left_to_right", shift=shift)
+    widths = []
+    forward = type(model).forward
+
+    def recording(self, *args, logits_index=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if isinstance(logits_index, slice):
+            widths.append(logits_index.stop - logits_index.start)
+        return forward(self, *args, logits_index=logits_index, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recording)
+    narrow = diffcoder.generate(model, prompts, **kw)
+    assert widths.count(1) > len(widths) // 2 and max(widths) > 1  # narrowed mostly, not where rows disagree
+    monkeypatch.setattr(EagerRunner, "narrows_logits", False)
+    widths.clear()
+    whole = diffcoder.generate(model, prompts, **kw)
+    assert min(widths[1:]) > 1  # the prefill aside, every pass projected its block
+    assert narrow.tokens == whole.tokens and narrow.finish_reasons == whole.finish_reasons and narrow.nfe == whole.nfe
+    assert diffcoder.generate(model, prompts, runner="static", **kw).tokens == narrow.tokens

@@ -18,6 +18,9 @@ docs/decoding.md) are kept exactly, its defects are not:
 * shift=True: the logits for column i come from column i - 1, including the block's first
   column (from the preceding committed token, whose logits do not change within the block).
 * When a block is complete and contains EOS in its generated part, that row stops.
+* Leftmost first at one token per pass, a pass projects onto the vocabulary only the column every
+  row picks, when they agree (`_propose_column`): no rule reads the other columns' logits.
+  AR mode (B = 1, shift) leaves the masked column out of the pass (`_pass`).
 * speculative=True (greedy, one token per pass): the same tokens in fewer passes. Each pass
   verifies the previous pass's drafts for the block's next positions (`_speculative_window`).
 """
@@ -254,6 +257,10 @@ class Decoding:
             # step count (a compiled step guards on strides).
             table = torch.tensor([s + [0] * (n_steps - len(s)) for s in schedules], device=self.x.device).T.clone(
                 memory_format=torch.contiguous_format)
+        # Leftmost first, one token per pass: each row's pick at step s is its first masked column + s.
+        narrow = (a.threshold is None and a.remasking == "left_to_right" and self.runner.narrows_logits
+                  and all(n == 1 for sched in schedules for n in sched))
+        firsts = [max(ws, self.gen_start[r]) - ws for r in self.rows]
         step = 0
         while True:
             if a.threshold is None:
@@ -265,10 +272,21 @@ class Decoding:
                 if not bool(remaining.any()):
                     return
                 k = None
-            committed, conf, x0 = self._step(ws, we, commit_from if step == 0 else ws, k)
+            qs = commit_from if step == 0 else ws
+            col = self._common_pick(firsts, counts, step, ws, qs) if narrow else None
+            committed, conf, x0 = self._step(ws, we, qs, k, col)
             if self.step_events:
                 yield from self._step_events(w, step, ws, committed, conf, x0)
             step += 1
+
+    def _common_pick(self, firsts: list[int], counts: list[int], step: int, ws: int, qs: int) -> int | None:
+        """The window column every row still decoding picks at this step (leftmost first, one per
+        pass), if they agree and its logits come from a column of this pass; else None."""
+        cols = {first + step for first, count in zip(firsts, counts) if step < count}
+        if len(cols) != 1:
+            return None
+        col = cols.pop()
+        return col if ws - qs + col - self.args.shift >= 0 else None
 
     def _logits_index(self, ws: int, we: int, qs: int) -> slice:
         if self.args.shift and ws > qs:
@@ -277,12 +295,16 @@ class Decoding:
             return slice(0, we - qs - 1)
         return slice(ws - qs, we - qs)
 
-    def _step(self, ws: int, we: int, qs: int, k: torch.Tensor | None):
-        """One pass and one commit (release rules); fused into one compiled call when the runner can."""
+    def _step(self, ws: int, we: int, qs: int, k: torch.Tensor | None, col: int | None = None):
+        """One pass and one commit (release rules); fused into one compiled call when the runner can.
+        `col`: the one window column whose logits the rule reads (see `_propose_column`)."""
         a = self.args
         masked = self.masked[:, ws:we]
         if self._fused_choice is None:
-            conf, x0 = self._propose(self._forward(ws, we, qs), masked)
+            if col is not None:
+                conf, x0 = self._propose_column(ws, we, qs, col, masked)
+            else:
+                conf, x0 = self._propose(self._forward(ws, we, qs), masked)
             select = commit_rule(conf, masked, k, a.threshold, left_to_right=a.remasking == "left_to_right")
             return self._apply(select, x0, ws, we), conf, x0
         select, conf, x0, tokens, still_masked = self._pass(ws, we, qs, (self._fused_choice, masked, k,
@@ -290,12 +312,18 @@ class Decoding:
         self._write(ws, we, tokens, still_masked)
         return select, conf, x0
 
-    def _pass(self, ws: int, we: int, qs: int, choice: tuple | None = None):  # noqa: ANN202
+    def _pass(self, ws: int, we: int, qs: int, choice: tuple | None = None,
+              index: slice | None = None):  # noqa: ANN202
         """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy;
-        the logits at the window, or what the choice rule makes of them (see StaticRunner)."""
+        the logits at the window (or at the pass's columns `index`), or what the choice rule makes
+        of them (see StaticRunner)."""
         assert self.cache.length == qs
-        out = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, we, self.args.block_length,
-                          self._logits_index(ws, we, qs), choice)
+        a = self.args
+        index = self._logits_index(ws, we, qs) if index is None else index
+        # AR decoding (B = 1 with shift): the window's logits come from the column before it and no
+        # column attends to the masked one, so the pass stops before it (one row per sequence).
+        end = ws if a.shift and a.block_length == 1 and a.max_active_blocks == 1 and ws > qs else we
+        out = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, end, a.block_length, index, choice)
         self.nfe += 1
         return out
 
@@ -310,6 +338,24 @@ class Decoding:
                 lead = self.lead_logits if self.lead_logits is not None else torch.zeros_like(logits[:, :1])
                 logits = torch.cat([lead, logits], dim=1)
         return logits
+
+    def _propose_column(self, ws: int, we: int, qs: int, col: int,
+                        masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_propose` when every row picks window column `col` (leftmost first, one per pass): the
+        pass projects only that column onto the vocabulary (at B = 4 the LM head is about a quarter
+        of a pass's matmul work, and no rule reads the other columns' logits); the other masked
+        positions get confidence -inf and the mask token, like decoded ones."""
+        a = self.args
+        out = ws - qs + col - a.shift  # with shift, column i's logits come from column i - 1
+        logits = self._pass(ws, we, qs, index=slice(out, out + 1))
+        if a.shift and ws > qs:  # the block's first pass: the lead, if this is column 0
+            self.lead_logits = logits.clone() if col == 0 else None  # else column 0 is never masked here
+        conf_col, x0_col = self._propose(logits, masked[:, col:col + 1])
+        conf = torch.full(masked.shape, float("-inf"), dtype=conf_col.dtype, device=masked.device)
+        x0 = torch.full(masked.shape, a.mask_id, dtype=x0_col.dtype, device=masked.device)
+        conf[:, col:col + 1] = conf_col
+        x0[:, col:col + 1] = x0_col
+        return conf, x0
 
     def _apply(self, select: torch.Tensor, x0: torch.Tensor, ws: int, we: int) -> torch.Tensor:
         """Write the selected tokens into columns [ws, we) and unmask them."""

@@ -29,6 +29,7 @@ class EagerRunner:
     once and reused by every step (they change only when the block or the batch does)."""
     cache_bucket = 1
     fuses_choice = False  # a choice rule runs after the pass, as plain eager ops
+    narrows_logits = True  # any logits slice costs nothing extra (no graph per slice)
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -78,6 +79,7 @@ class StaticRunner:
     # sequences of different lengths share compiled graphs and captured CUDA graphs (the graphs
     # attend over every cache column; the extra ones are masked, and strides stay the same).
     cache_bucket = 64
+    narrows_logits = False  # each logits slice would be another graph to compile and capture
 
     def __init__(self, model: torch.nn.Module, max_query: int, graphs: bool, compile: bool = False) -> None:
         self.model = model

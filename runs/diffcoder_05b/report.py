@@ -97,7 +97,7 @@ def arms_table() -> list[str]:
 
 
 SPEED = REPO / "benchmarks" / "results" / "cpu-real-0.5b"
-SPEED_RUNS = (("ar_base", "AR base, block length 1"), ("diffcoder_05b", "diffcoder-0.5b, B = 4, one token per pass"),
+SPEED_RUNS = (("ar_base", "AR base, block length 1"), ("diffcoder_05b", "diffcoder-0.5b, B = 4, one token per pass, leftmost first"),
               ("diffcoder_05b_compiled", "diffcoder-0.5b as above, compiled step (`--runner compiled_static`)"),
               ("diffcoder_05b_onednn", "diffcoder-0.5b as above, every matmul on oneDNN (our kernels' baseline)"))
 
