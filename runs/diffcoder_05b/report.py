@@ -251,7 +251,7 @@ def targets(speed: dict[str, dict], stages: list[dict], ar_stages: list[dict]) -
         b1 = r["ours"]["batch1"]
         matmul_frac = frac * b1["matmul_only_passes_per_s"] / b1["passes_per_s"]
         ar = speed.get("ar_base")
-        ar_note = (f"; the AR base {100 * read_limited_fraction(ar):.0f}% and {ar['batch_scaling']:.2f}x in the same run"
+        ar_note = (f"; the AR base {100 * read_limited_fraction(ar):.0f}% and {ar['batch_scaling']:.2f}x"
                    if ar else "")
         compiled = speed.get("diffcoder_05b_compiled")
         best = max(frac, read_limited_fraction(compiled)) if compiled else frac
