@@ -16,24 +16,23 @@ from diffcoder.kernels.linear import packed_linear
 from helpers import llama_model
 
 
+def library_or_skip(name: str, reason: str | None, load):  # noqa: ANN001, ANN201
+    """A kernel library's ops, or a skip where this CPU cannot run it; where it can, it must load."""
+    if reason is not None:
+        pytest.skip(f"{name} kernel: {reason}")
+    ops = load()
+    assert ops is not None, f"this CPU has {name}, so the kernel must build and load (see the warning)"
+    return ops
+
+
 @pytest.fixture(scope="module")
 def amx():
-    reason = kernels.amx_unsupported_reason()
-    if reason is not None:
-        pytest.skip(f"AMX kernel: {reason}")
-    ops = kernels.native_ops()
-    assert ops is not None, "this CPU has AMX, so the kernel must build and load (see the warning)"
-    return ops
+    return library_or_skip("AMX", kernels.amx_unsupported_reason(), kernels.native_ops)
 
 
 @pytest.fixture(scope="module")
 def avx512():
-    reason = kernels.avx512_unsupported_reason()
-    if reason is not None:
-        pytest.skip(f"AVX-512 kernel: {reason}")
-    ops = kernels.avx512_ops()
-    assert ops is not None, "this CPU has AVX-512, so the kernel must build and load (see the warning)"
-    return ops
+    return library_or_skip("AVX-512", kernels.avx512_unsupported_reason(), kernels.avx512_ops)
 
 
 @pytest.fixture(scope="module")
