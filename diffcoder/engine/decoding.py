@@ -184,6 +184,9 @@ class Decoding:
         if self.runner.fuses_choice and temperature == 0 and remasking == "low_confidence" and not shift:
             self._fused_choice = functools.partial(greedy_choice, mask_id=mask_id, threshold=threshold,
                                                    dtype=confidence_dtype)
+        # AR decoding (B = 1 with shift): the window's logits come from the column before it and no
+        # column attends to the masked one, so a pass stops before it (one row per sequence).
+        self._ar_passes = shift and block_length == 1 and max_active_blocks == 1
         self.nfe = 0
         self._cancelled: set[int] = set()
         self._tokens: list[list[int]] = [[] for _ in prompts]
@@ -320,9 +323,7 @@ class Decoding:
         assert self.cache.length == qs
         a = self.args
         index = self._logits_index(ws, we, qs) if index is None else index
-        # AR decoding (B = 1 with shift): the window's logits come from the column before it and no
-        # column attends to the masked one, so the pass stops before it (one row per sequence).
-        end = ws if a.shift and a.block_length == 1 and a.max_active_blocks == 1 and ws > qs else we
+        end = ws if self._ar_passes and ws > qs else we
         out = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, end, a.block_length, index, choice)
         self.nfe += 1
         return out
