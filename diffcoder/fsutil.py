@@ -1,6 +1,7 @@
 """Files: a file or a whole directory appears complete or not at all; JSON read with one-line errors."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -49,6 +50,20 @@ def read_json(path: str | Path, label: str | None = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{label or path}: not valid JSON ({exc})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents, decompressed first when its name ends in `.gz`."""
+    data = Path(path).read_bytes()
+    if Path(path).suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); a gzipped file needs a .gz name") from None
 
 
 def refuse_overwrite(out: str | Path, overwrite: bool, flag: str) -> None:

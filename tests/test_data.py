@@ -138,6 +138,28 @@ def test_sft_bad_input_names_the_line(tmp_path: Path, train_tokenizer_dir: Path,
     assert not (tmp_path / "o").exists()
 
 
+def test_sft_reads_gzipped_chats_and_names_a_gzip_without_its_suffix(tmp_path: Path,
+                                                                     train_tokenizer_dir: Path) -> None:
+    import gzip
+
+    text = "".join(json.dumps(c) + "\n" for c in CHATS * 5)
+    (tmp_path / "chat.jsonl").write_text(text)
+    (tmp_path / "chat.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    plain = build_sft([tmp_path / "chat.jsonl"], train_tokenizer_dir, tmp_path / "a", val_fraction=0.0,
+                      progress=False)
+    zipped = build_sft([tmp_path / "chat.jsonl.gz"], train_tokenizer_dir, tmp_path / "b", val_fraction=0.0,
+                       progress=False)
+    assert plain["splits"] == zipped["splits"]
+    assert (tmp_path / "a" / "train-tokens.bin").read_bytes() == (tmp_path / "b" / "train-tokens.bin").read_bytes()
+    (tmp_path / "renamed.jsonl").write_bytes(gzip.compress(text.encode()))
+    with pytest.raises(ValueError, match="renamed.jsonl: not UTF-8 text.*needs a .gz name"):
+        build_sft([tmp_path / "renamed.jsonl"], train_tokenizer_dir, tmp_path / "c", progress=False)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(text.encode())[:40])
+    with pytest.raises(ValueError, match="cut.jsonl.gz: not a readable gzip file"):
+        build_sft([tmp_path / "cut.jsonl.gz"], train_tokenizer_dir, tmp_path / "d", progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
 @pytest.mark.slow
 def test_tokenizer_train_layout_autotokenizer_and_diffcoder(tmp_path: Path) -> None:
     from transformers import AutoTokenizer

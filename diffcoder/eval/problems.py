@@ -8,12 +8,13 @@ reference as a sample.
 """
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
+
+from diffcoder.fsutil import read_text
 
 DATA = Path(__file__).with_name("data")
 
@@ -71,9 +72,7 @@ class Problem:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
 def _humaneval() -> list[Problem]:

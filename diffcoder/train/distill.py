@@ -22,14 +22,13 @@ Files (resumable: rerunning continues where a run stopped):
 """
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from diffcoder.fsutil import atomic_write_text
+from diffcoder.fsutil import atomic_write_text, read_text
 
 OPENERS = (
     "Write a Python function that", "Write a Python function to", "Write a Python program that",
@@ -141,9 +140,8 @@ def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSONL file, gzipped (a `.gz` name) or not; none when it does not exist."""
     if not path.exists():
         return []
-    data = path.read_bytes()
     rows = []
-    for line in (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8").splitlines():
+    for line in read_text(path).splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from diffcoder.fsutil import refuse_overwrite, staged_dir
+from diffcoder.fsutil import read_text, refuse_overwrite, staged_dir
 
 from .datadir import (FORMAT, load_tokenizer, progress_bar, split_by_hash, token_dtype,
                       tokenizer_info, write_manifest)
@@ -26,8 +26,8 @@ def read_chat_jsonl(paths: list[Path]) -> list[Conversation]:
     convs = []
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"--src {path}: no such file (expected chat JSONL)")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            raise FileNotFoundError(f"--src {path}: no such file (expected chat JSONL, gzipped or not)")
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
                 convs.append(_conversation(line, f"{path}:{n}"))
     return convs
