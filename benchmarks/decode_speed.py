@@ -30,7 +30,7 @@ from diffcoder.kernels import (FOLDING, MATMUL_KERNELS, SWITCHES, confidence_ops
                                using_policy)
 from diffcoder.kernels.linear import decode_matmul_kernel
 from diffcoder.model import DiffCoderLM
-from diffcoder.engine.runners import RUNNERS
+from diffcoder.engine.runners import RUNNERS, make_runner
 
 # This folder's modules (on sys.path: a script's own folder, and pytest's pythonpath).
 from decode_ceilings import (matmul_bound_tokens_per_s, matmul_only_passes_per_s, measure_bandwidth,
@@ -368,14 +368,40 @@ def timed_rounds(setup: Setup, variants: dict[str, dict[str, str]], hf: Any, rep
                 rounds.ours.setdefault(f"batch{b}{suffix}", []).append(run)
             if hf is not None and b == 1:
                 rounds.baseline.append(run_baseline(hf, setup.prompts[0], setup.settings, setup.device))
-            sample_matmul_ceilings(setup.model, b * setup.settings["block_length"], rounds.matmul_rates)
+            sample_matmul_ceilings(setup.model, pass_rows(setup, b), rounds.matmul_rates)
     return rounds
 
 
-def sample_matmul_ceilings(model: DiffCoderLM, rows: int, best: dict[tuple[int, int], float]) -> None:
-    """The matmuls alone of a block step (`rows` rows) and of a fused commit pass (twice the rows,
-    the vocabulary projection on the block's), each kept in `best` at its fastest."""
-    for key in ((rows, rows), (2 * rows, rows)):
+@dataclass(frozen=True)
+class PassRows:
+    """The rows of a decode's passes at one batch size, as the engine runs them."""
+    step: int  # a block step
+    commit: int  # a block's first pass, which also writes the last block into the cache
+    head: int  # rows a pass projects onto the vocabulary
+
+    def keys(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (self.step, self.head), (self.commit, self.head)
+
+
+def pass_rows(setup: Setup, b: int) -> PassRows:
+    """Batch b's pass shapes. Leftmost first at one token per pass, the eager runner projects one
+    column per sequence, and with shift a block's first pass leaves the noisy block out (its pick's
+    logits come from the last clean column); AR mode (B = 1, shift) always does. Otherwise a
+    commit pass is the clean block and the noisy one, and every window column is projected."""
+    s = setup.settings
+    block, rows, shift = s["block_length"], b * s["block_length"], bool(s.get("shift"))
+    one_per_pass = s.get("threshold") is None and s["steps"] == s["gen_length"]
+    narrow = (one_per_pass and s.get("remasking") == "left_to_right"
+              and make_runner(setup.model, block, s["runner"]).narrows_logits)
+    if block == 1 and shift:
+        return PassRows(rows, rows, rows)
+    return PassRows(rows, rows if narrow and shift else 2 * rows, b if narrow else rows)
+
+
+def sample_matmul_ceilings(model: DiffCoderLM, shapes: PassRows, best: dict[tuple[int, int], float]) -> None:
+    """The matmuls alone of a block step and of a commit pass (rows, rows through the vocabulary
+    projection), each kept in `best` at its fastest."""
+    for key in shapes.keys():
         rate = matmul_only_passes_per_s(model, key[0], repeats=2, head_rows=key[1])
         best[key] = max(best.get(key, 0.0), rate)
 
@@ -393,11 +419,11 @@ def batch_result(setup: Setup, rounds: Rounds, b: int) -> dict[str, Any]:
     best["peak_memory_bytes"] = peak_memory(setup.device)
     best["bandwidth_fraction"] = setup.bandwidth_fraction(best["passes_per_s"])
     block = setup.settings["block_length"]
-    rows = b * block
-    # AR mode (B = 1, shift) leaves the masked column out of every pass: a commit pass has `rows` rows.
-    commit_rows = rows if block == 1 and setup.settings.get("shift") else 2 * rows
-    step_rate, commit_rate = rounds.matmul_rates[rows, rows], rounds.matmul_rates[commit_rows, rows]
-    best["commit_rows"] = commit_rows
+    shapes = pass_rows(setup, b)
+    step_key, commit_key = shapes.keys()
+    step_rate, commit_rate = rounds.matmul_rates[step_key], rounds.matmul_rates[commit_key]
+    best["commit_rows"] = shapes.commit
+    best["head_rows"] = shapes.head
     best["matmul_only_passes_per_s"] = step_rate
     best["matmul_only_bandwidth_fraction"] = setup.bandwidth_fraction(step_rate)
     best["commit_matmul_only_passes_per_s"] = commit_rate
@@ -412,7 +438,7 @@ def print_batch_result(best: dict[str, Any], b: int, rows: int) -> None:
           f"  {100 * best['bandwidth_fraction']:.0f}% of bandwidth limit")
     print(f"       its matmuls alone ({rows} rows): {best['matmul_only_passes_per_s']:8.1f}"
           f" passes/s  {100 * best['matmul_only_bandwidth_fraction']:.0f}% of bandwidth limit; "
-          f"{best['commit_rows']} rows (the fused commit pass): {best['commit_matmul_only_passes_per_s']:.1f} passes/s; "
+          f"{best['commit_rows']} rows (the commit pass): {best['commit_matmul_only_passes_per_s']:.1f} passes/s; "
           f"a decode of matmuls alone: {best['matmul_bound_tokens_per_s']:.1f} tok/s")
 
 

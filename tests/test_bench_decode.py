@@ -181,3 +181,10 @@ def test_remasking_flag_decodes_leftmost_first_and_is_recorded():
         main(flags)
     out = main([*flags, "--no-baseline"])
     assert out["remasking"] == "left_to_right" and out["ours"]["batch1"]["tokens"] == 8
+    # The matmul bound times the passes the engine runs: one column per sequence projected, and
+    # with shift a commit pass without the noisy block.
+    assert (out["ours"]["batch1"]["commit_rows"], out["ours"]["batch1"]["head_rows"]) == (8, 1)
+    shifted = main([*flags, "--no-baseline", "--shift", "--batch-sizes", "2"])["ours"]["batch2"]
+    assert (shifted["commit_rows"], shifted["head_rows"]) == (8, 2)
+    by_confidence = main([*flags[:-2], "--no-baseline", "--shift", "--batch-sizes", "2"])["ours"]["batch2"]
+    assert (by_confidence["commit_rows"], by_confidence["head_rows"]) == (16, 8)

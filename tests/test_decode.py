@@ -418,26 +418,36 @@ def test_speculative_batch_commits_several_tokens_per_pass(remasking):
 def test_leftmost_first_projects_only_the_picked_column_and_changes_nothing(shift, monkeypatch):
     """Leftmost first at one token per pass, the eager runner projects only the column every row
     picks (when the rows agree; rows of different lengths disagree in their first and last blocks):
-    the same tokens, finish reasons and passes as projecting the whole block, eager or static."""
+    the same tokens, finish reasons and passes as projecting the whole block, eager or static.
+    With shift, a block's first pass reads only the last clean column's logits and leaves the
+    noisy block out (fewer rows)."""
     model = diffcoder.load(default_model_dir(), dtype="float32")
     tok = model.tokenizer
     prompts = [tok.encode(t) for t in ("def add(a, b):\n    return", "import os\n", "class Stack:\n    def push(self",
                                         "x = 1")]
     kw = dict(steps=24, gen_length=24, block_length=4, eos_id=tok.eos_id, remasking="left_to_right", shift=shift)
-    widths = []
+    widths, rows = [], []
     forward = type(model).forward
 
-    def recording(self, *args, logits_index=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def recording(self, ids, *args, logits_index=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if isinstance(logits_index, slice):
             widths.append(logits_index.stop - logits_index.start)
-        return forward(self, *args, logits_index=logits_index, **kwargs)
+            rows.append(ids.shape[1])
+        return forward(self, ids, *args, logits_index=logits_index, **kwargs)
 
     monkeypatch.setattr(type(model), "forward", recording)
     narrow = diffcoder.generate(model, prompts, **kw)
     assert widths.count(1) > len(widths) // 2 and max(widths) > 1  # narrowed mostly, not where rows disagree
+    narrow_rows = rows[1:]
     monkeypatch.setattr(EagerRunner, "narrows_logits", False)
     widths.clear()
+    rows.clear()
     whole = diffcoder.generate(model, prompts, **kw)
     assert min(widths[1:]) > 1  # the prefill aside, every pass projected its block
+    assert len(narrow_rows) == len(rows[1:])
+    if shift:  # the blocks' first passes: the clean block alone (B columns, not 2B)
+        assert narrow_rows.count(4) > rows[1:].count(4) and sum(narrow_rows) < sum(rows[1:])
+    else:
+        assert narrow_rows == rows[1:]
     assert narrow.tokens == whole.tokens and narrow.finish_reasons == whole.finish_reasons and narrow.nfe == whole.nfe
     assert diffcoder.generate(model, prompts, runner="static", **kw).tokens == narrow.tokens

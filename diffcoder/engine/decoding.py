@@ -316,14 +316,15 @@ class Decoding:
         return select, conf, x0
 
     def _pass(self, ws: int, we: int, qs: int, choice: tuple | None = None,
-              index: slice | None = None):  # noqa: ANN202
+              index: slice | None = None, clean_only: bool = False):  # noqa: ANN202
         """One model pass over columns [qs, we): [qs, ws) clean (kept in cache), [ws, we) noisy;
         the logits at the window (or at the pass's columns `index`), or what the choice rule makes
-        of them (see StaticRunner)."""
+        of them (see StaticRunner). `clean_only`: the pass stops before the noisy block (only
+        logits of clean columns are read, and clean columns never attend to the noisy block)."""
         assert self.cache.length == qs
         a = self.args
         index = self._logits_index(ws, we, qs) if index is None else index
-        end = ws if self._ar_passes and ws > qs else we
+        end = ws if (self._ar_passes or clean_only) and ws > qs else we
         out = self.runner(self.x, self.pos, self.key_valid, self.cache, qs, ws, end, a.block_length, index, choice)
         self.nfe += 1
         return out
@@ -345,10 +346,12 @@ class Decoding:
         """`_propose` when every row picks window column `col` (leftmost first, one per pass): the
         pass projects only that column onto the vocabulary (at B = 4 the LM head is about a quarter
         of a pass's matmul work, and no rule reads the other columns' logits); the other masked
-        positions get confidence -inf and the mask token, like decoded ones."""
+        positions get confidence -inf and the mask token, like decoded ones. With shift, column 0's
+        logits come from the last clean column, so the block's first pass leaves out the noisy
+        block (half the rows of that pass at B = 4), as an AR decoder's pass does."""
         a = self.args
         out = ws - qs + col - a.shift  # with shift, column i's logits come from column i - 1
-        logits = self._pass(ws, we, qs, index=slice(out, out + 1))
+        logits = self._pass(ws, we, qs, index=slice(out, out + 1), clean_only=out < ws - qs)
         if a.shift and ws > qs:  # the block's first pass: the lead, if this is column 0
             self.lead_logits = logits.clone() if col == 0 else None  # else column 0 is never masked here
         conf_col, x0_col = self._propose(logits, masked[:, col:col + 1])
