@@ -7,6 +7,7 @@ Saving writes into a temporary directory and renames it into place (atomic).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .config import REMASKING, ModelConfig
-from .fsutil import atomic_write_text, read_json, staged_dir
+from .fsutil import atomic_write_text, read_json, sha256_file, staged_dir
 from .hardware import pick_dtype
 from .model import DiffCoderLM
 from .tokenizer import Tokenizer
@@ -47,6 +48,15 @@ def weight_files(path: Path) -> dict[str, Path]:
         raise ValueError(f"{path}: only pytorch_model.bin found; diffcoder reads safetensors "
                          "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
     raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The identity of a checkpoint's weights: the sha256 of its one safetensors file (what
+    `diffcoder pull` checks), or of the shards' names and sha256s in order."""
+    files = sorted(set(weight_files(Path(path)).values()))
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(f"{f.name} {sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
 class _open_safetensors:
@@ -94,6 +104,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         model = DiffCoderLM(config)
     _assign_weights(model, path, torch.device(device), dtype)
     model.tokenizer = tokenizer
+    model.source = path  # the checkpoint directory (what `weights_sha256` reads)
     model.mask_id = mask_id if mask_id is not None else resolve_mask_id(config, tokenizer, path)
     gen_file = path / "generation_config.json"
     if gen_file.exists():

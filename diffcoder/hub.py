@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .fsutil import cache_root
+from .fsutil import cache_root, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -118,14 +118,6 @@ def _adapter_stamp(spec: AdaptedModel) -> dict:
     adapter = ADAPTERS / spec.adapter
     return {"sha256": json.loads((adapter / "result.json").read_text())["sha256"],
             "generation_config": json.loads((adapter / "generation_config.json").read_text())}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _lift(sub: Path) -> None:

@@ -270,6 +270,7 @@ class DiffCoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.tokenizer = None  # set by diffcoder.load when the checkpoint has one
+        self.source = None  # set by diffcoder.load: the checkpoint directory it read
         self.mask_id: int | None = config.mask_token_id
         self.generation_defaults: dict = {}
         self.gradient_checkpointing = False

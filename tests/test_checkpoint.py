@@ -39,6 +39,16 @@ def test_sharded_round_trip(tiny_model_dir, tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert (again(ids) - model.double()(ids)).abs().max().item() < 1e-6
+    # The weights' identity covers every shard: one changed shard changes it.
+    from diffcoder.checkpoint import weights_sha256
+
+    assert again.source == out
+    before = weights_sha256(out)
+    resaved = diffcoder.save(diffcoder.load(tiny_model_dir), tmp_path / "again", max_shard_bytes=20_000)
+    assert before == weights_sha256(resaved)  # the same weights, the same identity
+    last = out / sorted(shards)[-1]
+    last.write_bytes(last.read_bytes()[:-1] + b" ")
+    assert weights_sha256(out) != before
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])

@@ -221,6 +221,38 @@ def test_resume_refuses_other_decoder_settings(tmp_path: Path, tiny_model_dir: P
     assert "no record of the settings" in capsys.readouterr().err
 
 
+def test_resume_refuses_samples_of_other_weights(tmp_path: Path, tiny_model_dir: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """The same model name or folder with other weights (a new release pulled, a retrained
+    checkpoint) does not add to samples the old weights made; records that predate the weights'
+    sha256 resume on the other settings alone."""
+    import shutil
+
+    from diffcoder.checkpoint import WEIGHTS_NAME, weights_sha256
+    from diffcoder.fsutil import sha256_file
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "o"
+    args = ["eval", "humaneval", "--model", str(model), "--out", str(out), "--gen-length", "8", "--steps", "2",
+            "--device", "cpu", "--dtype", "float32", "--no-execute", "--no-progress"]
+    assert main([*args, "--limit", "1"]) == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert record["weights_sha256"] == weights_sha256(model) == sha256_file(model / WEIGHTS_NAME)
+    tensors = load_file(model / WEIGHTS_NAME)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, model / WEIGHTS_NAME)
+    samples = _rows(out / "samples.jsonl")
+    assert main([*args, "--limit", "2"]) == 2
+    assert "weights_sha256" in capsys.readouterr().err
+    assert _rows(out / "samples.jsonl") == samples
+    del record["weights_sha256"]
+    (out / "generation.json").write_text(json.dumps(record))
+    assert main([*args, "--limit", "2"]) == 0 and len(_rows(out / "samples.jsonl")) == 2
+
+
 def test_no_execute_writes_samples_only(sandbox: None, tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "o"
     assert main(["eval", "humaneval", "--model", str(tiny_model_dir), "--out", str(out), "--limit", "1",

@@ -154,7 +154,8 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
     decoder = {**spec.decoder_kwargs(), "seed": spec.seed, "batch_size": spec.batch_size,
                "prompt_style": spec.prompt_style, "n_samples": spec.n_samples,
                **({"stop_after_code": True} if spec.stop_after_code else {}),
-               "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+               "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
+               **_weights_record(model)}
     # Refuse bad decoder flags before generation.json records them (a stand-in prompt: the real
     # ones are checked per batch), so a refused run leaves nothing that blocks the next one.
     flags = {k: v for k, v in spec.decoder_kwargs().items() if k != "runner"}
@@ -163,6 +164,16 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
     with _progress(not args.no_progress, "generating") as update:
         samples = generate_samples(model, problems, path, spec, on_progress=update)
     return samples, decoder
+
+
+def _weights_record(model: Any) -> dict[str, str]:
+    """Which weights made the samples: a model name can be pulled again with other weights (a new
+    release), and resuming must not mix samples of two."""
+    from ..checkpoint import weights_sha256
+
+    from .generation import WEIGHTS_KEY
+
+    return {WEIGHTS_KEY: weights_sha256(model.source)} if model.source is not None else {}
 
 
 def _model_of(args: argparse.Namespace) -> str:

@@ -12,6 +12,7 @@ from .problems import Problem
 from .prompts import base_prompt, base_sample, instruct_messages, instruct_sample
 
 GENERATION = "generation.json"
+WEIGHTS_KEY = "weights_sha256"  # the weights that made the samples (checkpoint.weights_sha256)
 
 
 @dataclass
@@ -66,6 +67,8 @@ def check_settings(outdir: Path, samples: Path, settings: dict[str, Any]) -> Non
         stored = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg}); use a new --out") from exc
+    if WEIGHTS_KEY not in stored:  # recorded before the weights' sha256 was: compared without it
+        wanted.pop(WEIGHTS_KEY, None)
     diff = [k for k in sorted(set(wanted) | set(stored)) if wanted.get(k) != stored.get(k)]
     if diff:
         was = ", ".join(f"{k}={stored.get(k)!r}" for k in diff)

@@ -20,7 +20,7 @@ REPO = HERE.parents[1]
 CARD = REPO / "diffcoder" / "weights" / "diffcoder-0.5b" / "MODEL_CARD.md"
 DOC = REPO / "docs" / "replication-0.5b.md"
 sys.path.insert(0, str(HERE))
-from evaluate import ABLATIONS, ARMS  # noqa: E402
+from evaluate import ABLATIONS, ARMS, MODEL  # noqa: E402
 
 from diffcoder.eval.harness import read_jsonl  # noqa: E402
 
@@ -376,6 +376,17 @@ def adapter_facts() -> dict:
     return {"bytes": f.stat().st_size, "params": params, "sha": json.loads((folder / "result.json").read_text())["sha256"]}
 
 
+def stale_results(shipped_sha: str) -> list[str]:
+    """results/ARM/BENCH folders of diffcoder-0.5b whose samples other weights made (an earlier
+    stage's): the card states numbers of the shipped files only."""
+    stale = []
+    for gen in sorted((HERE / "results").glob("*/*/generation.json")):
+        rec = json.loads(gen.read_text())
+        if rec.get("model") == MODEL and rec.get("weights_sha256") != shipped_sha:
+            stale.append(f"{gen.parent.relative_to(HERE)} (weights {rec.get('weights_sha256') or 'not recorded'})")
+    return stale
+
+
 def main() -> int:
     stages = training_stages(HERE / "train")
     if not stages:
@@ -383,6 +394,10 @@ def main() -> int:
     t = stages[-1]
     ar_stages = training_stages(HERE / "train" / "ar-sft")
     a = adapter_facts()
+    if stale := stale_results(a["sha"]):
+        raise SystemExit(f"evaluated on other weights than the shipped diffcoder-0.5b (sha256 {a['sha']}): "
+                         f"{'; '.join(stale)}. Move each folder away and run evaluate.py again for it "
+                         "(--arms ARM --bench BENCH).")
     table = arms_table()
     published = ["| model (their harness) | HumanEval | MBPP |", "| --- | --- | --- |",
                  *[f"| {m} | {h} | {p} |" for m, h, p in PUBLISHED]]
