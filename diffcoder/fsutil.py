@@ -53,8 +53,9 @@ def read_json(path: str | Path, label: str | None = None) -> Any:
         raise ValueError(f"{label or path}: not valid JSON ({exc})") from None
 
 
-def read_text(path: str | Path) -> str:
-    """A UTF-8 text file's contents, decompressed first when its name ends in `.gz`."""
+def read_text(path: str | Path, errors: str = "strict") -> str:
+    """A UTF-8 text file's contents, decompressed first when its name ends in `.gz`; `errors` as
+    in bytes.decode ("replace" for a file whose last line an interrupted writer may have cut)."""
     data = Path(path).read_bytes()
     if Path(path).suffix == ".gz":
         try:
@@ -62,7 +63,7 @@ def read_text(path: str | Path) -> str:
         except (OSError, EOFError) as exc:
             raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); a gzipped file needs a .gz name") from None
 

@@ -222,3 +222,64 @@ def test_stub_prompts_leave_out_an_earlier_sets_instructions(tmp_path: Path) -> 
     rest = distill.stub_prompts([src], 10, seed=0, exclude=frozenset(every[:1]))
     assert rest == every[1:]
     assert distill.prompt_key("Write  a Function") == distill.prompt_key("write a function")
+
+
+def test_self_instruct_resumes_after_the_batches_it_wrote(tmp_path: Path, monkeypatch) -> None:
+    """An interrupted self-instruct run continues from its progress file: the batches done are not
+    decoded again, and the prompts are those of an uninterrupted run (duplicates dropped across
+    batches as before)."""
+    import random
+
+    from diffcoder.train import distill
+
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt=False):  # noqa: ANN001, ANN201
+            return [ord(c) for c in f"<user>{messages[0]['content']}</user>"]
+
+        def decode(self, ids, skip_special_tokens=False):  # noqa: ANN001, ANN201
+            return "".join(map(chr, ids))
+
+        def encode(self, text):  # noqa: ANN001, ANN201
+            return [ord(c) for c in text]
+
+    class Model:
+        tokenizer = Tok()
+
+    calls = []
+
+    def fake_decode(model, prompts, gen_length, temperature, seed):  # noqa: ANN001, ANN202
+        calls.append(seed)
+        rng = random.Random(seed)
+        # Some turns repeat across batches (dropped as duplicates), some are cut (no EOS).
+        return [(f" task number {rng.randrange(40)} for a list of integers given by the user", rng.random() < 0.8)
+                for _ in prompts]
+
+    monkeypatch.setattr(distill, "_decode_texts", fake_decode)
+    whole = distill.self_instruct_prompts(Model(), 30, seed=5, batch_size=4)
+    assert len(whole) == len(set(whole)) and 0 < len(whole) <= 30
+    n_batches = len(calls)
+
+    progress = tmp_path / "partial.jsonl"
+    calls.clear()
+
+    def interrupted(*args):  # noqa: ANN002, ANN202
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fake_decode(*args)
+
+    monkeypatch.setattr(distill, "_decode_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.self_instruct_prompts(Model(), 30, seed=5, batch_size=4, progress_file=progress)
+    with open(progress, "a", encoding="utf-8") as fh:
+        fh.write('{"batch": 3, "settings": [5, 4, 80, 0.8], "prompts": ["cut ')  # a line cut mid-write
+    calls.clear()
+    monkeypatch.setattr(distill, "_decode_texts", fake_decode)
+    assert distill.self_instruct_prompts(Model(), 30, seed=5, batch_size=4, progress_file=progress) == whole
+    assert len(calls) == n_batches - 3
+    calls.clear()  # the batch written after the cut line is read back too: nothing to decode again
+    assert distill.self_instruct_prompts(Model(), 30, seed=5, batch_size=4, progress_file=progress) == whole
+    assert calls == []
+    # Another seed does not take those batches for its own.
+    calls.clear()
+    distill.self_instruct_prompts(Model(), 30, seed=6, batch_size=4, progress_file=progress)
+    assert calls[0] == 6

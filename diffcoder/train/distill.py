@@ -100,9 +100,13 @@ def first_paragraph(text: str, ended: bool) -> str | None:
 
 def self_instruct_prompts(model: Any, n: int, seed: int, batch_size: int = 32, max_tokens: int = 80,
                           temperature: float = 0.8, on_progress: Callable[[int, int], None] | None = None,
-                          exclude: frozenset[str] = frozenset()) -> list[str]:
+                          exclude: frozenset[str] = frozenset(), progress_file: Path | None = None) -> list[str]:
     """Up to n distinct English user turns, written by the model from the openers (Magpie), none
-    the same (`prompt_key`) as an instruction in `exclude`."""
+    the same (`prompt_key`) as an instruction in `exclude`.
+
+    `progress_file`: each batch's accepted turns are appended there as the batch ends, and a call
+    with the same arguments continues after the batches it holds: a batch's openers and sampling
+    seed depend only on the batches before it, so the result is the uninterrupted run's."""
     tok = model.tokenizer
     head = tok.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
     text = tok.decode(head, skip_special_tokens=False)
@@ -111,24 +115,46 @@ def self_instruct_prompts(model: Any, n: int, seed: int, batch_size: int = 32, m
     seen = {prompt_key(p) for p in exclude}
     out: list[str] = []
     attempts = 0
+    settings = [seed, batch_size, max_tokens, temperature]
+    done = {r["batch"]: r["prompts"] for r in (read_jsonl(progress_file) if progress_file else [])
+            if r.get("settings") == settings}
     while len(out) < n and attempts < 4 * n:
         openers = [rng.choice(OPENERS) for _ in range(batch_size)]
-        ids = [tok.encode(before_user + o) for o in openers]
-        texts = _decode_texts(model, ids, max_tokens, temperature, seed + attempts)
+        batch = attempts // batch_size
+        if batch in done:
+            kept = done[batch]
+        else:
+            ids = [tok.encode(before_user + o) for o in openers]
+            texts = _decode_texts(model, ids, max_tokens, temperature, seed + attempts)
+            kept = [p for o, (cont, ended) in zip(openers, texts) if (p := _instruction(o + cont, ended))]
+            if progress_file:
+                _append_line(progress_file, json.dumps({"batch": batch, "settings": settings, "prompts": kept},
+                                                       ensure_ascii=False))
         attempts += batch_size
-        for opener, (cont, ended) in zip(openers, texts):
-            para = first_paragraph(opener + cont, ended)
-            if para is None or para.endswith(":") or "```" in para:
-                continue
-            prompt = para
+        for prompt in kept:
             key = prompt_key(prompt)
-            if len(prompt) < 40 or not _mostly_ascii(prompt) or key in seen:
-                continue
-            seen.add(key)
-            out.append(prompt)
+            if key not in seen:
+                seen.add(key)
+                out.append(prompt)
         if on_progress:
             on_progress(min(len(out), n), n)
     return out[:n]
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line, on a line of its own even after a line an interrupted writer cut."""
+    with open(path, "ab+") as fh:  # writes go to the end whatever the read position
+        size = fh.seek(0, 2)
+        cut = size > 0 and fh.seek(size - 1) >= 0 and fh.read(1) != b"\n"
+        fh.write((b"\n" if cut else b"") + line.encode("utf-8") + b"\n")
+
+
+def _instruction(text: str, ended: bool) -> str | None:
+    """A self-instructed turn's task, or None when it is cut, code, a lead-in or too short."""
+    para = first_paragraph(text, ended)
+    if para is None or para.endswith(":") or "```" in para or len(para) < 40 or not _mostly_ascii(para):
+        return None
+    return para
 
 
 def write_prompts(path: Path, prompts: list[tuple[str, str]]) -> None:
@@ -141,7 +167,7 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in read_text(path).splitlines():
+    for line in read_text(path, errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -60,11 +60,14 @@ def main() -> int:
     if not prompts_path.exists():
         old = frozenset(r["prompt"] for path in args.exclude for r in read_prompts(path))
         stubs = distill.stub_prompts(stdlib_files(), args.stubs, args.seed, exclude=old)
+        partial = args.out / "self-instruct.partial.jsonl"  # resumes an interrupted run (distill.py)
         mine = distill.self_instruct_prompts(model, args.self_instruct, args.seed, args.batch_size,
-                                             on_progress=progress("self-instruct prompts"), exclude=old)
+                                             on_progress=progress("self-instruct prompts"), exclude=old,
+                                             progress_file=partial)
         both = [("stub", p) for p in stubs] + [("self-instruct", p) for p in mine]
         random.Random(args.seed).shuffle(both)
         distill.write_prompts(prompts_path, both)
+        partial.unlink(missing_ok=True)
     prompts = distill.read_jsonl(prompts_path)
     kept = distill.answer_prompts(model, prompts, args.out / "chats.jsonl", args.gen_length, args.batch_size,
                                   args.seed, on_progress=progress("answers"))
