@@ -50,23 +50,3 @@ def block_copies_mask(prefix_valid: torch.Tensor, block_valid: torch.Tensor, n_c
     return torch.cat([prefix_valid[:, None, :].expand(-1, n_copies * B, -1), own], dim=-1)
 
 
-def block_diffusion_training_mask(seq_len: int, block_size: int,
-                                  device: torch.device | str | None = None) -> torch.Tensor:
-    """[2L, 2L] mask over the concatenation [noisy x_t; clean x_0] (both at positions 0..L-1).
-
-    A noisy token in block b sees the noisy tokens of block b (bidirectional) and the clean
-    blocks < b; a clean token in block b sees the clean blocks <= b (block-causal) and never a
-    noisy token. One forward therefore gives every block the logits it would get if it were
-    denoised alone after a clean prefix, which is what block-diffusion decoding does.
-    """
-    if seq_len % block_size:
-        raise ValueError(f"sequence length {seq_len} is not a multiple of the block size {block_size}")
-    blk = torch.arange(seq_len, device=device) // block_size
-    q, k = blk.unsqueeze(1), blk.unsqueeze(0)
-    noisy_noisy = q == k
-    noisy_clean = k < q
-    clean_clean = k <= q
-    clean_noisy = torch.zeros(seq_len, seq_len, dtype=torch.bool, device=device)
-    top = torch.cat([noisy_noisy, noisy_clean], dim=1)
-    bottom = torch.cat([clean_noisy, clean_clean], dim=1)
-    return torch.cat([top, bottom], dim=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcoder.masks import block_diffusion_training_mask
+from diffcoder.train.objectives import NoisyCopies
 from diffcoder.train.noise import in_warmup, noise_generator, sample_block_noise, u_max_at
 
 B = 4
@@ -95,19 +95,29 @@ def test_length_must_be_multiple_of_block() -> None:
         sample_block_noise((1, 10), B, 1.0, torch.Generator())
 
 
-def test_training_mask_matches_rule_loop() -> None:
+def test_training_attention_matches_rule_loop() -> None:
+    """[noisy copies; clean copy]: a copy sees itself and the clean blocks before its block; a clean
+    block sees the clean blocks up to itself. Only blocks with a masked position get a copy."""
     L = 12
-    m = block_diffusion_training_mask(L, B)
-    for q in range(2 * L):
-        for k in range(2 * L):
-            qn, kn = q < L, k < L  # noisy half?
-            qb, kb = (q % L) // B, (k % L) // B
-            if qn and kn:
-                want = qb == kb
-            elif qn:
-                want = kb < qb
-            elif kn:
-                want = False
-            else:
-                want = kb <= qb
-            assert bool(m[q, k]) == want, (q, k)
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    mask[0, [1, 9]] = True  # blocks 0 and 2
+    mask[1, 5] = True  # block 1 (and a spare copy)
+    copies = NoisyCopies.of(mask, B)
+    assert copies.blocks[0].tolist() == [0, 2] and copies.blocks[1, 0].item() == 1
+    m = copies.attention(L, B)
+    n = 2 * B  # noisy positions per row
+    for r in range(2):
+        for q in range(n + L):
+            for k in range(n + L):
+                qn, kn = q < n, k < n
+                qb = copies.blocks[r, q // B].item() if qn else (q - n) // B
+                kb = copies.blocks[r, k // B].item() if kn else (k - n) // B
+                if qn and kn:
+                    want = q // B == k // B
+                elif qn:
+                    want = kb < qb
+                elif kn:
+                    want = False
+                else:
+                    want = kb <= qb
+                assert bool(m[r, q, k]) == want, (r, q, k)

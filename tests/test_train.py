@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -404,3 +405,18 @@ def test_without_a_terminal_steps_are_logged_and_a_report_closes_the_run(
     assert "step " not in run("quiet", quiet=True).split("done: ar")[0]
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal: the progress bar, no plain lines
     assert not [line for line in run("tty").splitlines() if line.startswith("step ")]
+
+
+def test_train_throughput_times_the_every_block_baseline_with_a_prompt_share() -> None:
+    """benchmarks/train_throughput.py --prompt-share: a third arm, the same loss with a noisy copy
+    of every block; a share outside [0, 1) is refused."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+    flags = ["--models", "tiny", "--steps", "1", "--batch", "2", "--seq-len", "32", "--precision", "fp32"]
+    res = subprocess.run([sys.executable, str(script), *flags, "--prompt-share", "0.25"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    line = json.loads(res.stdout.splitlines()[0])
+    assert line["prompt_share"] == 0.25 and line["bd_every_block_tokens_per_s"] > 0 and line["bd_over_every_block"] > 0
+    bad = subprocess.run([sys.executable, str(script), *flags, "--prompt-share", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "--prompt-share must be in [0, 1)" in bad.stderr

@@ -70,6 +70,37 @@ def test_vectorised_equals_loop_with_prompt_loss_mask(model: DiffCoderLM) -> Non
     assert fast.item() == pytest.approx(slow.item(), rel=1e-6)  # RMSNorm computes in float32
 
 
+def test_prompt_blocks_get_no_noisy_copy_and_loss_and_gradients_equal_the_loop(model: DiffCoderLM) -> None:
+    """With shift and a prompt that is never masked, the pass carries noisy copies of the masked
+    blocks only (rows with fewer get spares), and the loss and every gradient equal the loop's."""
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randint(7, VOCAB, (2, 24), generator=gen)
+    loss_mask = torch.zeros(2, 24, dtype=torch.bool)
+    loss_mask[0, 10:] = True
+    loss_mask[1, 17:21] = True
+    elig = eligible_positions((2, 24), loss_mask, drop_first=True)
+    nz = sample_block_noise((2, 24), B, 1.0, gen, eligible=elig)
+    lengths = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
+    try:
+        fast = block_diffusion_loss_sum(model, x0, nz.mask, nz.weight.double(), MASK_ID, B, shift=True)
+    finally:
+        hook.remove()
+    masked_blocks = nz.mask.view(2, -1, B).any(-1).sum(1).max().item()
+    assert lengths == [24 + masked_blocks * B] and masked_blocks < 24 // B
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()), allow_unused=True)
+    slow = per_block_oracle(model, x0, nz.mask, nz.weight.double(), True)
+    slow_grads = torch.autograd.grad(slow, list(model.parameters()), allow_unused=True)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-6)
+    every = block_diffusion_loss_sum(model, x0, nz.mask, nz.weight.double(), MASK_ID, B, shift=True, every_block=True)
+    assert every.item() == pytest.approx(fast.item(), rel=1e-9)
+    for f, s in zip(fast_grads, slow_grads):
+        if f is None or s is None:
+            assert f is None or not f.any()
+            continue
+        assert (f - s).abs().max() <= 1e-5 * s.abs().max()  # RMSNorm computes in float32
+
+
 def test_changing_a_later_block_does_not_change_earlier_losses(model: DiffCoderLM) -> None:
     # Causality across blocks: the loss of block 0 depends on nothing after it.
     gen = torch.Generator().manual_seed(5)
