@@ -7,8 +7,8 @@ position (pretraining) or the assistant tokens (SFT); AR and shift mode drop pos
 which has no predecessor.
 
 Block diffusion, vectorised (one forward gives every block its loss): the input is
-[x_t ; x_0] (noisy copies, clean copy) with the attention of `masks.block_diffusion_training_mask`:
-a noisy block sees itself and the clean blocks before it, a clean block the clean blocks up to
+[x_t ; x_0] (noisy copies, clean copy) with the attention of `NoisyCopies.attention`: a noisy
+block sees itself and the clean blocks before it, a clean block the clean blocks up to
 itself, and nothing sees a noisy block but itself. So a block with no masked position (an SFT
 prompt, padding) needs no noisy copy: each row carries noisy copies of its masked blocks only, at
 their own positions (rows with fewer get spare copies that nothing reads), which is the same loss
