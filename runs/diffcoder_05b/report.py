@@ -387,7 +387,19 @@ def stale_results(shipped_sha: str) -> list[str]:
     return stale
 
 
-def main() -> int:
+START, END = "<!-- generated: runs/diffcoder_05b/report.py -->", "<!-- end generated -->"
+
+
+def generated_section(path: Path) -> str:
+    """The part of a document between the markers (what `main` writes)."""
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path}: missing the generated-section markers")
+    return text.split(START, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def generated_block() -> str:
+    """The generated section of the model card and of docs/replication-0.5b.md."""
     stages = training_stages(HERE / "train")
     if not stages:
         raise SystemExit(f"{HERE / 'train'}: no stage-N folders (release.py writes them)")
@@ -401,7 +413,6 @@ def main() -> int:
     table = arms_table()
     published = ["| model (their harness) | HumanEval | MBPP |", "| --- | --- | --- |",
                  *[f"| {m} | {h} | {p} |" for m, h, p in PUBLISHED]]
-    print("\n".join(table))
     facts = [
         *map(stage_line, stages),
         *(stage_line(a, "AR-SFT arm (`train_ar_sft.sh`, weights not shipped)") for a in ar_stages),
@@ -415,14 +426,16 @@ def main() -> int:
     sections = [facts, table, subset_notes(), ablation_table(), speed_table(speed), speculative_speed_table(),
                 ["Targets:", "", *goals] if goals else [],
                 ["Published numbers, other harnesses (for orientation only):", "", *published]]
-    block = "\n\n".join("\n".join(part) for part in sections if part)
+    return "\n\n".join("\n".join(part) for part in sections if part)
+
+
+def main() -> int:
+    block = generated_block()
+    print("\n".join(arms_table()))
     for path in (CARD, DOC):
-        text = path.read_text()
-        start, end = "<!-- generated: runs/diffcoder_05b/report.py -->", "<!-- end generated -->"
-        if start not in text or end not in text:
-            raise SystemExit(f"{path}: missing the generated-section markers")
-        head, rest = text.split(start, 1)
-        path.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+        generated_section(path)  # the markers are there
+        head, rest = path.read_text().split(START, 1)
+        path.write_text(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1])
         print(f"wrote {path}")
     return 0
 
