@@ -431,7 +431,7 @@ def generated_block() -> str:
 
 def main() -> int:
     block = generated_block()
-    print("\n".join(arms_table()))
+    print(block)
     for path in (CARD, DOC):
         generated_section(path)  # the markers are there
         head, rest = path.read_text().split(START, 1)
