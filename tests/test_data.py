@@ -123,7 +123,46 @@ def test_sft_loss_mask_covers_exactly_the_assistant_replies(tmp_path: Path, trai
     assert sample_mask.any() and not sample_mask.all()
 
 
+FIM = {"fim": {"prefix": "def add(a, b):\n", "middle": "    return a + b\n", "suffix": "\n\nprint(add(1, 2))\n"}}
+
+
+def test_fim_sample_is_the_infill_prompt_then_the_middle_with_loss_on_the_middle(tmp_path: Path,
+                                                                                 train_tokenizer_dir: Path) -> None:
+    from diffcoder.tokenizer import Tokenizer
+    from diffcoder.train.sft_data import render_fim
+
+    tok = Tokenizer.from_dir(train_tokenizer_dir)
+    f = FIM["fim"]
+    ids, mask = render_fim(tok, f)
+    first = mask.index(1)
+    assert ids[:first] == tok.fim_prompt(f["prefix"], f["suffix"])  # what diffcoder.infill decodes from
+    assert all(mask[first:]) and tok.decode(ids[first:]) == f["middle"]
+
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in [*CHATS, FIM] * 4))
+    m = build_sft([src], train_tokenizer_dir, tmp_path / "sft", val_fraction=0.0, progress=False)
+    assert (m["splits"]["train"]["samples"], m["splits"]["train"]["fim_samples"]) == (12, 4)
+    split = SFTSplit(tmp_path / "sft", "train", m)
+    rendered = {tuple(split.sample(i)[0]) for i in range(len(split))}
+    assert tuple(ids) in rendered and len(rendered) == 3
+
+
+def test_fim_samples_need_a_tokenizer_with_fim_tokens(tmp_path: Path, train_tokenizer_dir: Path,
+                                                     monkeypatch) -> None:
+    from diffcoder.tokenizer import Tokenizer
+
+    monkeypatch.setattr(Tokenizer, "has_fim", property(lambda self: False))
+    plain = train_tokenizer_dir
+    src = tmp_path / "fim.jsonl"
+    src.write_text(json.dumps(FIM) + "\n")
+    with pytest.raises(ValueError, match="FIM samples, but the tokenizer has no FIM tokens"):
+        build_sft([src], plain, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("line,msg", [
+    ('{"fim": {"prefix": "a", "middle": "b"}}', "expected .*fim"),
+    ('{"fim": {"prefix": "a", "middle": "  ", "suffix": ""}}', "FIM middle is empty"),
     ("not json", "not valid JSON"),
     ('{"messages": []}', "expected"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
@@ -283,3 +322,26 @@ def test_self_instruct_resumes_after_the_batches_it_wrote(tmp_path: Path, monkey
     calls.clear()
     distill.self_instruct_prompts(Model(), 30, seed=6, batch_size=4, progress_file=progress)
     assert calls[0] == 6
+
+
+def test_fim_samples_cut_whole_body_lines_of_one_function(tmp_path: Path) -> None:
+    from diffcoder.train.sft_synth import fim_samples
+
+    src = tmp_path / "m.py"
+    funcs = [f'def f{i}(x):\n    """Doc {i}."""\n    y = x + {i}\n\n    z = y * 2\n    return z\n' for i in range(40)]
+    method = "class C:\n    def m(self):\n        a = 1\n        return a\n"
+    src.write_text("\n\n".join(funcs) + "\n\n" + method + "\n\ndef test_f():\n    assert f0(1) == 2\n    return\n")
+    samples = fim_samples([src], 100, seed=0)
+    again = fim_samples([src], 100, seed=0)
+    assert samples == again and len(samples) == 41  # every function but the test one, once
+    docs = set(funcs) | {"def m(self):\n    a = 1\n    return a\n"}  # a method, dedented
+    lengths = set()
+    for s in samples:
+        f = s["fim"]
+        assert f["prefix"] + f["middle"] + f["suffix"] in docs
+        assert f["middle"].strip() and f["middle"].endswith("\n") and f["middle"].split("\n")[-2].strip()
+        assert '"""' not in f["middle"] and "def " not in f["middle"]  # after the docstring, inside the body
+        assert f["prefix"].endswith("\n")
+        lengths.add(f["middle"].count("\n"))
+    assert 1 in lengths and max(lengths) > 1  # single-line and multi-line middles
+    assert len(fim_samples([src], 5, seed=0)) == 5 and fim_samples([src], 100, seed=1) != samples

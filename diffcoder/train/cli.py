@@ -95,11 +95,13 @@ def _register_data(subparsers: argparse._SubParsersAction) -> None:
     db.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
     _walk_flags(db)
     db.set_defaults(func=cmd_data_build)
-    ds = data_sub.add_parser("sft", help="chat JSONL ({\"messages\": [...]}) -> samples with assistant loss masks")
-    ds.add_argument("--src", nargs="+", required=True, type=Path, help="chat JSONL file(s)")
-    ds.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (needs a chat template)")
+    ds = data_sub.add_parser("sft", help="SFT JSONL (chats {\"messages\": [...]}, FIM samples {\"fim\": {...}}) "
+                             "-> samples with loss masks on the replies / middles")
+    ds.add_argument("--src", nargs="+", required=True, type=Path, help="SFT JSONL file(s), gzipped or not")
+    ds.add_argument("--tokenizer", required=True, type=Path,
+                    help="tokenizer directory (a chat template for chats, FIM tokens for FIM samples)")
     ds.add_argument("--out", required=True, type=Path, help="output data directory")
-    ds.add_argument("--val-fraction", type=float, default=0.02, help="share of conversations held out")
+    ds.add_argument("--val-fraction", type=float, default=0.02, help="share of samples held out")
     ds.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ds.add_argument("--quiet", action="store_true", help="no progress bar")
     ds.set_defaults(func=cmd_data_sft)
@@ -202,7 +204,7 @@ def cmd_data_sft(args: argparse.Namespace) -> int:
 
     m = build_sft(args.src, args.tokenizer, args.out, val_fraction=args.val_fraction, overwrite=args.overwrite,
                   progress=not args.quiet)
-    print(json.dumps({"out": str(args.out), "splits": {s: {"samples": v["samples"], "tokens": v["tokens"]}
+    print(json.dumps({"out": str(args.out), "splits": {s: {k: v[k] for k in ("samples", "fim_samples", "tokens")}
                                                        for s, v in m["splits"].items()}}))
     return 0
 

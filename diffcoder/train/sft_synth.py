@@ -1,4 +1,5 @@
-"""An offline SFT set from a pretraining corpus: "signature + docstring -> implementation".
+"""Offline SFT sets from source files: "signature + docstring -> implementation" chats, and
+line-level fill-in-the-middle samples.
 
 Only files of the corpus's *train* split are used (files.jsonl of a `data build` directory), so
 the validation files stay unseen; no benchmark problem is involved. Each documented Python
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,7 +52,9 @@ def _function_text(fn: ast.AST, lines: list[str]) -> str:
     return "\n".join(line[indent:] for line in lines[start:end])
 
 
-def iter_examples(path: Path, max_chars: int) -> Iterator[dict[str, Any]]:
+def _functions(path: Path) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, list[str]]]:
+    """Every function of a Python file (methods and nested ones too) with the file's lines;
+    nothing for a file that does not parse."""
     try:
         source = path.read_text(encoding="utf-8").replace("\r\n", "\n")
         tree = ast.parse(source)
@@ -58,7 +62,13 @@ def iter_examples(path: Path, max_chars: int) -> Iterator[dict[str, Any]]:
     except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
         return
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
+            yield node, lines
+
+
+def iter_examples(path: Path, max_chars: int) -> Iterator[dict[str, Any]]:
+    for node, lines in _functions(path):
+        if len(node.body) < 2:
             continue
         if not ast.get_docstring(node) or node.name.startswith("test"):
             continue
@@ -93,3 +103,46 @@ def synthesize(datadir: str | Path, out: str | Path, max_samples: int = 2000, ma
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "\n".join(chats) + "\n")
     return len(chats)
+
+
+def fim_samples(sources: list[Path], n: int, seed: int, max_chars: int = 1200, max_lines: int = 6) -> list[dict]:
+    """Up to n fill-in-the-middle samples, `{"fim": {"prefix", "middle", "suffix"}}`, one per function.
+
+    Cut as HumanEval's infilling benchmarks cut theirs: the document is one whole function
+    (dedented, as a top-level one), the middle is whole lines of its body after the docstring:
+    one line in half of the samples (single-line infilling), 2 to `max_lines` in the others
+    (multi-line). Functions over `max_chars`, test functions and repeated texts are left out.
+    """
+    rng = random.Random(seed)
+    found: dict[str, int] = {}  # function text -> the body's first line after the docstring
+    for path in sources:
+        for fn, lines in _functions(path):
+            text = _function_text(fn, lines)
+            if len(text) <= max_chars and not fn.name.startswith("test"):
+                body = fn.body[1:] if ast.get_docstring(fn) else fn.body
+                if body and body[0].lineno > fn.lineno:  # a body on the def line has no line to cut
+                    found.setdefault(text, body[0].lineno - fn.lineno)
+    texts = list(found)
+    rng.shuffle(texts)
+    out = []
+    for text in texts:
+        sample = _cut_lines(text, found[text], rng, max_lines)
+        if sample is not None:
+            out.append({"fim": sample})
+            if len(out) == n:
+                break
+    return out
+
+
+def _cut_lines(text: str, first_body_line: int, rng: random.Random, max_lines: int) -> dict[str, str] | None:
+    """prefix + middle + suffix == the function's text plus a final newline; the middle starts
+    on a non-blank body line and holds 1 (half the time) to max_lines whole lines."""
+    lines = [line + "\n" for line in text.split("\n")]
+    starts = [i for i in range(first_body_line, len(lines)) if lines[i].strip()]
+    if not starts:
+        return None
+    i = rng.choice(starts)
+    j = min(len(lines), i + (1 if rng.random() < 0.5 else rng.randint(2, max_lines)))
+    while j > i + 1 and not lines[j - 1].strip():  # a middle ends on code, as the benchmarks' do
+        j -= 1
+    return {"prefix": "".join(lines[:i]), "middle": "".join(lines[i:j]), "suffix": "".join(lines[j:])}

@@ -1,7 +1,10 @@
 """Self-distilled SFT data for diffcoder-0.5b: the AR base writes instructions and answers.
 
     python runs/diffcoder_05b/make_data.py --base BASE_DIR --out DATA_DIR [--stubs N --self-instruct N]
-                                           [--seed S --exclude OLD/prompts.jsonl.gz ...]
+                                           [--fim N] [--seed S --exclude OLD/prompts.jsonl.gz ...]
+
+--fim N adds N fill-in-the-middle samples cut from standard-library functions (real code, not the
+base's: sft_synth.fim_samples), so that the model learns infilling in its own FIM format too.
 
 More data later: a new --seed and --exclude with the earlier sets' prompts make instructions none
 of them holds.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import diffcoder
 from diffcoder.fsutil import atomic_write_text
-from diffcoder.train import distill
+from diffcoder.train import distill, sft_synth
 
 
 def stdlib_files() -> list[Path]:
@@ -42,6 +45,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--stubs", type=int, default=1500, help="implement-this-function prompts from the stdlib")
     ap.add_argument("--self-instruct", type=int, default=800, help="prompts written by the model itself")
+    ap.add_argument("--fim", type=int, default=0, help="fill-in-the-middle samples from stdlib functions")
     ap.add_argument("--gen-length", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
@@ -72,27 +76,42 @@ def main() -> int:
     kept = distill.answer_prompts(model, prompts, args.out / "chats.jsonl", args.gen_length, args.batch_size,
                                   args.seed, on_progress=progress("answers"))
     print(f"{kept} chats from {len(prompts)} prompts in {time.time() - t0:.0f}s")
-    report = decontaminate(args.out / "chats.jsonl", args.out / "train.jsonl", args.ngram)
+    fim_path = args.out / "fim.jsonl"
+    if args.fim and not fim_path.exists():
+        fim = sft_synth.fim_samples(stdlib_files(), args.fim, args.seed)
+        atomic_write_text(fim_path, "".join(json.dumps({"id": f"fim-{i}", **x}, ensure_ascii=False) + "\n"
+                                            for i, x in enumerate(fim)))
+    report = decontaminate(args.out / "chats.jsonl", fim_path, args.out / "train.jsonl", args.ngram)
     print(json.dumps(report["summary"]))
     return 0
 
 
-def decontaminate(src: Path, dst: Path, n: int) -> dict:
-    """Drop every chat sharing a word n-gram with HumanEval or MBPP; write the rest and a report."""
+def decontaminate(chats_path: Path, fim_path: Path, dst: Path, n: int) -> dict:
+    """Drop every chat or FIM sample sharing a word n-gram with HumanEval or MBPP; write the rest
+    (chats first) and a report."""
     from diffcoder.train.contamination import BENCHMARKS, benchmark_ngrams, overlaps
 
     index = benchmark_ngrams(n)
-    chats = distill.read_jsonl(src)
-    flagged, clean = {}, []
-    for c in chats:
-        hits = overlaps("\n".join(m["content"] for m in c["messages"]), index, n)
-        if hits:
-            flagged[c["id"]] = hits
-        else:
-            clean.append({"messages": c["messages"]})
+    flagged: dict[str, list[str]] = {}
+    summary: dict = {"ngram_words": n, "benchmarks": list(BENCHMARKS)}
+    clean = []
+    for kind, rows in (("chats", distill.read_jsonl(chats_path)), ("fim", distill.read_jsonl(fim_path))):
+        kept = 0
+        for r in rows:
+            sample = {"fim": r["fim"]} if kind == "fim" else {"messages": r["messages"]}
+            text = "".join(r["fim"].values()) if kind == "fim" else "\n".join(m["content"] for m in r["messages"])
+            hits = overlaps(text, index, n)
+            if hits:
+                flagged[str(r["id"])] = hits
+            else:
+                clean.append(sample)
+                kept += 1
+        if kind == "chats":
+            summary.update(chats=len(rows), dropped=len(rows) - kept, kept=kept)
+        elif rows:
+            summary["fim"] = {"samples": len(rows), "dropped": len(rows) - kept, "kept": kept}
     atomic_write_text(dst, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in clean))
-    report = {"summary": {"ngram_words": n, "benchmarks": list(BENCHMARKS), "chats": len(chats),
-                          "dropped": len(flagged), "kept": len(clean)}, "dropped": flagged}
+    report = {"summary": summary, "dropped": flagged}
     atomic_write_text(dst.with_name("contamination.json"), json.dumps(report, indent=1) + "\n")
     return report
 

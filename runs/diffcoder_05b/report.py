@@ -361,9 +361,14 @@ def data_sets(stages: list[dict]) -> list[str]:
 
 def data_line(name: str) -> str:
     d = read_json(HERE / name / "contamination.json")["summary"]
-    return (f"- Data set `{name}/`: {d['chats']} self-distilled chats; {d['dropped']} dropped by the contamination "
-            f"check (any shared {d['ngram_words']}-word n-gram with HumanEval, MBPP sanitized or MBPP full: prompt, "
-            f"solution or tests), {d['kept']} kept.")
+    check = (f"the contamination check (any shared {d['ngram_words']}-word n-gram with HumanEval, MBPP sanitized "
+             "or MBPP full: prompt, solution or tests)")
+    line = f"- Data set `{name}/`: {d['chats']} self-distilled chats; {d['dropped']} dropped by {check}, {d['kept']} kept."
+    if "fim" in d:
+        f = d["fim"]
+        line += (f" Plus {f['samples']} fill-in-the-middle samples cut from standard-library functions "
+                 f"(`make_data.py --fim`); {f['dropped']} dropped by the same check, {f['kept']} kept.")
+    return line
 
 
 def adapter_facts() -> dict:
