@@ -3,7 +3,9 @@
 A JSONL line is either a chat, `{"messages": [{"role": ..., "content": ...}, ...]}` (loss on the
 assistant replies), or a fill-in-the-middle sample, `{"fim": {"prefix": P, "middle": M,
 "suffix": S}}` (loss on M), rendered in the tokenizer's own FIM order as at inference
-(`Tokenizer.fim_prompt`). Each split holds a token file, a mask file (uint8, 1 = loss) and an index of samples (start,
+(`Tokenizer.fim_prompt`).
+
+Each split holds a token file, a mask file (uint8, 1 = loss) and an index of samples (start,
 length); the directory layout and manifest are described in datadir.py.
 """
 from __future__ import annotations

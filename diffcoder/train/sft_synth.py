@@ -1,10 +1,11 @@
 """Offline SFT sets from source files: "signature + docstring -> implementation" chats, and
 line-level fill-in-the-middle samples.
 
-Only files of the corpus's *train* split are used (files.jsonl of a `data build` directory), so
-the validation files stay unseen; no benchmark problem is involved. Each documented Python
-function becomes one chat: the user shows the signature and docstring, the assistant answers
-with the complete function in a fenced code block.
+`synthesize` (`diffcoder data sft-synth`) reads only the files of a corpus's *train* split
+(files.jsonl of a `data build` directory), so the validation files stay unseen; no benchmark
+problem is involved. Each documented Python function becomes one chat: the user shows the
+signature and docstring, the assistant answers with the complete function in a fenced code block.
+`fim_samples` cuts `{"fim": ...}` samples for `data sft` from the functions of the files given.
 """
 from __future__ import annotations
 
