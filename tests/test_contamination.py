@@ -44,10 +44,11 @@ def test_code_that_shares_only_short_runs_with_the_benchmarks_passes(index):
 def test_make_data_drops_chats_and_fim_samples_that_hold_benchmark_text(tmp_path):
     he = load_benchmark("humaneval")[2]
     clean_code = "def add(a, b):\n    return a + b\n"
+    leaked = he.prompt + he.canonical
     chats = [{"id": 0, "source": "stub", "messages": [{"role": "user", "content": "Add two numbers."},
                                                         {"role": "assistant", "content": clean_code}]},
              {"id": 1, "source": "self-instruct", "messages": [{"role": "user", "content": "Truncate it."},
-                                                                {"role": "assistant", "content": he.prompt + he.canonical}]}]
+                                                                {"role": "assistant", "content": leaked}]}]
     fim = [{"id": "fim-0", "fim": {"prefix": "def f(x):\n", "middle": "    y = x + 1\n", "suffix": "    return y\n"}},
            {"id": "fim-1", "fim": {"prefix": he.prompt, "middle": he.canonical, "suffix": ""}}]
     for name, rows in (("chats.jsonl", chats), ("fim.jsonl", fim)):
@@ -76,3 +77,19 @@ def test_every_committed_training_sample_passes_the_check_it_was_made_with(index
         assert overlaps(text, index, N) == []
     fim = sum(map(is_fim, samples))
     assert (len(samples) - fim, fim) == (summary["kept"], summary.get("fim", {}).get("kept", 0))
+
+
+def test_a_later_set_knows_the_functions_earlier_sets_cut_fim_samples_from(tmp_path):
+    import gzip
+
+    old = tmp_path / "data-x"
+    old.mkdir()
+    (old / "prompts.jsonl.gz").write_bytes(gzip.compress(b""))
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"fim": {"prefix": "def f():\n", "middle": "    return 1\n", "suffix": ""}}]
+    (old / "train.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert make_data.earlier_fim_functions([old / "prompts.jsonl.gz"]) == {"def f():\n    return 1\n"}
+    committed = [p / "prompts.jsonl.gz" for p in sorted(RUN.glob("data*")) if (p / "prompts.jsonl.gz").exists()]
+    fim = sum(json.loads((p.parent / "contamination.json").read_text())["summary"].get("fim", {}).get("kept", 0)
+              for p in committed)
+    assert len(make_data.earlier_fim_functions(committed)) == fim  # one function per sample, none repeated

@@ -345,3 +345,6 @@ def test_fim_samples_cut_whole_body_lines_of_one_function(tmp_path: Path) -> Non
         lengths.add(f["middle"].count("\n"))
     assert 1 in lengths and max(lengths) > 1  # single-line and multi-line middles
     assert len(fim_samples([src], 5, seed=0)) == 5 and fim_samples([src], 100, seed=1) != samples
+    used = frozenset("".join(s["fim"].values()) for s in samples[:10])
+    rest = fim_samples([src], 100, seed=0, exclude=used)
+    assert len(rest) == 31 and not {"".join(s["fim"].values()) for s in rest} & used

@@ -175,8 +175,8 @@ def _write_split(tok: Any, samples: list[Sample], tmp: Path, split: str, dtype: 
             start += len(ids)
             tick()
     np.save(tmp / f"{split}-index.npy", np.asarray(index, dtype=np.int64).reshape(-1, 2))
-    return {"samples": len(samples), "fim_samples": sum(map(is_fim, samples)), "tokens": start, "tokens_file": f"{split}-tokens.bin",
-            "mask_file": f"{split}-mask.bin", "index_file": f"{split}-index.npy"}
+    return {"samples": len(samples), "fim_samples": sum(map(is_fim, samples)), "tokens": start,
+            "tokens_file": f"{split}-tokens.bin", "mask_file": f"{split}-mask.bin", "index_file": f"{split}-index.npy"}
 
 
 class SFTSplit:

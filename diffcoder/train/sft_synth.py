@@ -106,8 +106,10 @@ def synthesize(datadir: str | Path, out: str | Path, max_samples: int = 2000, ma
     return len(chats)
 
 
-def fim_samples(sources: list[Path], n: int, seed: int, max_chars: int = 1200, max_lines: int = 6) -> list[dict]:
-    """Up to n fill-in-the-middle samples, `{"fim": {"prefix", "middle", "suffix"}}`, one per function.
+def fim_samples(sources: list[Path], n: int, seed: int, max_chars: int = 1200, max_lines: int = 6,
+                exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """Up to n fill-in-the-middle samples, `{"fim": {"prefix", "middle", "suffix"}}`, one per function,
+    none from a function in `exclude` (prefix + middle + suffix of an earlier set's samples).
 
     Cut as HumanEval's infilling benchmarks cut theirs: the document is one whole function
     (dedented, as a top-level one), the middle is whole lines of its body after the docstring:
@@ -119,7 +121,7 @@ def fim_samples(sources: list[Path], n: int, seed: int, max_chars: int = 1200, m
     for path in sources:
         for fn, lines in _functions(path):
             text = _function_text(fn, lines)
-            if len(text) <= max_chars and not fn.name.startswith("test"):
+            if len(text) <= max_chars and not fn.name.startswith("test") and text + "\n" not in exclude:
                 body = fn.body[1:] if ast.get_docstring(fn) else fn.body
                 if body and body[0].lineno > fn.lineno:  # a body on the def line has no line to cut
                     found.setdefault(text, body[0].lineno - fn.lineno)

@@ -4,7 +4,8 @@
                                            [--fim N] [--seed S --exclude OLD/prompts.jsonl.gz ...]
 
 --fim N adds N fill-in-the-middle samples cut from standard-library functions (real code, not the
-base's: sft_synth.fim_samples), so that the model learns infilling in its own FIM format too.
+base's: sft_synth.fim_samples), so that the model learns infilling in its own FIM format too; none
+from a function that an --exclude'd set's FIM samples were cut from.
 
 More data later: a new --seed and --exclude with the earlier sets' prompts make instructions none
 of them holds.
@@ -37,6 +38,18 @@ def read_prompts(path: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"--exclude {path}: no such file (give a data set's prompts.jsonl or prompts.jsonl.gz)")
     return distill.read_jsonl(path)
+
+
+def earlier_fim_functions(prompt_files: list[Path]) -> frozenset[str]:
+    """The functions (prefix + middle + suffix) that earlier sets cut FIM samples from: their
+    train.jsonl[.gz] beside the prompts.jsonl[.gz] given to --exclude."""
+    done: set[str] = set()
+    for path in prompt_files:
+        train = next((t for t in (path.with_name("train.jsonl.gz"), path.with_name("train.jsonl")) if t.exists()), None)
+        if train is not None:
+            done |= {"".join(r["fim"][k] for k in ("prefix", "middle", "suffix"))
+                     for r in distill.read_jsonl(train) if "fim" in r}
+    return frozenset(done)
 
 
 def main() -> int:
@@ -78,7 +91,7 @@ def main() -> int:
     print(f"{kept} chats from {len(prompts)} prompts in {time.time() - t0:.0f}s")
     fim_path = args.out / "fim.jsonl"
     if args.fim and not fim_path.exists():
-        fim = sft_synth.fim_samples(stdlib_files(), args.fim, args.seed)
+        fim = sft_synth.fim_samples(stdlib_files(), args.fim, args.seed, exclude=earlier_fim_functions(args.exclude))
         atomic_write_text(fim_path, "".join(json.dumps({"id": f"fim-{i}", **x}, ensure_ascii=False) + "\n"
                                             for i, x in enumerate(fim)))
     report = decontaminate(args.out / "chats.jsonl", fim_path, args.out / "train.jsonl", args.ngram)
