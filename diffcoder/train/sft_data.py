@@ -45,6 +45,11 @@ def is_fim(sample: Sample) -> bool:
     return isinstance(sample, dict)
 
 
+def fim_document(fim: Fim) -> str:
+    """The text a FIM sample was cut from: prefix + middle + suffix."""
+    return fim["prefix"] + fim["middle"] + fim["suffix"]
+
+
 def _sample(line: str, where: str) -> Sample:
     try:
         obj = json.loads(line)

@@ -25,6 +25,7 @@ from pathlib import Path
 import diffcoder
 from diffcoder.fsutil import atomic_write_text
 from diffcoder.train import distill, sft_synth
+from diffcoder.train.sft_data import fim_document
 
 
 def stdlib_files() -> list[Path]:
@@ -47,8 +48,7 @@ def earlier_fim_functions(prompt_files: list[Path]) -> frozenset[str]:
     for path in prompt_files:
         train = next((t for t in (path.with_name("train.jsonl.gz"), path.with_name("train.jsonl")) if t.exists()), None)
         if train is not None:
-            done |= {"".join(r["fim"][k] for k in ("prefix", "middle", "suffix"))
-                     for r in distill.read_jsonl(train) if "fim" in r}
+            done |= {fim_document(r["fim"]) for r in distill.read_jsonl(train) if "fim" in r}
     return frozenset(done)
 
 
@@ -112,7 +112,7 @@ def decontaminate(chats_path: Path, fim_path: Path, dst: Path, n: int) -> dict:
         kept = 0
         for r in rows:
             sample = {"fim": r["fim"]} if kind == "fim" else {"messages": r["messages"]}
-            text = "".join(r["fim"].values()) if kind == "fim" else "\n".join(m["content"] for m in r["messages"])
+            text = fim_document(r["fim"]) if kind == "fim" else "\n".join(m["content"] for m in r["messages"])
             hits = overlaps(text, index, n)
             if hits:
                 flagged[str(r["id"])] = hits
