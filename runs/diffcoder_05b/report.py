@@ -280,7 +280,7 @@ def training_run(folder: Path) -> dict:
             "loss_last10": sum(r["loss"] for r in last) / len(last), "rank": run.get("lora_rank"),
             "alpha": run.get("lora_alpha"), "lr": run.get("lr"), "min_lr": run.get("min_lr"),
             "seq_len": run.get("seq_len"), "batch": run.get("batch_size"), "seed": run.get("seed"),
-            "objective": run.get("objective"), "resumed": bool(run.get("adapter")),
+            "objective": run.get("objective"), "resumed": bool(run.get("adapter")), "bf16": run.get("bf16"),
             "data_set": data["data_set"] if data else None}
 
 
@@ -346,12 +346,16 @@ LOSS_NAME = {"sft": f"block-diffusion loss: {LOSS['sft']}, weighted 1/u after th
              "ar": f"next-token loss on {LOSS['ar']}"}
 
 
+# run.json's "bf16": the trainer's resolved precision (bf16 autocast where the CPU runs bf16 natively).
+PRECISION = {True: "bfloat16 autocast", False: "float32", None: "an unrecorded precision"}
+
+
 def stage_line(t: dict, label: str = "Training") -> str:
     start = "from the previous stage's adapter, " if t["resumed"] else "from the AR base, "
     return (f"- {label} {t['name']}: {start}on data set `{t['data_set']}/`, {t['steps']} optimizer steps, "
             f"{t['tokens'] / 1e6:.2f} M tokens (prompt and answer, packed rows of {t['seq_len']}; the loss is on {LOSS[t['objective']]} only), peak lr "
             f"{t['lr']:g} (cosine to {t['min_lr']:g}), data-order seed {t['seed']}, {t['wall_h']:.2f} h of optimizer "
-            f"steps on 2 CPU cores ({t['tok_s']:.0f} tokens/s); mean loss of the last 10 steps {t['loss_last10']:.3f} "
+            f"steps on 2 CPU cores in {PRECISION[t['bf16']]} ({t['tok_s']:.0f} tokens/s); mean loss of the last 10 steps {t['loss_last10']:.3f} "
             f"({LOSS_NAME[t['objective']]}).")
 
 
