@@ -1,7 +1,7 @@
 """Evaluate every arm of diffcoder-0.5b through our own harness, same prompts and settings:
 
     python runs/diffcoder_05b/evaluate.py [--bench humaneval mbpp humaneval-infill-single] [--arms ...]
-                                          [--ar-sft OUT/stage-3/final] [--ablations OUT]
+                                          [--ar-sft OUT/stage-4/final] [--ablations OUT]
 
 Each arm x benchmark goes to runs/diffcoder_05b/results/ARM/BENCH (resumable: rerun to continue);
 `report.py` turns them into the tables of the model card and docs/replication.md.
@@ -68,7 +68,7 @@ def run(arm: str, bench: str, limit: int | None, batch: int, model: str | None, 
             print(f"{arm}/{bench}: complete, and no model given to resume it with: kept", flush=True)
             return 0
         how = ("runs/diffcoder_05b/train_ablations.sh and pass --ablations OUT" if arm in ABLATIONS
-               else "runs/diffcoder_05b/train_ar_sft.sh and pass --ar-sft OUT/stage-3/final")
+               else "runs/diffcoder_05b/train_ar_sft.sh and pass --ar-sft OUT/stage-4/final")
         msg = f"{arm}/{bench}: not evaluated yet and this arm's weights are not shipped: build them with {how}"
         if asked:
             raise SystemExit(msg)
@@ -90,7 +90,7 @@ def main() -> int:
                     "results nor weights given is skipped)")
     ap.add_argument("--limit", type=int, help="first N problems only (a documented subset)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--ar-sft", metavar="DIR", help="the AR-SFT arm's merged model (train_ar_sft.sh OUT/stage-3/final)")
+    ap.add_argument("--ar-sft", metavar="DIR", help="the AR-SFT arm's merged model (train_ar_sft.sh OUT/stage-4/final)")
     ap.add_argument("--ablations", metavar="OUT", help="train_ablations.sh's OUT (OUT/ARM/final for the s1* arms)")
     args = ap.parse_args()
     models = {arm: model for arm, (model, _, _) in ARMS.items()} | {"ar-sft": args.ar_sft}
