@@ -53,6 +53,11 @@ ABLATIONS = {"s1": "s1", "s1-full": "full", "s1-noshift": "noshift", "s1-nowarmu
 INFILL_ARMS = {"ar-base", "ar-sft", "base-bd4", "bd4", "bd4-l2r"}
 
 
+def runs_on(arm: str, bench: str) -> bool:
+    """Whether ARM is evaluated on BENCH (infilling only for INFILL_ARMS)."""
+    return not bench.startswith("humaneval-infill") or arm in INFILL_ARMS
+
+
 def complete(out: Path) -> bool:
     res = out / "results.json"
     return res.exists() and json.loads(res.read_text()).get("complete", False)
@@ -99,7 +104,7 @@ def main() -> int:
                    if (final := Path(args.ablations) / sub / "final").is_dir()}
     for bench in args.bench:
         for arm in args.arms or list(ARMS):
-            if bench.startswith("humaneval-infill") and arm not in INFILL_ARMS:
+            if not runs_on(arm, bench):
                 continue
             if run(arm, bench, args.limit, args.batch_size, models[arm], asked=bool(args.arms)):
                 return 1

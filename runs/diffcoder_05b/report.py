@@ -20,7 +20,7 @@ REPO = HERE.parents[1]
 CARD = REPO / "diffcoder" / "weights" / "diffcoder-0.5b" / "MODEL_CARD.md"
 DOC = REPO / "docs" / "replication-0.5b.md"
 sys.path.insert(0, str(HERE))
-from evaluate import ABLATIONS, ARMS, INFILL_ARMS, MODEL  # noqa: E402
+from evaluate import ABLATIONS, ARMS, MODEL, runs_on  # noqa: E402
 
 from diffcoder.eval.harness import read_jsonl  # noqa: E402
 
@@ -148,7 +148,7 @@ def speed_table(speed: dict[str, dict]) -> list[str]:
 SPECULATIVE_SPEED = SPEED / "speculative.txt"
 
 
-def speculative_speed_table() -> list[str]:
+def speculative_speed_table(shipped_sha: str) -> list[str]:
     """benchmarks/speculative_speed.py's run (its last line is JSON), as the table it prints."""
     if not SPECULATIVE_SPEED.exists():
         return []
@@ -156,7 +156,7 @@ def speculative_speed_table() -> list[str]:
     from speculative_speed import markdown_table
 
     d = json.loads(SPECULATIVE_SPEED.read_text().strip().splitlines()[-1])
-    if d.get("weights_sha256") != adapter_facts()["sha"]:  # tokens per pass are the weights'
+    if d.get("weights_sha256") != shipped_sha:  # tokens per pass are the weights'
         return [f"Speculative decoding against one token per pass: not measured on the shipped weights yet "
                 f"(`{SPECULATIVE_SPEED.relative_to(REPO)}` holds a run of other weights; "
                 "`bash benchmarks/run_real_05b.sh` measures it)."]
@@ -171,8 +171,7 @@ def pending_note() -> list[str]:
     stage's weights are evaluated anew, arm by arm."""
     missing = []
     for arm, (model, _, _) in ARMS.items():
-        benches = [name for bench, name in BENCHES if cell(arm, bench)[1] is None
-                   and (not bench.startswith("humaneval-infill") or arm in INFILL_ARMS)]
+        benches = [name for bench, name in BENCHES if runs_on(arm, bench) and cell(arm, bench)[1] is None]
         if model == MODEL and benches:
             missing.append(f"`{arm}` ({', '.join(benches)})")
     if not missing:
@@ -451,7 +450,7 @@ def generated_block() -> str:
     ]
     speed = speed_results()
     goals = targets(speed, stages, ar_stages)
-    sections = [facts, table, subset_notes(), ablation_table(), speed_table(speed), speculative_speed_table(),
+    sections = [facts, table, subset_notes(), ablation_table(), speed_table(speed), speculative_speed_table(a["sha"]),
                 ["Targets:", "", *goals] if goals else [],
                 ["Published numbers, other harnesses (for orientation only):", "", *published]]
     return "\n\n".join("\n".join(part) for part in sections if part)
