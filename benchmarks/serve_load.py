@@ -27,7 +27,7 @@ import diffcoder
 from diffcoder.hardware import pick_device
 from diffcoder.serve.app import ServeConfig, create_app
 from diffcoder.serve.background import BackgroundServer
-from diffcoder.serve.generation import DEFAULT_BLOCK_LENGTH
+from diffcoder.engine.settings import resolve
 
 
 @dataclass
@@ -122,12 +122,12 @@ def _prompts(n: int) -> list[str]:
 def _count_differences(model: Any, texts: list[str], args: argparse.Namespace) -> int:
     """How many served outputs differ from the same prompt decoded alone (greedy)."""
     tok = model.tokenizer
-    block = int((getattr(model, "generation_defaults", None) or {}).get("block_length", DEFAULT_BLOCK_LENGTH))
+    block = resolve({}, model)["block_length"]
     gen = -(-args.max_tokens // block) * block
     differ = 0
     for prompt, served in zip(_prompts(args.clients), texts):
         ids = diffcoder.generate(model, [tok.encode(prompt)], steps=args.steps or gen, gen_length=gen,
-                                 block_length=block, eos_id=tok.eos_id).tokens[0][: args.max_tokens]
+                                 eos_id=tok.eos_id).tokens[0][: args.max_tokens]
         alone = tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
         differ += alone != served
     return differ

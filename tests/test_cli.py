@@ -64,7 +64,8 @@ def test_a_models_speculative_default_applies_only_where_it_can():
     import argparse
     import types
 
-    from diffcoder.engine.cli import DEFAULTS, decoder_kwargs
+    from diffcoder.engine.cli import decoder_kwargs
+    from diffcoder.engine.settings import DEFAULTS
 
     model = types.SimpleNamespace(generation_defaults={"speculative": True, "gen_length": 16})
 

@@ -86,7 +86,7 @@ def measure(gguf_path: Path, gen_length: int, threads: int | None) -> list[tuple
         # The same prompt decoded as block diffusion (B=4, no shift), which an AR model was never
         # trained for: shows what such a checkpoint needs CPT for.
         res = diffcoder.generate(ours, [prompts[0]], steps=gen_length, gen_length=gen_length, block_length=4,
-                                 eos_id=tok.eos_id)
+                                 shift=False, remasking="low_confidence", eos_id=tok.eos_id)
         rows.append(("same prompt, block_length=4 without shift", repr(tok.decode(res.tokens[0]))))
     return rows
 

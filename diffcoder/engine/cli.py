@@ -53,26 +53,11 @@ def add_decoder_flags(p: argparse.ArgumentParser) -> None:
                    "model's, where the other settings allow it)")
 
 
-DEFAULTS = dict(gen_length=128, steps=None, block_length=4, threshold=None, temperature=0.0,
-                remasking="low_confidence", shift=False, seed=None, max_active_blocks=1, block_add_threshold=0.5,
-                speculative=False)
-
-
 def decoder_kwargs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
-    """Flags > the checkpoint's generation_config.json > DEFAULTS."""
-    saved = getattr(model, "generation_defaults", {}) or {}
-    kw = {}
-    for key, default in DEFAULTS.items():
-        flag = getattr(args, key, None)
-        kw[key] = flag if flag is not None else saved.get(key, default)
-    if kw["steps"] is None:
-        kw["steps"] = kw["gen_length"]
-    if getattr(args, "speculative", None) is None and kw["speculative"]:
-        from .decoding import speculative_applies
+    """Flags > the checkpoint's generation_config.json > DEFAULTS (engine/settings.py)."""
+    from .settings import DEFAULTS, resolve
 
-        kw["speculative"] = speculative_applies(**{k: kw[k] for k in ("temperature", "remasking", "threshold", "steps",
-                                                                      "gen_length", "max_active_blocks")})
-    return kw
+    return resolve({key: getattr(args, key) for key in DEFAULTS if getattr(args, key, None) is not None}, model)
 
 
 def load_auto(path: Any, device: str = "auto", dtype: str = "auto") -> Any:

@@ -38,6 +38,7 @@ from ..config import REMASKING
 from ..masks import block_copies_mask
 from .rules import block_schedule, commit_rule, committed_window, confidence_ranks, greedy_choice, propose
 from .runners import make_runner
+from .settings import MODEL_DEFAULT, resolve, speculative_applies
 
 
 @dataclass
@@ -147,14 +148,6 @@ def validate_args(args: DecodeArgs, prompts: list[list[int]], vocab_size: int | 
         v = getattr(args, name)
         if v is not None and vocab_size is not None and not 0 <= v < vocab_size:
             bad(f"{name} {v} is outside the vocabulary [0, {vocab_size})")
-
-
-def speculative_applies(*, temperature: float, remasking: str, threshold: float | None, steps: int,
-                        gen_length: int, max_active_blocks: int = 1) -> bool:
-    """Whether settings are ones speculative decoding reproduces (greedy, one token per pass): a
-    model whose defaults turn it on decodes so only then, and as asked otherwise."""
-    return (temperature == 0 and remasking in ("low_confidence", "left_to_right") and threshold is None
-            and steps >= gen_length and max_active_blocks == 1)
 
 
 class Decoding:
@@ -570,29 +563,34 @@ class Decoding:
         self.cache.select_rows(idx)
 
 
-def generate(model: torch.nn.Module, prompts: str | list[str] | list[list[int]], *, steps: int | None = None,
-             gen_length: int | None = None, max_new_tokens: int | None = None, block_length: int = 4,
-             temperature: float = 0.0, remasking: str = "low_confidence", threshold: float | None = None,
-             shift: bool = False, eos_id: int | None = None, mask_id: int | None = None, seed: int | None = None,
+def generate(model: torch.nn.Module, prompts: str | list[str] | list[list[int]], *,
+             steps: int | None = MODEL_DEFAULT, gen_length: int = MODEL_DEFAULT, max_new_tokens: int | None = None,
+             block_length: int = MODEL_DEFAULT, temperature: float = MODEL_DEFAULT, remasking: str = MODEL_DEFAULT,
+             threshold: float | None = MODEL_DEFAULT, shift: bool = MODEL_DEFAULT, eos_id: int | None = None,
+             mask_id: int | None = None, seed: int | None = MODEL_DEFAULT,
              on_event: Callable[[StepEvent | BlockEvent], None] | None = None,
              step_events: bool = False, confidence_dtype: torch.dtype = torch.float64,
-             runner: str = "auto", max_active_blocks: int = 1, block_add_threshold: float = 0.5,
-             speculative: bool = False) -> GenerateResult:
+             runner: str = "auto", max_active_blocks: int = MODEL_DEFAULT, block_add_threshold: float = MODEL_DEFAULT,
+             speculative: bool = MODEL_DEFAULT) -> GenerateResult:
     """Decode every prompt with block diffusion; see `Decoding` for the rules.
 
     `prompts` are token-id lists, or text (a str or a list of str) encoded with `model.tokenizer`;
     for text, `eos_id` defaults to the tokenizer's and `result.texts` holds each row's decoded text.
-    `gen_length` (alias `max_new_tokens`) tokens are generated in `steps` steps (default gen_length:
-    one token per forward pass). max_active_blocks > 1 turns on multi-block pipelining
-    (approximate; needs a threshold); speculative=True decodes the tokens of one token per pass
-    in fewer passes (greedy)."""
+    A decoder setting left out comes from the checkpoint's generation_config.json, as on the
+    command line (engine/settings.py: block length, shift, remasking, ... are the model's, else
+    `DEFAULTS`). `gen_length` (alias `max_new_tokens`) tokens are generated in `steps` steps
+    (default gen_length: one token per forward pass). max_active_blocks > 1 turns on multi-block
+    pipelining (approximate; needs a threshold); speculative=True decodes the tokens of one token
+    per pass in fewer passes (greedy)."""
     if max_new_tokens is not None:
-        if gen_length is not None and gen_length != max_new_tokens:
+        if gen_length is not MODEL_DEFAULT and gen_length != max_new_tokens:
             raise ValueError(f"gen_length={gen_length} and max_new_tokens={max_new_tokens} name the same setting; "
                              "give one")
         gen_length = max_new_tokens
-    if gen_length is None:
-        raise TypeError("generate() needs gen_length= (or max_new_tokens=): how many tokens to generate")
+    named = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+                 remasking=remasking, threshold=threshold, shift=shift, seed=seed, max_active_blocks=max_active_blocks,
+                 block_add_threshold=block_add_threshold, speculative=speculative)
+    kw = resolve({k: v for k, v in named.items() if v is not MODEL_DEFAULT}, model)
     tok = None
     if isinstance(prompts, str) or (prompts and all(isinstance(p, str) for p in prompts)):
         tok = getattr(model, "tokenizer", None)
@@ -602,12 +600,8 @@ def generate(model: torch.nn.Module, prompts: str | list[str] | list[list[int]],
         eos_id = tok.eos_id if eos_id is None else eos_id
     elif any(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be all text or all token-id lists, not a mix")
-    steps = gen_length if steps is None else steps
-    dec = Decoding(model, prompts, steps=steps, gen_length=gen_length, block_length=block_length,
-                   temperature=temperature, remasking=remasking, threshold=threshold, shift=shift,
-                   eos_id=eos_id, mask_id=mask_id, seed=seed, step_events=step_events,
-                   confidence_dtype=confidence_dtype, runner=runner, max_active_blocks=max_active_blocks,
-                   block_add_threshold=block_add_threshold, speculative=speculative)
+    dec = Decoding(model, prompts, **kw, eos_id=eos_id, mask_id=mask_id, step_events=step_events,
+                   confidence_dtype=confidence_dtype, runner=runner)
     for event in dec:
         if on_event is not None:
             on_event(event)

@@ -4,12 +4,16 @@ from __future__ import annotations
 from typing import Any
 
 from .decoding import generate
+from .settings import MODEL_DEFAULT
 from ..tokenizer import Tokenizer
 
 
 def infill_many(model: Any, pairs: list[tuple[str, str]], *, tokenizer: Tokenizer | None = None,
-                gen_length: int = 64, steps: int | None = None, block_length: int = 4, **decoder: Any) -> list[str]:
-    """Middles for many (prefix, suffix) pairs, decoded in one batch; each cut at EOS."""
+                gen_length: int = 64, steps: int | None = None, block_length: int = MODEL_DEFAULT,
+                **decoder: Any) -> list[str]:
+    """Middles for many (prefix, suffix) pairs, decoded in one batch; each cut at EOS. At most
+    `gen_length` tokens (a middle is short), one per forward pass unless `steps` says otherwise;
+    every other decoder setting left out is the model's, as in `diffcoder.generate`."""
     tok = tokenizer or model.tokenizer
     if tok is None:
         raise ValueError("infilling needs a tokenizer: the checkpoint has none, pass tokenizer=")

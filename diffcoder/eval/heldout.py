@@ -118,7 +118,8 @@ def edit_similarity(task: Task, output: str) -> float:
 
 @dataclass
 class DecodeStyle:
-    """How a model is decoded: `ar` (B=1, shift, greedy) or `block` (block diffusion, no shift)."""
+    """How a model is decoded: `ar` (B=1, shift, greedy) or `block` (block diffusion; shift and remasking
+    are the checkpoint's, from its generation_config.json)."""
 
     kind: str = "block"
     block_length: int = 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffcoder.engine.settings import DEFAULTS, speculative_applies
 from diffcoder.serve.errors import APIError, bad_request
 from diffcoder.serve.protocol import ChatRequest, CompletionRequest, DecoderOptions
 from diffcoder.serve.scheduler import BatchKey
@@ -20,7 +21,6 @@ DEFAULT_MAX_TOKENS_COMPLETION = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_TOKENS_CHAT = 256
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # each stop string is looked for at the end of every block's text
-DEFAULT_BLOCK_LENGTH = 4  # Stable-DiffCoder's block size, used when generation_config.json names none
 
 
 @dataclass
@@ -71,7 +71,8 @@ class Plan:
 
 
 def _temperature(req: DecoderOptions, info: ModelInfo) -> float:
-    return float(req.temperature if req.temperature is not None else info.defaults.get("temperature", 0.0))
+    return float(req.temperature if req.temperature is not None
+                 else info.defaults.get("temperature", DEFAULTS["temperature"]))
 
 
 def _check_model(req: DecoderOptions, info: ModelInfo) -> None:
@@ -100,7 +101,7 @@ def _stops(req: DecoderOptions) -> list[str]:
 def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max_tokens: int, job_tag: int) -> BatchKey:
     """Decoder settings from the request, falling back to the model's generation defaults."""
     d = info.defaults
-    block = req.block_length or int(d.get("block_length", DEFAULT_BLOCK_LENGTH))
+    block = req.block_length or int(d.get("block_length", DEFAULTS["block_length"]))
     gen_length = -(-max_tokens // block) * block  # max_tokens rounded up to whole blocks
     n_blocks = gen_length // block
     # One token per forward pass is the most steps can do: more passes find no mask to fill
@@ -123,12 +124,10 @@ def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max
     temperature = _temperature(req, info)
     threshold = req.threshold if req.threshold is not None else d.get("threshold")
     sampled = temperature > 0
-    remasking = req.remasking or str(d.get("remasking", "low_confidence"))
+    remasking = req.remasking or str(d.get("remasking", DEFAULTS["remasking"]))
     speculative = req.speculative
     if speculative is None:  # the model's default applies where it can: greedy, one token per pass
-        from diffcoder.engine.decoding import speculative_applies
-
-        speculative = bool(d.get("speculative", False)) and speculative_applies(
+        speculative = bool(d.get("speculative", DEFAULTS["speculative"])) and speculative_applies(
             temperature=temperature, remasking=remasking, threshold=threshold, steps=steps, gen_length=gen_length)
     return BatchKey(
         gen_length=gen_length,
@@ -137,7 +136,7 @@ def _batch_key(req: DecoderOptions, info: ModelInfo, prompt_lens: list[int], max
         threshold=None if threshold is None else float(threshold),
         remasking=remasking,
         temperature=float(temperature),
-        shift=bool(d.get("shift", False)),
+        shift=bool(d.get("shift", DEFAULTS["shift"])),
         speculative=speculative,
         seed=req.seed if sampled else None,
         solo=job_tag if sampled and req.seed is not None else None,
@@ -181,7 +180,7 @@ def _max_tokens(req: DecoderOptions, default: int, info: ModelInfo, prompts: lis
     asked = req.max_completion_tokens or req.max_tokens
     if asked:
         return asked
-    block = req.block_length or int(info.defaults.get("block_length", DEFAULT_BLOCK_LENGTH))
+    block = req.block_length or int(info.defaults.get("block_length", DEFAULTS["block_length"]))
     room = (info.context_length - max(len(p) for p in prompts)) // block * block
     return min(default, room) if room >= block else default  # no room: the context check explains
 
