@@ -77,6 +77,24 @@ def test_a_models_speculative_default_applies_only_where_it_can():
     assert spec(speculative=True, threshold=0.9) is True  # asked for by flag: the engine's check explains the clash
 
 
+def test_a_models_steps_belong_to_its_gen_length():
+    """A saved steps count is for the saved gen_length: naming another gen_length decodes one token
+    per pass, not the saved count (40 tokens with steps 128 is not a whole number of steps per block)."""
+    import argparse
+    import types
+
+    from diffcoder.engine.cli import decoder_kwargs
+    from diffcoder.engine.settings import DEFAULTS
+
+    model = types.SimpleNamespace(generation_defaults={"gen_length": 128, "steps": 64})
+
+    def kw(**flags):  # noqa: ANN003, ANN202
+        got = decoder_kwargs(argparse.Namespace(**{**dict.fromkeys(DEFAULTS), **flags}), model)
+        return got["gen_length"], got["steps"]
+    assert kw() == (128, 64) and kw(gen_length=40) == (40, 40) and kw(gen_length=40, steps=10) == (40, 10)
+    assert kw(steps=32) == (128, 32)
+
+
 @pytest.mark.slow
 def test_generate_reads_stdin_and_chat_template(tiny_model_dir):
     res = run("generate", "--model", str(tiny_model_dir), "--chat", "--gen-length", "8", "-", stdin="hello")
