@@ -22,8 +22,8 @@ from measure import hardware_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffcoder  # noqa: E402
-from diffcoder.checkpoint import weights_sha256  # noqa: E402
 from diffcoder.engine.decoding import Decoding, StepEvent  # noqa: E402
+from diffcoder.eval.cli import weights_record  # noqa: E402
 from diffcoder.eval.generation import prompt_ids  # noqa: E402
 from diffcoder.eval.problems import load_benchmark  # noqa: E402
 from diffcoder.hardware import pick_device, pick_dtype  # noqa: E402
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"batch {b:3d}: speculative / one token per pass = {results[f'batch{b}']['speedup']:.2f}x tok/s; "
               f"tokens identical: {same}")
     # Tokens per pass depend on the weights: report.py shows the run only for the weights it measured.
-    sha = {"weights_sha256": weights_sha256(model.source)} if model.source is not None else {}
-    summary = {"model": args.model, **sha, "hardware": hw, "dtype": str(model.dtype).removeprefix("torch."), **kw,
+    summary = {"model": args.model, **weights_record(model), "hardware": hw, "dtype": str(model.dtype).removeprefix("torch."), **kw,
                "prompts": "humaneval instruct", "results": results}
     print()
     print("\n".join(markdown_table(summary)))

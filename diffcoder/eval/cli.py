@@ -155,7 +155,7 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
                "prompt_style": spec.prompt_style, "n_samples": spec.n_samples,
                **({"stop_after_code": True} if spec.stop_after_code else {}),
                "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
-               **_weights_record(model)}
+               **weights_record(model)}
     # Refuse bad decoder flags before generation.json records them (a stand-in prompt: the real
     # ones are checked per batch), so a refused run leaves nothing that blocks the next one.
     flags = {k: v for k, v in spec.decoder_kwargs().items() if k != "runner"}
@@ -166,7 +166,7 @@ def _generate(args: argparse.Namespace, problems: list, path: Path) -> tuple[dic
     return samples, decoder
 
 
-def _weights_record(model: Any) -> dict[str, str]:
+def weights_record(model: Any) -> dict[str, str]:
     """Which weights made the samples: a model name can be pulled again with other weights (a new
     release), and resuming must not mix samples of two."""
     from ..checkpoint import weights_sha256
